@@ -1,0 +1,45 @@
+"""Test helpers: tiny overrides per model family so the whole zoo runs in seconds on a CPU."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import timm
+import torch
+
+import visionpe
+
+# Small but structurally complete versions of every family. Heads stay a multiple of 4 (LookHere
+# layouts) and head_dim a multiple of 8 (ComRoPE blocks, RoPE pairs); three blocks so that per-layer
+# parameters and "after block" hooks are exercised more than once.
+FAMILY_TINY: Dict[str, Dict[str, Any]] = {
+    'vit': dict(embed_dim=64, depth=3, num_heads=4),
+    # hierarchical families add their tiny overrides here (swin, cswin, rst)
+}
+
+
+def family(name: str) -> str:
+    return visionpe.models._registry._MODELS[name]
+
+
+def tiny_kwargs(name: str) -> Dict[str, Any]:
+    return dict(FAMILY_TINY.get(family(name), {}))
+
+
+def create_tiny(name: str, **kwargs: Any) -> torch.nn.Module:
+    return timm.create_model(name, **{**tiny_kwargs(name), **kwargs})
+
+
+def all_models():
+    return visionpe.list_models()
+
+
+def one_size_per_encoding():
+    """One preset per ViT encoding plus every non-ViT family preset of the smallest size."""
+    names = []
+    for n in visionpe.list_models():
+        if family(n) == 'vit':
+            if n.endswith('_tiny'):
+                names.append(n)
+        elif n.endswith('_tiny'):
+            names.append(n)
+    return names

@@ -1,0 +1,288 @@
+"""One attention: qkv projection, position-encoding hooks, backend dispatch.
+
+``attend(q, k, v, ...)`` computes ``softmax(scale * q k^T + bias) v`` with one of four backends,
+all equal to fp32 rounding:
+
+``math``      the reference: explicit logits, softmax, product. Returns the probabilities when
+              asked (iRPE on values needs them).
+``sdpa``      ``torch.nn.functional.scaled_dot_product_attention``; additive biases are passed 4-D,
+              ``(B or 1, heads, N, N)`` (a 3-D bias falls off SDPA's fast CPU kernel).
+``xformers``  ``xformers.ops.memory_efficient_attention`` on CUDA; biases are stored padded to a
+              multiple of 8 in the last dimension, as its kernels require.
+``flex``      ``torch.nn.attention.flex_attention`` with a ``score_mod`` that computes the bias
+              inside the kernel instead of materialising it (forward-only on CPU).
+
+``auto`` picks xformers on CUDA when it is installed, else SDPA, and the math path whenever an
+encoding needs the attention probabilities. The backend is a setting, never a code edit: the
+``attn_backend`` argument of a model or module, :func:`use_backend` as a context manager, or the
+environment variable ``VISIONPE_ATTN_BACKEND``. Precedence: context manager, then an explicit
+module setting, then the environment variable, then ``auto``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+import warnings
+from typing import Callable, Iterator, Optional, Tuple, TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .pos.base import LayerPos
+
+__all__ = [
+    'BACKENDS', 'Attention', 'attend', 'run_backend', 'resolve_backend', 'use_backend', 'set_attn_backend',
+    'xformers_available', 'flex_available',
+]
+
+BACKENDS = ('auto', 'math', 'sdpa', 'xformers', 'flex')
+ENV_VAR = 'VISIONPE_ATTN_BACKEND'
+ScoreMod = Callable[..., torch.Tensor]
+
+_override = threading.local()
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)} "
+                         f"(argument attn_backend=..., or environment variable {ENV_VAR})")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force one backend for every attention call inside the ``with`` block (this thread)."""
+    _check(name)
+    prev = getattr(_override, 'name', None)
+    _override.name = name
+    try:
+        yield
+    finally:
+        _override.name = prev
+
+
+def set_attn_backend(model: nn.Module, name: str) -> nn.Module:
+    """Set the backend of every visionpe attention module inside ``model``."""
+    _check(name)
+    for m in model.modules():
+        if hasattr(m, 'attn_backend'):
+            m.attn_backend = name
+    return model
+
+
+_XFORMERS: Optional[bool] = None
+
+
+def xformers_available() -> bool:
+    global _XFORMERS
+    if _XFORMERS is None:
+        _XFORMERS = importlib.util.find_spec('xformers') is not None
+    return _XFORMERS
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def resolve_backend(
+        requested: str,
+        device: torch.device,
+        needs_probs: bool = False,
+        training: bool = False,
+) -> str:
+    """The backend one call will use. Explains itself with a warning when it must fall back."""
+    name = getattr(_override, 'name', None) or (requested if requested != 'auto' else None) \
+        or os.environ.get(ENV_VAR) or 'auto'
+    _check(name)
+    if needs_probs:
+        if name not in ('auto', 'math'):
+            _warn_once(f'attention backend {name!r} cannot return attention probabilities, which this '
+                       f'encoding needs (e.g. iRPE on values); using the math path')
+        return 'math'
+    if name == 'auto':
+        return 'xformers' if device.type == 'cuda' and xformers_available() else 'sdpa'
+    if name == 'xformers' and not (device.type == 'cuda' and xformers_available()):
+        why = 'not installed' if not xformers_available() else f'CUDA only (tensors are on {device.type})'
+        _warn_once(f'xformers backend unavailable ({why}); using sdpa')
+        return 'sdpa'
+    if name == 'flex':
+        if not flex_available():
+            _warn_once('FlexAttention is not available in this torch build; using sdpa')
+            return 'sdpa'
+        if training and device.type == 'cpu' and torch.is_grad_enabled():
+            _warn_once('FlexAttention has no CPU backward; using sdpa for this training step')
+            return 'sdpa'
+    return name
+
+
+_warned: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+def _math(q, k, v, scale, bias, dropout_p, training):
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        attn = attn + bias
+    attn = attn.softmax(dim=-1)
+    probs = attn
+    if dropout_p > 0. and training:
+        attn = F.dropout(attn, p=dropout_p)
+    return attn @ v, probs
+
+
+def _sdpa(q, k, v, scale, bias, dropout_p, training):
+    if bias is not None:
+        if bias.dim() < 4:
+            bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        bias = bias.to(q.dtype)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, dropout_p=dropout_p if training else 0., scale=scale)
+
+
+def pad_bias_for_xformers(bias: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """(B|1, H|1, N, M) -> (B, H, N, M) view of a tensor whose last dim is padded to a multiple of 8."""
+    n, m = bias.shape[-2:]
+    m8 = (m + 7) // 8 * 8
+    bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    store = bias.new_zeros(bias.shape[0], bias.shape[1], n, m8)
+    store[..., :m] = bias
+    return store[..., :m].expand(batch, heads, n, m)
+
+
+def _xformers(q, k, v, scale, bias, dropout_p, training):
+    import xformers.ops as xops
+    B, H = q.shape[:2]
+    if bias is not None:
+        bias = pad_bias_for_xformers(bias.to(q.dtype), B, H)
+    out = xops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_bias=bias, p=dropout_p if training else 0., scale=scale)
+    return out.transpose(1, 2)
+
+
+def _flex(q, k, v, scale, bias, score_mod):
+    from torch.nn.attention.flex_attention import flex_attention
+    if score_mod is None and bias is not None:
+        b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        bb, bh = b4.shape[0] > 1, b4.shape[1] > 1
+
+        def score_mod(score, b, h, qi, ki):
+            return score + b4[b if bb else 0, h if bh else 0, qi, ki]
+    if q.shape[-1] != v.shape[-1]:
+        raise ValueError('flex backend needs equal q and v head dims')
+    return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
+
+
+def attend(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        bias: Optional[torch.Tensor] = None,
+        score_mod: Optional[ScoreMod] = None,
+        backend: str = 'auto',
+        dropout_p: float = 0.,
+        training: bool = False,
+        need_probs: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``softmax(scale * q k^T + bias) v`` for q, k: (B, H, N, Dk), v: (B, H, M, Dv).
+
+    ``bias`` broadcasts to (B, H, N, M). ``score_mod`` (flex only) is the in-kernel equivalent
+    of ``bias``; other backends use ``bias``, so an encoding that offers a score_mod must also
+    be able to produce the tensor. Returns ``(out, probs)``; probs only from the math path.
+    """
+    name = resolve_backend(backend, q.device, needs_probs=need_probs, training=training)
+    return run_backend(name, q, k, v, scale, bias, score_mod, dropout_p, training)
+
+
+def run_backend(
+        name: str,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        bias: Optional[torch.Tensor] = None,
+        score_mod: Optional[ScoreMod] = None,
+        dropout_p: float = 0.,
+        training: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Run one already-resolved backend (see :func:`resolve_backend`)."""
+    if name == 'math':
+        return _math(q, k, v, scale, bias, dropout_p, training)
+    if name == 'sdpa':
+        return _sdpa(q, k, v, scale, bias, dropout_p, training), None
+    if name == 'xformers':
+        return _xformers(q, k, v, scale, bias, dropout_p, training), None
+    return _flex(q, k, v, scale, bias, score_mod), None
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with position-encoding hooks (timm key names: qkv, proj).
+
+    Per call it asks ``pos`` (a :class:`visionpe.pos.base.LayerPos`) to rotate q and k, for an
+    additive bias (or an in-kernel score_mod), and to add a value term after attention.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = True,
+            qk_norm: bool = False,
+            proj_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            norm_layer: Optional[Callable[..., nn.Module]] = None,
+            attn_backend: str = 'auto',
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'embed_dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.attn_backend = _check(attn_backend)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, pos: Optional['LayerPos'] = None) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        bias = score_mod = None
+        if pos is not None:
+            q, k = pos.rotate(q, k)
+        backend = resolve_backend(self.attn_backend, x.device, needs_probs=pos is not None and pos.needs_probs,
+                                  training=self.training)
+        if pos is not None:
+            if backend == 'flex':
+                score_mod = pos.score_mod(q, k, self.scale)
+            if score_mod is None:
+                bias = pos.bias(q, k, self.scale)
+        out, probs = run_backend(backend, q, k, v, self.scale, bias, score_mod,
+                                 dropout_p=self.attn_drop, training=self.training)
+        if pos is not None:
+            out = pos.value(out, v, probs)
+        x = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return f'heads={self.num_heads}, head_dim={self.head_dim}, backend={self.attn_backend}'
+

@@ -1,0 +1,479 @@
+"""Plain ViT that takes any position encoding; registered presets ``vit_<pe>_<size>``.
+
+The model composes timm parts (PatchEmbed, Mlp, LayerScale, DropPath, feature helpers) with
+:class:`visionpe.attention.Attention` and one :class:`visionpe.pos.base.PosEncoding`. It keeps
+timm's key names (``patch_embed``, ``cls_token``, ``pos_embed``, ``blocks.{i}.attn.qkv`` ...),
+so timm ViT/DeiT checkpoints map one to one; the encoding lives under ``pe.*``.
+
+Presets are data: ``VIT_SIZES`` x ``VIT_ENCODINGS`` below, every entry overridable through
+``timm.create_model(name, **kwargs)`` (model keywords and encoding options alike).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import (DropPath, LayerScale, Mlp, PatchEmbed, calculate_drop_path_rates, get_act_layer,
+                         trunc_normal_)
+from timm.models import build_model_with_cfg
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_timm
+
+from ..attention import Attention
+from ..grid import Grid, GridCache, check_coord_mode
+from ..pos import EncodingContext, build_encoding
+from ..pos.absolute import resample_table, sincos_2d
+from ..pos.base import LayerPos, PosEncoding
+from ._registry import default_cfg, register_presets
+
+__all__ = ['VisionTransformer', 'Block', 'VIT_SIZES', 'VIT_ENCODINGS', 'VIT_DEFAULTS']
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))``, ``x + ls2(mlp(norm2(x)))``."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            qk_norm: bool = False,
+            proj_bias: bool = True,
+            init_values: Optional[float] = None,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            act_layer: Callable[..., nn.Module] = nn.GELU,
+            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+            attn_backend: str = 'auto',
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
+                              attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
+                              attn_backend=attn_backend)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pos: Optional[LayerPos] = None) -> torch.Tensor:
+        h = self.norm1(x)
+        if pos is not None:
+            h = pos.attn_input(h)
+        x = x + self.drop_path1(self.ls1(self.attn(h, pos)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class MlpHead(nn.Module):
+    """Two-layer classifier ``fc2(tanh(fc1(x)))`` (LookHere's head); ``pre_logits`` = tanh(fc1(x))."""
+
+    def __init__(self, in_features: int, hidden_features: int, num_classes: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.Tanh()
+        self.fc2 = nn.Linear(hidden_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.act(self.fc1(x))
+        return x if pre_logits else self.fc2(x)
+
+
+class VisionTransformer(nn.Module):
+    """ViT whose only position-dependent parts are ``pos_embed`` (absolute) and ``pe`` (any encoding).
+
+    Args (beyond timm's VisionTransformer ones):
+        pos_embed: absolute table, ``'learn'``, ``'sincos'`` (fixed, computed per grid) or ``'none'``.
+        pos_embed_interp / pos_embed_antialias: how a learned table is resampled to another grid
+            (timm's defaults: bicubic with antialias).
+        pos_embed_coord_mode: coordinate mode of the sin-cos table (see :mod:`visionpe.grid`).
+        pe: name of a registered encoding (``visionpe.pos.list_encodings()``) or None; every
+            remaining keyword is an option of that encoding.
+        head: ``'linear'`` or ``'mlp_tanh'`` (hidden size ``head_hidden_dim``).
+        attn_backend: ``auto | math | sdpa | xformers | flex`` (see :mod:`visionpe.attention`).
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: Union[int, Tuple[int, int]] = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'token',
+            embed_dim: int = 768,
+            depth: int = 12,
+            num_heads: int = 12,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            qk_norm: bool = False,
+            proj_bias: bool = True,
+            init_values: Optional[float] = None,
+            class_token: bool = True,
+            reg_tokens: int = 0,
+            pos_embed: str = 'learn',
+            no_embed_class: bool = False,
+            pos_embed_interp: str = 'bicubic',
+            pos_embed_antialias: bool = True,
+            pos_embed_coord_mode: str = 'index',
+            pre_norm: bool = False,
+            final_norm: bool = True,
+            fc_norm: Optional[bool] = None,
+            dynamic_img_size: bool = False,
+            dynamic_img_pad: bool = False,
+            drop_rate: float = 0.,
+            pos_drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_eps: float = 1e-6,
+            act_layer: Union[str, Callable[..., nn.Module], None] = None,
+            head: str = 'linear',
+            head_hidden_dim: Optional[int] = None,
+            patch_bias: Optional[bool] = None,
+            attn_backend: str = 'auto',
+            pe: Optional[str] = None,
+            **pe_options: Any,
+    ) -> None:
+        super().__init__()
+        if global_pool not in ('', 'avg', 'token', 'max', 'avgmax'):
+            raise ValueError(f"global_pool must be one of '', 'avg', 'token', 'max', 'avgmax'; got {global_pool!r}")
+        if global_pool == 'token' and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True (use global_pool='avg' without one)")
+        if pos_embed not in ('learn', 'sincos', 'none'):
+            raise ValueError(f"pos_embed must be 'learn', 'sincos' or 'none'; got {pos_embed!r}")
+        if head not in ('linear', 'mlp_tanh'):
+            raise ValueError(f"head must be 'linear' or 'mlp_tanh'; got {head!r}")
+        if pe is None and pe_options:
+            raise TypeError(f"unknown argument(s) {', '.join(sorted(pe_options))} (no position encoding 'pe' "
+                            f"is set, so they cannot be encoding options)")
+        use_fc_norm = global_pool in ('avg', 'max', 'avgmax') if fc_norm is None else fc_norm
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        act_layer = get_act_layer(act_layer) if act_layer is not None else nn.GELU
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.embed_dim = embed_dim
+        self.num_prefix_tokens = int(class_token) + reg_tokens
+        self.num_reg_tokens = reg_tokens
+        self.has_class_token = class_token
+        self.no_embed_class = no_embed_class
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+        self.attn_backend = attn_backend
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+            bias=(not pre_norm) if patch_bias is None else patch_bias, output_fmt='NHWC',
+            strict_img_size=not dynamic_img_size, dynamic_img_pad=dynamic_img_pad)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+
+        self.pos_embed_type = pos_embed
+        self.pos_embed_interp, self.pos_embed_antialias = pos_embed_interp, pos_embed_antialias
+        self.pos_embed_coord_mode = check_coord_mode(pos_embed_coord_mode)
+        self._ref_grid = tuple(self.patch_embed.grid_size)
+        if pos_embed == 'learn':
+            n = self.patch_embed.num_patches + (0 if no_embed_class else self.num_prefix_tokens)
+            self.pos_embed = nn.Parameter(torch.zeros(1, n, embed_dim))
+        else:
+            self.pos_embed = None
+        self._sincos = GridCache()
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        ctx = EncodingContext(dim=embed_dim, depth=depth, num_heads=num_heads,
+                              grid_size=tuple(self.patch_embed.grid_size), num_prefix_tokens=self.num_prefix_tokens)
+        self.pe: Optional[PosEncoding] = build_encoding(pe, ctx, **pe_options) if pe is not None else None
+
+        self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)  # stochastic depth decay rule
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
+                  init_values=init_values, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+                  drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer, attn_backend=attn_backend)
+            for i in range(depth)])
+        reduction = self.patch_embed.feat_ratio() if hasattr(self.patch_embed, 'feat_ratio') else patch_size
+        self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+        self.norm = norm_layer(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = norm_layer(embed_dim) if final_norm and use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head_type = head
+        self.head_hidden_size = embed_dim
+        if head == 'mlp_tanh':
+            self.head_hidden_size = head_hidden_dim or int(embed_dim * mlp_ratio)
+            self.head = MlpHead(embed_dim, self.head_hidden_size, num_classes)
+        else:
+            self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init / timm housekeeping
+    def init_weights(self) -> None:
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed, std=.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        for name, m in self.named_modules():
+            if name == '' or name.startswith('pe.') or name == 'pe':
+                continue  # the model itself, and encodings, which initialise their own parameters
+            init_weights_vit_timm(m, name)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        out = {'pos_embed', 'cls_token', 'reg_token'}
+        if self.pe is not None:
+            out |= {f'pe.{n}' for n in self.pe.no_weight_decay()}
+        return out
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre|pe\.',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc2 if self.head_type == 'mlp_tanh' else self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool == 'token' and not self.has_class_token:
+                raise ValueError("global_pool='token' needs a class token")
+            self.global_pool = global_pool
+        if self.head_type == 'mlp_tanh':
+            self.head.fc2 = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        else:
+            self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def set_input_size(self, img_size: Optional[Tuple[int, int]] = None,
+                       patch_size: Optional[Tuple[int, int]] = None) -> None:
+        """Change the default input size: resample grid-sized tables once (timm semantics)."""
+        prev = tuple(self.patch_embed.grid_size)
+        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
+        new = tuple(self.patch_embed.grid_size)
+        if self.pos_embed is not None and new != prev:
+            prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            self.pos_embed = nn.Parameter(resample_table(
+                self.pos_embed.detach(), new, prev, prefix, self.pos_embed_interp, self.pos_embed_antialias))
+        if self.pe is not None:
+            self.pe.set_grid_size(new, prev)
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f'expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}')
+        H, W = x.shape[-2:]
+        ph, pw = self.patch_embed.patch_size
+        if not self.patch_embed.dynamic_img_pad and (H % ph or W % pw):
+            def near(v, p):
+                return sorted({max(p, v // p * p), (v + p - 1) // p * p})
+            raise ValueError(
+                f'image size {H}x{W} is not a multiple of the patch size {ph}x{pw}; resize or crop to '
+                f'height in {near(H, ph)} and width in {near(W, pw)}, or create the model with dynamic_img_pad=True')
+        if self.patch_embed.strict_img_size and (H, W) != tuple(self.patch_embed.img_size):
+            h0, w0 = self.patch_embed.img_size
+            raise ValueError(
+                f'this model was built for {h0}x{w0} images and got {H}x{W}; create it with '
+                f'dynamic_img_size=True (any size per call) or call model.set_input_size(({H}, {W}))')
+
+    def _abs_pos(self, grid: Grid, device: torch.device) -> Optional[torch.Tensor]:
+        if self.pos_embed_type == 'learn':
+            prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            return resample_table(self.pos_embed, grid.hw, tuple(self.patch_embed.grid_size), prefix,
+                                  self.pos_embed_interp, self.pos_embed_antialias)
+        if self.pos_embed_type == 'sincos':
+            key = (grid.hw, self.pos_embed_coord_mode, self._ref_grid)
+            return self._sincos.get(key, device, lambda: sincos_2d(
+                grid.h, grid.w, self.embed_dim, coord_mode=self.pos_embed_coord_mode, ref_hw=self._ref_grid))
+        return None
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
+        self._check_input(x)
+        x = self.patch_embed(x)  # (B, h, w, C)
+        B, h, w, C = x.shape
+        grid = Grid(h, w, self.num_prefix_tokens)
+        x = x.reshape(B, h * w, C)
+        pos = self._abs_pos(grid, x.device)
+        with_cls_entry = pos is not None and pos.shape[1] == grid.num_tokens and self.num_prefix_tokens > 0
+        if pos is not None and not with_cls_entry:
+            x = x + pos
+        prefix = []
+        if self.cls_token is not None:
+            prefix.append(self.cls_token.expand(B, -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(B, -1, -1))
+        if prefix:
+            x = torch.cat(prefix + [x], dim=1)
+        if with_cls_entry:
+            x = x + pos
+        return self.pos_drop(x), grid
+
+    def _blocks(self, x: torch.Tensor, grid: Grid, state: Any, stop_at: Optional[int] = None):
+        """Run the blocks; yields ``(i, x)`` after each block (encodings' after-block hooks applied)."""
+        for i, blk in enumerate(self.blocks):
+            pos = LayerPos(self.pe, i, state) if self.pe is not None else None
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, pos)
+            else:
+                x = blk(x, pos)
+            if self.pe is not None:
+                x = self.pe.after_block(x, i, grid, state)
+            yield i, x
+            if stop_at is not None and i >= stop_at:
+                return
+
+    def _prepare(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid, Any]:
+        x, grid = self._embed(x)
+        state = None
+        if self.pe is not None:
+            state = self.pe.prepare(grid)
+            x = self.pe.embed(x, grid, state)
+        return self.norm_pre(x), grid, state
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, grid, state = self._prepare(x)
+        for _, x in self._blocks(x, grid, state):
+            pass
+        return self.norm(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ):
+        """timm's intermediate-feature API: ``(final_features, [block outputs])``."""
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B = x.shape[0]
+        x, grid, state = self._prepare(x)
+        intermediates = []
+        for i, x in self._blocks(x, grid, state, stop_at=max_index if stop_early else None):
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates] if self.num_prefix_tokens else None
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == 'NCHW':
+            intermediates = [y.reshape(B, grid.h, grid.w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        return global_pool_nlc(x, pool_type=pool_type, num_prefix_tokens=self.num_prefix_tokens)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pool(x)
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        if self.head_type == 'mlp_tanh':
+            return self.head(x, pre_logits=pre_logits)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: sizes x encodings, as data. One shared recipe (DeiT-III / RoPE-ViT): patch 16, 224 px,
+# qkv bias, LayerNorm eps 1e-6, LayerScale 1e-5, class token with token pooling.
+VIT_DEFAULTS: Dict[str, Any] = dict(patch_size=16, img_size=224, mlp_ratio=4., qkv_bias=True,
+                                    init_values=1e-5, norm_eps=1e-6)
+
+VIT_SIZES: Dict[str, Dict[str, Any]] = {
+    'tiny': dict(embed_dim=192, depth=12, num_heads=3),
+    'small': dict(embed_dim=384, depth=12, num_heads=6),
+    'base': dict(embed_dim=768, depth=12, num_heads=12),
+    'large': dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+# name -> (description, model + encoding keywords)
+VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    'ape': ('learned absolute table, DeiT-III style (no table entry for the class token)',
+            dict(pos_embed='learn', no_embed_class=True)),
+    'sincos': ('fixed 2-D sin-cos absolute table (MAE)', dict(pos_embed='sincos')),
+    'nope': ('no position encoding', dict(pos_embed='none')),
+    'lape': ('LaPE: learned table through a LayerNorm per layer, added to every attention input',
+             dict(pos_embed='none', pe='lape')),
+    'cpvt': ('CPVT: PEG after the first block, class token', dict(pos_embed='none', pe='peg', num_pegs=1)),
+    'cpvt_gap': ('CPVT-GAP: PEGs after blocks 1..5, mean pooling, no class token',
+                 dict(pos_embed='none', pe='peg', num_pegs=5, class_token=False, global_pool='avg')),
+    'rope2d': ('2-D RoPE-Axial, theta 100 (RoPE-ViT)', dict(pos_embed='none', pe='rope2d', rope_type='axial',
+                                                             theta=100.)),
+    'rope2d_mixed': ('2-D RoPE-Mixed, learnable frequencies, theta 10 (RoPE-ViT)',
+                     dict(pos_embed='none', pe='rope2d', rope_type='mixed', theta=10.)),
+    'rope2d_polar': ('2-D RoPE over polar coordinates (log radius, angle) about the image centre',
+                     dict(pos_embed='none', pe='rope2d', rope_type='axial', theta=100., coord_mode='polar')),
+    # --- issue 3: iRPE, ComRoPE, LookHere, PoPE ---
+    'irpe': ('iRPE contextual, product method, on keys, shared heads, ratio 1.9 (+ learned APE, as DeiT-iRPE)',
+             dict(pos_embed='learn', pe='irpe', mode='ctx', method='product', rpe_on='k', shared_head=True,
+                  ratio=1.9)),
+    'irpe_qkv': ('iRPE contextual, product method, on queries, keys and values (+ learned APE)',
+                 dict(pos_embed='learn', pe='irpe', mode='ctx', method='product', rpe_on='qkv', shared_head=True,
+                      ratio=1.9)),
+    'irpe_bias': ('iRPE bias mode, product method, per head (+ learned APE)',
+                  dict(pos_embed='learn', pe='irpe', mode='bias', method='product', rpe_on='k', shared_head=False,
+                       ratio=1.9)),
+    'comrope_ap': ('ComRoPE-AP: trainable commuting rotations, axis-partitioned blocks',
+                   dict(pos_embed='none', pe='comrope', comrope_type='ap')),
+    'comrope_ld': ('ComRoPE-LD: trainable commuting rotations, linearly dependent generators',
+                   dict(pos_embed='none', pe='comrope', comrope_type='ld')),
+    'lookhere': ('LookHere 90-degree layout: directed, distance-penalised attention heads',
+                 dict(pos_embed='none', pe='lookhere', layout='lh90')),
+    'lookhere180': ('LookHere 180-degree layout', dict(pos_embed='none', pe='lookhere', layout='lh180')),
+    'lookhere45': ('LookHere 45-degree layout', dict(pos_embed='none', pe='lookhere', layout='lh45')),
+    'pope2d': ('PoPE-2D: polar (magnitude x phase) position embedding on q and k',
+               dict(pos_embed='none', pe='pope2d')),
+}
+
+
+
+def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    from ..convert import checkpoint_filter_fn
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        VisionTransformer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs)
+
+
+VIT_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    f'vit_{pe}_{size}': (f'ViT-{size} with {desc}', {**VIT_DEFAULTS, **dims, **enc})
+    for pe, (desc, enc) in VIT_ENCODINGS.items() for size, dims in VIT_SIZES.items()
+}
+
+register_presets(__name__, VIT_PRESETS, _create_vit, {name: default_cfg() for name in VIT_PRESETS})

@@ -1,0 +1,66 @@
+"""Position encodings, one file per family, all behind :class:`~visionpe.pos.base.PosEncoding`.
+
+``build_encoding(name, ctx, **options)`` builds a registered encoding and rejects unknown options
+with the list of valid ones.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Dict, List, Type
+
+from .base import EncodingContext, LayerPos, PosEncoding
+
+__all__ = ['EncodingContext', 'LayerPos', 'PosEncoding', 'register_encoding', 'build_encoding',
+           'list_encodings', 'encoding_options']
+
+_ENCODINGS: Dict[str, Type[PosEncoding]] = {}
+
+
+def register_encoding(name: str) -> Callable[[Type[PosEncoding]], Type[PosEncoding]]:
+    def deco(cls: Type[PosEncoding]) -> Type[PosEncoding]:
+        if name in _ENCODINGS and _ENCODINGS[name] is not cls:
+            raise KeyError(f'encoding {name!r} registered twice')
+        _ENCODINGS[name] = cls
+        cls.encoding_name = name
+        return cls
+    return deco
+
+
+def list_encodings() -> List[str]:
+    _import_all()
+    return sorted(_ENCODINGS)
+
+
+def encoding_options(name: str) -> List[str]:
+    """Keyword options accepted by encoding ``name`` (besides the model-provided context)."""
+    cls = _get(name)
+    params = inspect.signature(cls.__init__).parameters
+    return [p for p in params if p not in ('self', 'ctx') and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
+
+
+def _get(name: str) -> Type[PosEncoding]:
+    _import_all()
+    if name not in _ENCODINGS:
+        raise ValueError(f"unknown position encoding {name!r}; registered: {', '.join(sorted(_ENCODINGS))}")
+    return _ENCODINGS[name]
+
+
+def build_encoding(name: str, ctx: EncodingContext, **options) -> PosEncoding:
+    cls = _get(name)
+    valid = encoding_options(name)
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        raise TypeError(f"position encoding {name!r} got unknown option(s) {', '.join(bad)}; "
+                        f"valid options: {', '.join(valid) or '(none)'}")
+    return cls(ctx, **options)
+
+
+def _import_all() -> None:
+    # importing the family modules registers their encodings
+    from . import absolute, peg, rope  # noqa: F401
+    for mod in ('irpe', 'comrope', 'lookhere', 'pope', 'lepe'):
+        try:
+            __import__(f'{__name__}.{mod}')
+        except ModuleNotFoundError as e:
+            if e.name != f'{__name__}.{mod}':
+                raise

@@ -1,0 +1,134 @@
+"""Absolute position embeddings: learned tables, 2-D sin-cos, resampling, and LaPE.
+
+The ViT keeps its absolute table as ``model.pos_embed`` (timm's key and semantics); the functions
+here compute what gets added for a grid. LaPE (Yu et al., ICCV 2023, "LaPE: Layer-adaptive Position
+Embedding") is an encoding of its own: its table never enters the residual stream but is threaded
+through one LayerNorm per block and added to each attention input (SPECS.md section 2).
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Set, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+
+from ..grid import Grid, GridCache, check_coord_mode, grid_coords
+from . import register_encoding
+from .base import EncodingContext, PosEncoding
+
+__all__ = ['sincos_2d', 'resample_table', 'LaPE']
+
+
+def sincos_2d(
+        h: int,
+        w: int,
+        dim: int,
+        temperature: float = 10000.,
+        coord_mode: str = 'index',
+        ref_hw: Optional[Tuple[int, int]] = None,
+) -> torch.Tensor:
+    """Fixed 2-D sin-cos table (MAE), shape ``(1, h * w, dim)``.
+
+    ``omega_i = 1 / temperature^(i / (dim/4))`` for ``i < dim/4`` and the embedding of a patch at
+    ``(x, y)`` is ``[sin(x omega), cos(x omega), sin(y omega), cos(y omega)]``.
+    """
+    if dim % 4:
+        raise ValueError(f'sin-cos position embedding needs embed_dim divisible by 4, got {dim}')
+    xy = grid_coords(h, w, coord_mode, ref_hw=ref_hw).double()
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    ox, oy = xy[:, :1] * omega, xy[:, 1:] * omega
+    out = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1)
+    return out.float().unsqueeze(0)
+
+
+def resample_table(
+        table: torch.Tensor,
+        new_hw: Tuple[int, int],
+        old_hw: Tuple[int, int],
+        num_prefix: int,
+        interpolation: str = 'bicubic',
+        antialias: bool = True,
+) -> torch.Tensor:
+    """Resample the patch part of a ``(1, P + h*w, D)`` table to a new grid, keeping the P prefix rows.
+
+    timm's ``resample_abs_pos_embed`` (float32). ``antialias=True`` is timm's default; the DeiT /
+    LaPE / iRPE fine-tuning recipes use plain bicubic (``antialias=False``).
+    """
+    if tuple(new_hw) == tuple(old_hw):
+        return table
+    return resample_abs_pos_embed(table, new_size=list(new_hw), old_size=list(old_hw),
+                                  num_prefix_tokens=num_prefix, interpolation=interpolation,
+                                  antialias=antialias)
+
+
+@register_encoding('lape')
+class LaPE(PosEncoding):
+    """Layer-adaptive position embedding.
+
+    ``p_0`` = the absolute table (learned or sin-cos) at the current grid; ``p_l = LN_l(p_(l-1))``
+    (each block normalises the previous block's PE, the chain is cumulative); block ``l`` computes
+    ``x = x + Attn(LN1_l(x) + p_l)``. Prefix tokens get their own table rows (``with_prefix``).
+    """
+    hooks = frozenset({'tokens'})
+
+    def __init__(
+            self,
+            ctx: EncodingContext,
+            table: str = 'learn',
+            with_prefix: bool = True,
+            interpolation: str = 'bicubic',
+            antialias: bool = False,
+            norm_eps: float = 1e-6,
+            coord_mode: str = 'index',
+    ):
+        super().__init__(ctx)
+        if table not in ('learn', 'sincos'):
+            raise ValueError(f"LaPE table must be 'learn' or 'sincos', got {table!r}")
+        self.table = table
+        self.num_prefix = ctx.num_prefix_tokens if with_prefix else 0
+        self.interpolation, self.antialias = interpolation, antialias
+        self.coord_mode = check_coord_mode(coord_mode)
+        self.grid_size = tuple(ctx.grid_size)
+        if table == 'learn':
+            n = self.num_prefix + self.grid_size[0] * self.grid_size[1]
+            self.pos_embed = nn.Parameter(torch.zeros(1, n, ctx.dim))
+            trunc_normal_(self.pos_embed, std=.02)
+        else:
+            self.pos_embed = None
+        self.norms = nn.ModuleList([nn.LayerNorm(ctx.dim, eps=norm_eps) for _ in range(ctx.depth)])
+        self._cache = GridCache()
+
+    def _p0(self, grid: Grid) -> torch.Tensor:
+        if self.pos_embed is not None:
+            return resample_table(self.pos_embed, grid.hw, self.grid_size, self.num_prefix,
+                                  self.interpolation, self.antialias)
+        device = self.device
+
+        def build():
+            t = sincos_2d(grid.h, grid.w, self.ctx.dim, coord_mode=self.coord_mode, ref_hw=self.grid_size)
+            return torch.cat([t.new_zeros(1, self.num_prefix, t.shape[-1]), t], dim=1)
+        return self._cache.get(grid.hw, device, build)
+
+    def prepare(self, grid: Grid) -> List[torch.Tensor]:
+        p = self._p0(grid)
+        if self.num_prefix < grid.num_prefix:  # prefix tokens without a table row get no PE
+            p = torch.cat([p.new_zeros(1, grid.num_prefix - self.num_prefix, p.shape[-1]), p], dim=1)
+        chain = []
+        for norm in self.norms:
+            p = norm(p)
+            chain.append(p)
+        return chain
+
+    def attn_input(self, x: torch.Tensor, layer: int, state: Any) -> torch.Tensor:
+        return x + state[layer]
+
+    def set_grid_size(self, new_size: Tuple[int, int], old_size: Tuple[int, int]) -> None:
+        if self.pos_embed is not None and tuple(new_size) != self.grid_size:
+            self.pos_embed = nn.Parameter(resample_table(
+                self.pos_embed.detach(), new_size, self.grid_size, self.num_prefix,
+                self.interpolation, self.antialias))
+        self.grid_size = tuple(new_size)
+
+    def no_weight_decay(self) -> Set[str]:
+        return {'pos_embed'}
