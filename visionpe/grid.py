@@ -12,6 +12,9 @@ positions, in one of these modes:
 ``centered``    ``normalized`` mapped to (-1, 1) (timm pixel / DINOv3 style).
 ``ref``         index coordinates times ``ref_w / w`` and ``ref_h / h``: rescaled to the
                 reference (training) grid, EVA-02 style.
+``normalized_ref`` ``((x + 0.5) / ref_w, (y + 0.5) / ref_h)``: normalised by the reference
+                (training) grid, so a larger image extends past 1 (ComRoPE's "train-relative"
+                positions: extrapolation in normalised units).
 ``polar``       ``(log(r + eps), theta)`` about the grid centre, ``r`` in patch units and
                 ``theta = atan2(y - cy, x - cx)`` in (-pi, pi]. A uniform rescale of the image
                 is a shift along log r, a rotation about the centre a shift along theta.
@@ -29,8 +32,8 @@ import torch
 
 __all__ = ['COORD_MODES', 'CoordMode', 'Grid', 'GridCache', 'grid_coords', 'check_coord_mode']
 
-CoordMode = Literal['index', 'normalized', 'centered', 'ref', 'polar']
-COORD_MODES: Tuple[str, ...] = ('index', 'normalized', 'centered', 'ref', 'polar')
+CoordMode = Literal['index', 'normalized', 'centered', 'ref', 'normalized_ref', 'polar']
+COORD_MODES: Tuple[str, ...] = ('index', 'normalized', 'centered', 'ref', 'normalized_ref', 'polar')
 
 
 @dataclass(frozen=True)
@@ -76,10 +79,13 @@ def _coords_cpu(
         x, y = (x + 0.5) / w, (y + 0.5) / h
     elif mode == 'centered':
         x, y = 2 * (x + 0.5) / w - 1, 2 * (y + 0.5) / h - 1
-    elif mode == 'ref':
+    elif mode in ('ref', 'normalized_ref'):
         if ref_hw is None:
-            raise ValueError("coordinate mode 'ref' needs the reference grid (ref_hw=(rows, cols))")
-        x, y = x * (ref_hw[1] / w), y * (ref_hw[0] / h)
+            raise ValueError(f"coordinate mode {mode!r} needs the reference grid (ref_hw=(rows, cols))")
+        if mode == 'ref':
+            x, y = x * (ref_hw[1] / w), y * (ref_hw[0] / h)
+        else:
+            x, y = (x + 0.5) / ref_hw[1], (y + 0.5) / ref_hw[0]
     elif mode == 'polar':
         dx, dy = x - (w - 1) / 2, y - (h - 1) / 2
         r = torch.sqrt(dx * dx + dy * dy)

@@ -9,11 +9,13 @@ import importlib as _importlib
 import pkgutil as _pkgutil
 
 from ._core import (CheckpointMismatchError, checkpoint_filter_fn, convert_state_dict, detect_format,
-                    list_formats, load_checkpoint_file, register_converter, unwrap_state_dict)
+                    list_formats, load_checkpoint_file, model_kwargs_from_checkpoint, register_config_reader,
+                    register_converter, unwrap_state_dict)
 
 for _mod in _pkgutil.iter_modules(__path__):
     if not _mod.name.startswith('_'):
         _importlib.import_module(f'{__name__}.{_mod.name}')
 
 __all__ = ['CheckpointMismatchError', 'checkpoint_filter_fn', 'convert_state_dict', 'detect_format',
-           'list_formats', 'load_checkpoint_file', 'register_converter', 'unwrap_state_dict']
+           'list_formats', 'load_checkpoint_file', 'model_kwargs_from_checkpoint', 'register_config_reader',
+           'register_converter', 'unwrap_state_dict']

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ['CheckpointMismatchError', 'register_converter', 'detect_format', 'convert_state_dict',
-           'checkpoint_filter_fn', 'unwrap_state_dict', 'load_checkpoint_file', 'list_formats']
+           'checkpoint_filter_fn', 'unwrap_state_dict', 'load_checkpoint_file', 'list_formats',
+           'register_config_reader', 'model_kwargs_from_checkpoint']
 
 _logger = logging.getLogger(__name__)
 StateDict = Dict[str, torch.Tensor]
@@ -41,6 +42,33 @@ def register_converter(name: str, detect: Callable[[Mapping[str, Any], nn.Module
         _CONVERTERS.sort(key=lambda c: -c.priority)
         return fn
     return deco
+
+
+ConfigReader = Callable[[Any, str], Optional[Dict[str, Any]]]
+_CONFIG_READERS: List[ConfigReader] = []
+
+
+def register_config_reader(fn: ConfigReader) -> ConfigReader:
+    """Register ``fn(checkpoint_object, model_name) -> model kwargs or None``.
+
+    For upstream files that carry their own architecture config (e.g. LookHere ``.pth`` files):
+    the kwargs are applied when such a file is loaded with ``pretrained=True``; keywords the user
+    passes explicitly win.
+    """
+    _CONFIG_READERS.append(fn)
+    return fn
+
+
+def model_kwargs_from_checkpoint(path: Union[str, Path], model_name: str) -> Dict[str, Any]:
+    """Architecture keywords stored inside a checkpoint file, if a registered reader knows them."""
+    if not _CONFIG_READERS:
+        return {}
+    obj = load_checkpoint_file(path)
+    for reader in _CONFIG_READERS:
+        kw = reader(obj, model_name)
+        if kw:
+            return dict(kw)
+    return {}
 
 
 def list_formats() -> List[str]:

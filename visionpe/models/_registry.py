@@ -48,8 +48,11 @@ def resolve_pretrained_kwargs(name: str, pretrained: bool, kwargs: Dict[str, Any
     overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
     cfg = kwargs.get('pretrained_cfg')
     if overlay.get('file') or overlay.get('state_dict') is not None or (isinstance(cfg, dict) and cfg.get('file')):
-        if overlay.get('file') and not Path(overlay['file']).is_file():
-            raise FileNotFoundError(f"pretrained weights file {overlay['file']} does not exist")
+        if overlay.get('file'):
+            if not Path(overlay['file']).is_file():
+                raise FileNotFoundError(f"pretrained weights file {overlay['file']} does not exist")
+            from ..convert import model_kwargs_from_checkpoint
+            return {**model_kwargs_from_checkpoint(overlay['file'], name), **kwargs}
         return kwargs
     found = local_weights(name)
     if found is None:
@@ -58,7 +61,8 @@ def resolve_pretrained_kwargs(name: str, pretrained: bool, kwargs: Dict[str, Any
             f'pretrained_cfg_overlay=dict(file=PATH) to timm.create_model, or put {name}.safetensors '
             f'(or .pth) in the folder named by ${WEIGHTS_ENV}.')
     overlay['file'] = str(found)
-    return {**kwargs, 'pretrained_cfg_overlay': overlay}
+    from ..convert import model_kwargs_from_checkpoint
+    return {**model_kwargs_from_checkpoint(found, name), **kwargs, 'pretrained_cfg_overlay': overlay}
 
 
 def register_presets(
