@@ -14,6 +14,9 @@ import visionpe
 FAMILY_TINY: Dict[str, Dict[str, Any]] = {
     'vit': dict(embed_dim=64, depth=3, num_heads=4),
     # hierarchical families add their tiny overrides here (swin, cswin, rst)
+    'swin': dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), window_size=7),
+    'cswin': dict(embed_dim=32, depth=(1, 1, 2, 1), num_heads=(2, 2, 4, 4)),
+    'rst': dict(embed_dim=32, depth=(1, 2, 2, 1), num_heads=(1, 2, 2, 4)),
 }
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import threading
 import warnings
@@ -181,8 +182,6 @@ def _flex(q, k, v, scale, bias, score_mod):
 
         def score_mod(score, b, h, qi, ki):
             return score + b4[b if bb else 0, h if bh else 0, qi, ki]
-    if q.shape[-1] != v.shape[-1]:
-        raise ValueError('flex backend needs equal q and v head dims')
     return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
 
 
@@ -255,6 +254,9 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.attn_backend = _check(attn_backend)
+        #: test-time knob: when set to the training sequence length N_train, the softmax scale is
+        #: multiplied by log(N) / log(N_train) (attention temperature / entropy-invariant scaling)
+        self.temperature_ref_tokens: Optional[int] = None
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
@@ -266,6 +268,9 @@ class Attention(nn.Module):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        scale = self.scale
+        if self.temperature_ref_tokens:
+            scale = scale * math.log(N) / math.log(self.temperature_ref_tokens)
         bias = score_mod = None
         if pos is not None:
             q, k = pos.rotate(q, k)
@@ -273,10 +278,10 @@ class Attention(nn.Module):
                                   training=self.training)
         if pos is not None:
             if backend == 'flex':
-                score_mod = pos.score_mod(q, k, self.scale)
+                score_mod = pos.score_mod(q, k, scale)
             if score_mod is None:
-                bias = pos.bias(q, k, self.scale)
-        out, probs = run_backend(backend, q, k, v, self.scale, bias, score_mod,
+                bias = pos.bias(q, k, scale)
+        out, probs = run_backend(backend, q, k, v, scale, bias, score_mod,
                                  dropout_p=self.attn_drop, training=self.training)
         if pos is not None:
             out = pos.value(out, v, probs)

@@ -78,7 +78,7 @@ def list_formats() -> List[str]:
 def unwrap_state_dict(obj: Any) -> StateDict:
     """Take the weights out of common checkpoint containers and strip DDP/compile prefixes."""
     if isinstance(obj, Mapping):
-        for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model', 'module'):
+        for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model', 'module', 'weights'):
             inner = obj.get(key)
             if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
                 obj = inner

@@ -1,0 +1,282 @@
+"""The resolution-extrapolation evaluator: outputs and their agreement, test-time knobs, the COCO
+dispatch, the Fashion-MNIST benchmark, and the errors on bad input. Tiny models, tiny images."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import timm
+import visionpe  # noqa: F401
+from visionpe.data.fashion_mnist import FMNIST_DIR, FMNIST_MEAN, FMNIST_STD
+from visionpe.eval.cli import main
+from visionpe.eval.models import Knobs, KnobSpace, ModelSource, apply_knobs, knob_support, measure_tokens
+from visionpe.eval.report import format_value
+from visionpe.eval.runner import EvalConfig, run_eval
+
+TINY = dict(patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, img_size=16)
+RES = [16, 24, 32]
+HAS_FMNIST = Path(FMNIST_DIR, 't10k-images-idx3-ubyte.gz').is_file()
+needs_fmnist = pytest.mark.skipif(not HAS_FMNIST, reason='needs the Debian package dataset-fashion-mnist')
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory) -> Path:
+    """An image folder of 2 classes x 3 images (RGB, non-square, distinct per class)."""
+    root = tmp_path_factory.mktemp('imgs')
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(('cat', 'dog')):
+        (root / name).mkdir()
+        for i in range(3):
+            img = rng.integers(0, 80, size=(20, 26, 3), dtype=np.uint8) + np.uint8(120 * c)
+            Image.fromarray(img).save(root / name / f'{i}.png')
+    return root
+
+
+def save_tiny(path: Path, name: str, num_classes: int = 2, **kw) -> Path:
+    torch.manual_seed(1)
+    model = timm.create_model(name, num_classes=num_classes, **{**TINY, **kw})
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope='module')
+def rope_file(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp('w') / 'rope.safetensors', 'vit_rope2d_tiny')
+
+
+def lightning_ckpt(path: Path, name: str = 'vit_rope2d_tiny', num_classes: int = 10) -> Path:
+    """A checkpoint in train.py's layout (hyper_parameters + 'model.'-prefixed state dict)."""
+    torch.manual_seed(2)
+    kw = {k: v for k, v in TINY.items() if k != 'img_size'}
+    model = timm.create_model(name, num_classes=num_classes, img_size=16, **kw)
+    hp = dict(model_name=name, model_kwargs=kw, num_classes=num_classes, img_size=16, mean=FMNIST_MEAN,
+              std=FMNIST_STD, dataset='fashion_mnist')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(hyper_parameters=hp, state_dict={f'model.{k}': v for k, v in model.state_dict().items()},
+                    epoch=1, global_step=7), path)
+    return path
+
+
+def cfg(folder: Path, src: ModelSource, **kw) -> EvalConfig:
+    args = dict(models=[src], data=str(folder), resolutions=RES, batch_size=4, workers=0, progress=False)
+    return EvalConfig(**{**args, **kw})
+
+
+def by(rows, **match):
+    return {r['resolution']: r for r in rows if all(r[k] == v for k, v in match.items())}
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def test_outputs_exist_and_agree(folder, rope_file, tmp_path, capsys):
+    out = tmp_path / 'run'
+    rc = main(['--models', 'vit_rope2d_tiny', '--checkpoints', str(rope_file), '--model-kwargs', json.dumps(TINY),
+               '--data', str(folder), '--resolutions', *map(str, RES), '--output', str(out), '--batch-size', '4',
+               '--workers', '0', '--no-progress', '--coord-modes', 'index', 'ref'])
+    assert rc == 0
+    for ext in ('csv', 'json', 'md', 'png'):
+        assert (out / f'results.{ext}').stat().st_size > 0
+    js = json.loads((out / 'results.json').read_text())
+    rows = js['rows']
+    assert len(rows) == 2 * len(RES) and js['headline'] == 'top1'
+    meta = js['meta']
+    assert 'vit_rope2d_tiny' in meta['command'] and meta['versions']['torch'] == torch.__version__
+    assert meta['device'].startswith('cpu') and meta['n_images'] == 6
+    assert meta['models'][0]['train_res'] == [16, 16]
+    with open(out / 'results.csv') as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    md = (out / 'results.md').read_text()
+    for c, r in zip(csv_rows, rows):
+        assert c['label'] == r['label'] and int(c['resolution']) == r['resolution']
+        for m in js['metrics']:
+            assert float(c[m]) == pytest.approx(r[m], rel=1e-12, abs=1e-12)
+            assert format_value(m, r[m]) in md
+        assert 0 <= r['top1'] <= r['top5'] <= 100 and r['images_per_s'] > 0 and r['peak_mem_mb'] > 0
+    # headline table: one line per label, cells = JSON values, best per column bold, training size starred
+    table = md.split('\n\n')[4].splitlines()
+    assert table[0] == '| model | 16 px | 24 px | 32 px |'
+    for label in ('vit_rope2d_tiny [coord=index]', 'vit_rope2d_tiny [coord=ref]'):
+        line = next(ln for ln in table if ln.startswith(f'| {label} |'))
+        cells = [c.strip() for c in line.strip('|').split('|')[1:]]
+        for res, cell in zip(RES, cells):
+            r = by(rows, label=label)[res]
+            best = max(x['top1'] for x in rows if x['resolution'] == res)
+            text = format_value('top1', r['top1'])
+            expect = f'**{text}**' if text == format_value('top1', best) else text
+            assert cell == expect + ('*' if res == 16 else '')
+    assert '| vit_rope2d_tiny [coord=ref] |' in capsys.readouterr().out  # the table is printed
+
+
+# ---------------------------------------------------------------------------------------------- knobs
+def test_knobs_change_what_they_should(folder, rope_file):
+    src = ModelSource('vit_rope2d_tiny', str(rope_file), dict(TINY))
+    space = KnobSpace(coord_mode=['index', 'ref'], rope_scaling=['none', 'ntk', 'pi'], temperature=[False, True])
+    rows = run_eval(cfg(folder, src, knobs=space, resolutions=[16, 32])).rows
+    assert len(rows) == 2 * 3 * 2 * 2
+    base = by(rows, coord_mode='index', rope_scaling='none', temperature=False)
+    for knob in (dict(coord_mode='ref', rope_scaling='none', temperature=False),
+                 dict(coord_mode='index', rope_scaling='ntk', temperature=False),
+                 dict(coord_mode='index', rope_scaling='pi', temperature=False),
+                 dict(coord_mode='index', rope_scaling='none', temperature=True)):
+        other = by(rows, **knob)
+        assert other[16]['loss'] == pytest.approx(base[16]['loss'], abs=1e-6), knob  # training size: no change
+        assert abs(other[32]['loss'] - base[32]['loss']) > 1e-5, knob                 # elsewhere: a change
+
+
+def test_temperature_and_slope_on_logits(rope_file):
+    model, info = ModelSource('vit_rope2d_tiny', str(rope_file), dict(TINY)).build(2)
+    x16, x32 = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref16, ref32 = model(x16), model(x32)
+        ref_tokens = measure_tokens(model, (16, 16), torch.device('cpu'))
+        assert sorted(set(ref_tokens.values())) == [16 + 1]  # 4 x 4 patches + class token, per attention
+        apply_knobs(model, Knobs(temperature=True), (16, 16), (16, 16), ref_tokens)
+        assert torch.equal(model(x16), ref16)
+        apply_knobs(model, Knobs(temperature=True), (32, 32), (16, 16), ref_tokens)
+        assert (model(x32) - ref32).abs().max() > 1e-4
+    lh, _ = ModelSource('vit_lookhere_tiny', 'random', dict(TINY)).build(2)
+    assert 'lookhere_slope' in knob_support(lh) and 'lookhere_slope' not in knob_support(model)
+    with torch.no_grad():
+        before = lh(x32)
+        apply_knobs(lh, Knobs(lookhere_slope=0.25), (32, 32), (16, 16))
+        assert lh.pe.global_slope == 0.25 and (lh(x32) - before).abs().max() > 1e-4
+
+
+def test_backends_agree_and_inapplicable_knobs_collapse(folder, tmp_path):
+    ape = save_tiny(tmp_path / 'ape.safetensors', 'vit_ape_tiny')
+    srcs = [ModelSource('vit_rope2d_tiny', 'random', dict(TINY)), ModelSource('vit_ape_tiny', str(ape), dict(TINY))]
+    res = run_eval(cfg(folder, srcs[0], models=srcs, resolutions=[16, 24],
+                       knobs=KnobSpace(backend=['math', 'sdpa'], coord_mode=['index', 'ref'])))
+    rope_math = by(res.rows, model='vit_rope2d_tiny', backend='math', coord_mode='ref')
+    rope_sdpa = by(res.rows, model='vit_rope2d_tiny', backend='sdpa', coord_mode='ref')
+    for r in (16, 24):
+        assert rope_math[r]['loss'] == pytest.approx(rope_sdpa[r]['loss'], abs=1e-5)
+        assert rope_math[r]['top1'] == rope_sdpa[r]['top1']
+    ape_rows = [r for r in res.rows if r['model'] == 'vit_ape_tiny']
+    assert len(ape_rows) == 2 * 2 and {r['coord_mode'] for r in ape_rows} == {None}  # no coordinate knob
+    notes = next(m['notes'] for m in res.meta['models'] if m['name'] == 'vit_ape_tiny')
+    assert any('coord_mode' in n for n in notes)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+@needs_fmnist
+def test_lightning_checkpoint_on_fmnist_and_no_arg_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2 and 'run `python train.py` first' in capsys.readouterr().err
+    lightning_ckpt(tmp_path / 'runs' / 'fmnist_vit_tiny' / 'checkpoints' / 'last.ckpt')
+    assert main(['--resolutions', '16', '32', '--max-images', '24', '--no-progress', '--output', 'out']) == 0
+    js = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    assert [r['resolution'] for r in js['rows']] == [16, 32] and js['rows'][0]['n_images'] == 24
+    assert js['rows'][0]['train_res'] == 16 and js['meta']['models'][0]['global_step'] == 7
+    assert js['meta']['models'][0]['mean'] == list(FMNIST_MEAN)
+    assert 'whole 28x28 image resized' in js['meta']['preprocessing']
+    with pytest.raises(SystemExit):
+        main(['--resolutions', '16', '--crop-ratio', '0.875'])
+    assert '--crop-ratio does not apply' in capsys.readouterr().err
+
+
+def test_errors(folder, rope_file, tmp_path, capsys):
+    def err(*argv) -> str:
+        with pytest.raises(SystemExit) as e:
+            main(['--data', str(folder), '--resolutions', '16', '--no-progress', '--workers', '0',
+                  '--model-kwargs', json.dumps(TINY), '--output', str(tmp_path / 'o'), *argv])
+        assert e.value.code == 2
+        return capsys.readouterr().err
+    assert 'Did you mean vit_rope2d_tiny' in err('--models', 'vit_rope2d_tiyn', '--checkpoints', str(rope_file))
+    msg = err('--models', 'vit_ape_tiny', '--checkpoints', str(rope_file))
+    assert 'does not fit' in msg and 'pos_embed' in msg
+    msg = err('--models', 'vit_rope2d_tiny', '--checkpoints', str(rope_file), '--resolutions', '18', '32')
+    assert 'not a multiple of the patch size 4x4' in msg and '18 -> 16 or 20' in msg
+    assert 'does not exist' in err('--models', 'vit_rope2d_tiny', '--checkpoints', str(rope_file), '--data',
+                                   str(tmp_path / 'nowhere'))
+    assert 'does not exist' in err('--models', 'vit_rope2d_tiny', '--checkpoints', str(tmp_path / 'no.pth'))
+    ckpt = lightning_ckpt(tmp_path / 'ten.ckpt', num_classes=10)
+    assert 'trained with 10 classes but the data has 2' in err('--checkpoints', str(ckpt))
+    assert 'one per model' in err('--models', 'vit_rope2d_tiny', 'vit_ape_tiny', '--checkpoints', str(rope_file))
+    assert '--rope-scaling' in err('--models', 'vit_rope2d_tiny', '--checkpoints', 'random', '--rope-scaling', 'yarn')
+    assert 'unknown coordinate mode' in err('--models', 'vit_rope2d_tiny', '--checkpoints', 'random',
+                                            '--coord-modes', 'diagonal')
+
+
+# ---------------------------------------------------------------------------------------------- COCO
+def test_coco_dispatch_with_a_fake_detector(tmp_path, monkeypatch):
+    root = tmp_path / 'coco'
+    (root / 'annotations').mkdir(parents=True)
+    calls = []
+
+    def load_detector(model_name, checkpoint, **overrides):
+        calls.append(('load', model_name, checkpoint, overrides))
+        return timm.create_model(model_name, num_classes=0, **{**TINY, **overrides})
+
+    def evaluate_detection(model, data_root, size, batch_size, device, max_images):
+        calls.append(('eval', data_root, size, batch_size, str(device), max_images))
+        ap = 0.5 - size / 1e4
+        return dict(AP=ap, AP50=ap + .2, AP75=ap - .1, APs=.1, APm=.2, APl=.3, images_per_s=10., peak_mem_mb=5.)
+
+    fake = types.ModuleType('visionpe.det.evaluate')
+    fake.load_detector, fake.evaluate_detection = load_detector, evaluate_detection
+    if 'visionpe.det' not in sys.modules:
+        try:
+            import visionpe.det  # noqa: F401
+        except ImportError:
+            monkeypatch.setitem(sys.modules, 'visionpe.det', types.ModuleType('visionpe.det'))
+    monkeypatch.setitem(sys.modules, 'visionpe.det.evaluate', fake)
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit):
+        main(['--task', 'coco', '--models', 'vit_rope2d_tiny', '--checkpoints', str(tmp_path / 'det.ckpt'),
+              '--data', f'coco:{root}', '--resolutions', '32', '--no-progress', '--output', str(out)])
+    (tmp_path / 'det.ckpt').write_bytes(b'x')
+    assert main(['--task', 'coco', '--models', 'vit_rope2d_tiny', '--checkpoints', str(tmp_path / 'det.ckpt'),
+                 '--data', f'coco:{root}', '--resolutions', '32', '48', '--batch-size', '2', '--max-images', '3',
+                 '--output', str(out), '--no-progress', '--device', 'cpu', '--coord-modes', 'index', 'ref']) == 0
+    loads = [c for c in calls if c[0] == 'load']
+    assert loads[0][1:3] == ('vit_rope2d_tiny', str(tmp_path / 'det.ckpt'))
+    assert {c[3].get('coord_mode') for c in loads} >= {'index', 'ref'}
+    evals = [c for c in calls if c[0] == 'eval']
+    assert evals[0] == ('eval', str(root), 32, 2, 'cpu', 3) and len(evals) == 4
+    js = json.loads((out / 'results.json').read_text())
+    assert js['headline'] == 'AP' and js['meta']['task'] == 'coco'
+    assert {r['AP'] for r in js['rows']} == {0.5 - 32 / 1e4, 0.5 - 48 / 1e4}
+    with open(out / 'results.csv') as f:
+        header = next(csv.reader(f))
+    assert {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'images_per_s', 'peak_mem_mb'} <= set(header)
+    md = (out / 'results.md').read_text()
+    assert 'COCO AP' in md and '32 px (short side)' in md and (out / 'results.png').stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+@needs_fmnist
+@pytest.mark.slow
+def test_fmnist_benchmark_two_encodings_cached(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    kw = {k: v for k, v in TINY.items() if k != 'img_size'}
+    train_args = (f"--model.model_kwargs '{json.dumps(kw)}' --data.img_size 16 --data.batch_size 16 "
+                  "--data.train_subset 32 --data.val_subset 16 --trainer.max_steps 2 "
+                  "--trainer.enable_progress_bar false --trainer.logger false")
+    argv = ['--benchmark', 'fmnist', '--bench-encodings', 'ape', 'rope2d', '--bench-train-args', train_args,
+            '--resolutions', '16', '32', '--max-images', '16', '--no-progress']
+    assert main(argv) == 0
+    bench = tmp_path / 'runs' / 'fmnist_bench'
+    ckpts = {pe: bench / pe / 'checkpoints' / 'last.ckpt' for pe in ('ape', 'rope2d')}
+    stamp = {pe: p.stat().st_mtime_ns for pe, p in ckpts.items()}
+    js = json.loads((bench / 'report' / 'results.json').read_text())
+    labels = {r['label'] for r in js['rows']}
+    assert labels == {'vit_ape_tiny', 'vit_rope2d_tiny [coord=index]', 'vit_rope2d_tiny [coord=ref]',
+                      'vit_rope2d_tiny [coord=normalized]'}
+    assert {r['train_res'] for r in js['rows']} == {16}
+    assert all(not t['cached'] and t['train_s'] > 0 for t in js['meta']['benchmark']['trained'].values())
+    assert main(argv) == 0  # second run: checkpoints reused, no training
+    assert {pe: p.stat().st_mtime_ns for pe, p in ckpts.items()} == stamp
+    js = json.loads((bench / 'report' / 'results.json').read_text())
+    assert all(t['cached'] for t in js['meta']['benchmark']['trained'].values())

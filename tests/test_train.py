@@ -1,0 +1,265 @@
+"""Training: few-step fits (ViT, hierarchical), exact resume (pre-emption signals and a crash),
+the recipe parts, checkpoint loading for the evaluator, the CLI and its errors, DDP on 2 CPU processes."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+import visionpe
+from visionpe.data import FMNIST_MEAN
+from visionpe.data.fashion_mnist import FMNIST_DIR
+from visionpe.train import (ImageClassificationData, PreemptionCheckpoint, VisionClassifier,
+                            load_model_from_checkpoint)
+from visionpe.train.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / 'configs').glob('*.yaml'))
+pytestmark = pytest.mark.skipif(not Path(FMNIST_DIR, 'train-images-idx3-ubyte.gz').is_file(),
+                                reason='needs the Debian package dataset-fashion-mnist')
+
+VIT = 'vit_rope2d_mixed_tiny'
+VIT_TINY = dict(patch_size=4, embed_dim=32, depth=2, num_heads=4, drop_path_rate=0.1)
+SWIN_TINY = dict(patch_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4)
+SWIN = 'swin_rope2d_tiny' if 'swin_rope2d_tiny' in visionpe.list_models() else 'swin_tiny_patch4_window7_224'
+
+
+def tiny_data(**kw) -> ImageClassificationData:
+    args = dict(dataset='fashion_mnist', img_size=16, batch_size=32, train_subset=256, val_subset=64,
+                test_subset=64, seed=7)
+    return ImageClassificationData(**{**args, **kw})
+
+
+def tiny_module(dm: ImageClassificationData, name: str = VIT, kwargs=None, **kw) -> VisionClassifier:
+    args = dict(model_name=name, model_kwargs=kwargs or VIT_TINY, num_classes=dm.num_classes, img_size=dm.img_size,
+                mean=dm.mean, std=dm.std, dataset=dm.dataset, opt='adamw', lr=2e-3, weight_decay=0.05,
+                warmup_epochs=0.25, warmup_lr=1e-5, min_lr=1e-4, mixup=0.8, cutmix=1.0, ema_decay=0.9, seed=3)
+    return VisionClassifier(**{**args, **kw})
+
+
+def trainer(tmp: Path, max_steps: int, callbacks=(), **kw) -> pl.Trainer:
+    args = dict(accelerator='cpu', devices=1, max_steps=max_steps, default_root_dir=str(tmp), logger=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                gradient_clip_val=1.0, callbacks=list(callbacks))
+    return pl.Trainer(**{**args, **kw})
+
+
+def state(module: VisionClassifier):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def max_diff(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
+
+
+class RecordLR(Callback):
+    def __init__(self):
+        self.lr = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.lr[trainer.global_step] = trainer.optimizers[0].param_groups[0]['lr']
+
+
+class Interrupt(Callback):
+    """During optimizer step ``at`` (1-based): send a signal to this process, or crash (as a kill -9 would,
+    the step never completes)."""
+
+    def __init__(self, at: int, sig=None):
+        self.at, self.sig = at, sig
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at - 1:
+            if self.sig is None:
+                raise RuntimeError('simulated kill -9')
+            os.kill(os.getpid(), self.sig)
+
+
+def fit(tmp: Path, max_steps: int = 12, extra=(), ckpt_path=None):
+    pl.seed_everything(0, verbose=False)
+    dm = tiny_data()
+    module = tiny_module(dm)
+    rec = RecordLR()
+    periodic = ModelCheckpoint(dirpath=str(tmp / 'ckpt'), filename='step{step:03d}', every_n_train_steps=4,
+                               save_top_k=-1, save_last=True)
+    tr = trainer(tmp, max_steps, [rec, PreemptionCheckpoint(), *extra, periodic])
+    tr.fit(module, dm, ckpt_path=ckpt_path)
+    return module, tr, rec
+
+
+@pytest.mark.slow
+def test_resume_is_exact_after_signals_and_a_crash(tmp_path):
+    """12 uninterrupted steps == SIGUSR1 at step 6 + resume, crash at step 10 + resume from the periodic
+    checkpoint of step 8 (an epoch end) == SIGTERM at step 3 + resume. Dropout/drop-path, mixup/cutmix,
+    EMA, warmup + cosine and two epochs (8 batches each) are all in play."""
+    ref, tr, rec = fit(tmp_path / 'ref')
+    assert tr.global_step == 12 and tr.num_training_batches == 8  # two epochs, the second one partial
+    ref_state = state(ref)
+    # the schedule: linear warmup over 2 steps, then cosine to min_lr over the remaining 10
+    lr, warm, mn = 2e-3, 2, 1e-4
+    for step in (1, 2, 5, 9):
+        want = 1e-5 + (lr - 1e-5) * step / warm if step < warm else \
+            mn + 0.5 * (lr - mn) * (1 + math.cos(math.pi * (step - warm) / (12 - warm)))
+        assert abs(rec.lr[step] - want) < 1e-9, (step, rec.lr[step], want)
+
+    run = tmp_path / 'signals'
+    last = run / 'ckpt' / 'last.ckpt'
+    with pytest.raises(SystemExit) as e:
+        fit(run, extra=[Interrupt(6, signal.SIGUSR1)])
+    assert e.value.code == 128 + signal.SIGUSR1
+    assert torch.load(last, weights_only=False)['global_step'] == 6
+    with pytest.raises(RuntimeError, match='simulated'):
+        fit(run, extra=[Interrupt(10)], ckpt_path=str(last))
+    assert torch.load(last, weights_only=False)['global_step'] == 8  # the periodic checkpoint before the crash
+    resumed, tr, rec2 = fit(run, ckpt_path='last')
+    assert tr.global_step == 12
+    assert max_diff(state(resumed), ref_state) < 1e-6
+    assert all(abs(rec2.lr[s] - rec.lr[s]) < 1e-12 for s in rec2.lr)
+
+    run = tmp_path / 'sigterm'
+    with pytest.raises(SystemExit) as e:
+        fit(run, extra=[Interrupt(3, signal.SIGTERM)])
+    assert e.value.code == 128 + signal.SIGTERM
+    resumed, _, _ = fit(run, ckpt_path=str(run / 'ckpt' / 'last.ckpt'))
+    assert max_diff(state(resumed), ref_state) < 1e-6
+    assert not getattr(signal.getsignal(signal.SIGUSR1), 'active', False)  # handler gone or inactive
+
+    # the evaluator's loader rebuilds the model (EMA and raw weights) from the checkpoint
+    x = torch.randn(4, 3, 16, 16)
+    for use_ema, module in ((True, ref.model_ema.module), (False, ref.model)):
+        model, info = load_model_from_checkpoint(tmp_path / 'ref' / 'ckpt' / 'last.ckpt', use_ema=use_ema)
+        module.eval()
+        with torch.no_grad():
+            assert (model(x) - module(x)).abs().max().item() < 1e-6
+        assert info['ema'] is use_ema
+    assert info['model_name'] == VIT and info['model_kwargs'] == VIT_TINY and info['img_size'] == 16
+    assert info['num_classes'] == 10 and info['dataset'] == 'fashion_mnist' and info['patch_size'] == (4, 4)
+    assert info['mean'] == FMNIST_MEAN and info['global_step'] == 12
+    # and at another resolution
+    model, _ = load_model_from_checkpoint(tmp_path / 'ref' / 'ckpt' / 'last.ckpt', dynamic_img_size=True)
+    assert model(torch.randn(2, 3, 24, 32)).shape == (2, 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name,kwargs', [(VIT, VIT_TINY), (SWIN, SWIN_TINY)], ids=['vit', 'hierarchical'])
+def test_few_step_fit_validate_test(tmp_path, name, kwargs):
+    pl.seed_everything(0, verbose=False)
+    dm = tiny_data(img_size=32, train_subset=64, batch_size=16)
+    module = tiny_module(dm, name, kwargs, mixup=0.0, cutmix=0.0, ema_decay=0.0, smoothing=0.1)
+    before = state(module)
+    tr = trainer(tmp_path, 3, precision='bf16-mixed', limit_val_batches=1)
+    tr.fit(module, dm)
+    after = state(module)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    params = [f'model.{n}' for n, p in module.model.named_parameters() if p.requires_grad]
+    assert set(params) <= set(changed), set(params) - set(changed)  # every parameter was trained
+    out = tr.test(module, dm, verbose=False)[0]
+    assert 0 <= out['test/acc'] <= 1 and math.isfinite(out['test/loss'])
+
+
+def test_no_weight_decay_groups():
+    dm = tiny_data()
+    module = tiny_module(dm, sched='none')
+    opt = module.configure_optimizers()
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    groups = {g['weight_decay']: {names[id(p)] for p in g['params']} for g in opt.param_groups}
+    no_wd, wd = groups[0.0], groups[0.05]
+    params = dict(module.model.named_parameters())
+    listed = module.model.no_weight_decay()
+    assert {'pe.freqs', 'cls_token'} <= listed <= no_wd | {'pos_embed', 'reg_token'}  # RoPE freqs, class token
+    # timm's rule: the model's list plus every 1-D parameter (norms, biases, LayerScale) takes no decay
+    assert no_wd == {n for n, p in params.items() if n in listed or p.ndim <= 1}
+    assert wd == set(params) - no_wd and any('norm' in n for n in no_wd) and any(n.endswith('.bias') for n in no_wd)
+
+
+def test_bad_model_config_errors():
+    dm = tiny_data()
+    with pytest.raises(ValueError, match=r'unknown model .*vit_rope2d_tinyy.*Did you mean'):
+        tiny_module(dm, 'vit_rope2d_tinyy')
+    with pytest.raises(TypeError, match='bad model_kwargs'):
+        tiny_module(dm, kwargs={**VIT_TINY, 'no_such_option': 1})
+    with pytest.raises(ValueError, match='num_classes'):
+        tiny_module(dm, kwargs={**VIT_TINY, 'num_classes': 3})
+    with pytest.raises(ValueError, match='data.dataset must be one of'):
+        ImageClassificationData(dataset='cifar')
+    with pytest.raises(ValueError, match='needs --data.root'):
+        ImageClassificationData(dataset='imagefolder')
+    with pytest.raises(ValueError, match='train_samples'):
+        ImageClassificationData(dataset='webdataset', num_classes=10)
+
+
+def _cli_args(tmp: Path, *extra: str):
+    return ['fit', '--config', str(ROOT / 'configs' / 'fmnist_vit_tiny.yaml'),
+            '--model.model_kwargs', json.dumps(VIT_TINY), '--data.img_size', '16', '--data.batch_size', '16',
+            '--data.train_subset', '64', '--data.val_subset', '32', '--data.test_subset', '32',
+            '--trainer.max_steps', '2', '--trainer.enable_progress_bar', 'false', *extra]
+
+
+@pytest.mark.slow
+def test_cli_default_config_runs_and_links(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config writes runs/... relative to the working directory
+    cli = main(_cli_args(tmp_path, '--model.model_name', 'vit_lookhere_tiny'))
+    hp = cli.model.hparams
+    assert hp.model_name == 'vit_lookhere_tiny' and hp.num_classes == 10 and hp.img_size == 16
+    assert tuple(hp.mean) == FMNIST_MEAN and hp.dataset == 'fashion_mnist'
+    assert cli.trainer.global_step == 2
+    assert (tmp_path / 'runs' / 'fmnist_vit_tiny' / 'checkpoints' / 'last.ckpt').is_file()
+    metrics = cli.trainer.callback_metrics
+    assert 'test/acc' in metrics  # test_after_fit ran
+    csv = list((tmp_path / 'runs' / 'fmnist_vit_tiny' / 'csv').glob('version_*/metrics.csv'))
+    assert csv and 'lr-AdamW' in csv[0].read_text().splitlines()[0]
+    assert list((tmp_path / 'runs' / 'fmnist_vit_tiny' / 'tensorboard').glob('version_*/events.out.*'))
+
+
+def test_cli_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match='unknown model'):
+        main(_cli_args(tmp_path, '--model.model_name', 'vit_nonexistent_tiny'), run=False)
+    with pytest.raises(SystemExit):
+        main(_cli_args(tmp_path, '--model.no_such_option', '1'), run=False)
+    assert 'no_such_option' in capsys.readouterr().err
+    cli = main(_cli_args(tmp_path, '--data.root', str(tmp_path / 'nowhere')), run=False)
+    with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist'):
+        cli.trainer.fit(cli.model, cli.datamodule)
+
+
+def test_print_config_and_every_config_parses(capsys, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        main(['fit', '--config', str(ROOT / 'configs' / 'fmnist_vit_tiny.yaml'), '--print_config'])
+    assert e.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert 'model_name: vit_ape_tiny' in out and 'dataset: fashion_mnist' in out and 'max_epochs:' in out
+    # one parser (building it is the slow part) checks every config and renders it as --print_config does
+    monkeypatch.chdir(tmp_path)
+    parser = main(_cli_args(tmp_path), run=False).parser
+    assert {c.stem for c in CONFIGS} >= {'fmnist_vit_tiny', 'vit_small_in1k_deit3', 'vit_base_in1k_deit3',
+                                         'swin_tiny_in1k', 'cswin_tiny_in1k'}
+    for config in CONFIGS:
+        cfg = parser.parse_args(['--config', str(config)])
+        text = parser.dump(cfg, skip_none=False)
+        assert f'model_name: {cfg.model.model_name}' in text and 'max_epochs:' in text, config
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    """Lightning's own DDP launcher, 2 CPU processes (gloo), a few steps, through train.py."""
+    cmd = [sys.executable, str(ROOT / 'train.py'), *_cli_args(tmp_path, '--trainer.strategy', 'ddp',
+                                                            '--trainer.devices', '2', '--trainer.accelerator', 'cpu',
+                                                            '--trainer.max_steps', '3')]
+    env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = torch.load(tmp_path / 'runs' / 'fmnist_vit_tiny' / 'checkpoints' / 'last.ckpt', weights_only=False)
+    assert ckpt['global_step'] == 3
+    loader_state = ckpt['loops']['fit_loop']['state_dict']['combined_loader'][0]
+    assert loader_state['world_size'] == 2 and loader_state['batches'] == 3
+    assert 'test/acc' in res.stdout + res.stderr

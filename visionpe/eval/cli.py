@@ -1,0 +1,237 @@
+"""``eval_resolution.py``: command line of the resolution-extrapolation evaluator.
+
+Examples::
+
+    python eval_resolution.py            # the train.py default model, Fashion-MNIST, 32..128 px
+    python eval_resolution.py --models vit_ape_small vit_rope2d_small --checkpoints a.safetensors b.pth \\
+        --data imagenet:/data/imagenet/val --resolutions 224 320 384 512 --crop-ratio 1.0
+    python eval_resolution.py --checkpoints runs/x/checkpoints/last.ckpt --coord-modes index ref \\
+        --rope-scaling none ntk --temperature off on
+    python eval_resolution.py --benchmark fmnist --bench-encodings ape rope2d --bench-epochs 2
+    python eval_resolution.py --task coco --models vit_rope2d_small --checkpoints det.ckpt --data coco:/data/coco \\
+        --resolutions 512 800 1024
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .models import RANDOM, KnobSpace, ModelSource, parse_rope_scaling
+from .runner import TASKS, EvalConfig, EvalResult, run_eval
+
+__all__ = ['main', 'build_parser', 'config_from_args', 'default_checkpoint', 'DEFAULT_RUN']
+
+log = logging.getLogger(__name__)
+DEFAULT_RUN = Path('runs') / 'fmnist_vit_tiny' / 'checkpoints'
+DEFAULT_RESOLUTIONS = (32, 48, 64, 96, 128)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='eval_resolution.py', formatter_class=argparse.RawDescriptionHelpFormatter,
+        description='Evaluate models at many resolutions (train at one, test at many) and write CSV, JSON, '
+                    'Markdown and a PNG plot into a run folder.',
+        epilog='With no arguments: the model trained by `python train.py` '
+               f'({DEFAULT_RUN}/last.ckpt) on the Fashion-MNIST test set at 32 48 64 96 128 px.')
+    p.add_argument('--task', choices=TASKS, default='cls', help='cls (classification) or coco (detection)')
+    p.add_argument('--models', nargs='+', metavar='NAME', help='registered model names (visionpe or timm)')
+    p.add_argument('--checkpoints', nargs='+', metavar='PATH',
+                   help='one per model, same order: a train.py .ckpt, a timm/safetensors/upstream file, "none" '
+                        f'(local weights from $VISIONPE_WEIGHTS_DIR) or "{RANDOM}" (random init). With .ckpt '
+                        'files only, --models may be left out (the names are in the checkpoints)')
+    p.add_argument('--model-kwargs', nargs='+', metavar='JSON',
+                   help='extra timm.create_model keywords as JSON: one for all models or one per model '
+                        '(e.g. the architecture of a bare safetensors file)')
+    p.add_argument('--data', default='fmnist', help='fmnist | PATH (image folder PATH/<class>/<image>) | '
+                   'imagenet:PATH | coco:PATH (COCO_ROOT/annotations/instances_val2017.json + val2017/)')
+    p.add_argument('--resolutions', nargs='+', type=int, metavar='R',
+                   help='square sizes in px (coco: the shorter side); default 32 48 64 96 128')
+    p.add_argument('--output', metavar='DIR', help='run folder (default runs/eval/<time>, or '
+                   'runs/fmnist_bench/report for --benchmark)')
+    p.add_argument('--crop-ratio', type=float, default=None,
+                   help='image folders: resize the short side to r / ratio, centre-crop r (default 1.0 as RoPE-ViT; '
+                        '0.875 as timm/DeiT). Not for fmnist, which resizes the whole image as in training')
+    p.add_argument('--batch-size', type=int, default=256)
+    p.add_argument('--max-images', type=int, default=None,
+                   help='evaluate a fixed subset of this many images (default: all; Fashion-MNIST on a CPU: 2000)')
+    p.add_argument('--device', default='auto', help='auto | cpu | cuda | cuda:N')
+    p.add_argument('--workers', type=int, default=2, help='image-folder DataLoader workers')
+    p.add_argument('--train-res', type=int, default=None,
+                   help='training resolution (default: from the checkpoint or the model config)')
+    p.add_argument('--no-ema', action='store_true', help='train.py checkpoints: the raw weights, not the EMA ones')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    k = p.add_argument_group('test-time knobs (each is swept like a resolution)')
+    k.add_argument('--coord-modes', nargs='+', metavar='MODE',
+                   help='coordinate modes (index, normalized, ref, normalized_ref, centered, polar, default)')
+    k.add_argument('--rope-scaling', nargs='+', metavar='S',
+                   help='RoPE frequency scaling: none | pi | ntk (factor max(1, test/train) per resolution) | '
+                        'pi:F | ntk:F (fixed factor)')
+    k.add_argument('--lookhere-slopes', nargs='+', metavar='S', help='LookHere global slopes (numbers or default)')
+    k.add_argument('--temperature', nargs='*', choices=('off', 'on'), metavar='off|on',
+                   help='attention temperature log(N)/log(N_train): "--temperature" alone = on; "off on" sweeps')
+    k.add_argument('--backends', nargs='+', metavar='NAME', help='attention backends: auto math sdpa xformers flex')
+    b = p.add_argument_group('Fashion-MNIST benchmark')
+    b.add_argument('--benchmark', choices=('fmnist',), help='train every vit_<pe>_tiny at 32 px (cached), then sweep')
+    b.add_argument('--bench-encodings', nargs='+', metavar='PE', help='encodings (default: all of VIT_ENCODINGS)')
+    b.add_argument('--bench-epochs', type=int, default=None, help='epochs (default: configs/fmnist_vit_tiny.yaml)')
+    b.add_argument('--bench-dir', default=None, help='checkpoint cache (default runs/fmnist_bench)')
+    b.add_argument('--bench-train-args', default='', metavar='STR',
+                   help='extra train.py arguments, e.g. "--data.train_subset 5000 --trainer.max_steps 100"')
+    b.add_argument('--retrain', action='store_true', help='train again even when a checkpoint is cached')
+    return p
+
+
+def default_checkpoint(run_dir: Path = DEFAULT_RUN) -> Path:
+    """``last.ckpt`` of the default ``python train.py`` run, else its newest ``best-*.ckpt``."""
+    last = run_dir / 'last.ckpt'
+    if last.is_file():
+        return last
+    best = sorted(run_dir.glob('best-*.ckpt'), key=lambda p: p.stat().st_mtime)
+    if best:
+        return best[-1]
+    raise FileNotFoundError(
+        f'no checkpoint in {run_dir} (looked for last.ckpt and best-*.ckpt): run `python train.py` first (it trains '
+        f'the default Fashion-MNIST model there), or pass --models NAME --checkpoints PATH')
+
+
+def _ckpt_model_name(path: str) -> str:
+    import torch
+    if not Path(path).is_file():
+        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    hp = torch.load(path, map_location='cpu', weights_only=False).get('hyper_parameters') or {}
+    if 'model_name' not in hp:
+        raise ValueError(f'{path} is not a train.py checkpoint; pass --models NAME for it')
+    return hp['model_name']
+
+
+def _none_or(values: Optional[List[str]], conv, default_word: str = 'default') -> Optional[list]:
+    if values is None:
+        return None
+    return [None if v == default_word else conv(v) for v in values]
+
+
+def _slope(v: str) -> float:
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f'--lookhere-slopes: {v!r} is not a number (or "default")') from None
+
+
+def knob_space(args: argparse.Namespace) -> KnobSpace:
+    space = KnobSpace()
+    if args.coord_modes:
+        space.coord_mode = _none_or(args.coord_modes, str)
+    if args.rope_scaling:
+        for s in args.rope_scaling:
+            parse_rope_scaling(s)
+        space.rope_scaling = list(args.rope_scaling)
+    if args.lookhere_slopes:
+        space.lookhere_slope = _none_or(args.lookhere_slopes, _slope)
+    if args.temperature is not None:
+        space.temperature = [v == 'on' for v in (args.temperature or ['on'])]
+    if args.backends:
+        space.backend = _none_or(args.backends, str, 'default')
+    return space.validate()
+
+
+def model_sources(args: argparse.Namespace) -> List[ModelSource]:
+    """``--models`` / ``--checkpoints`` / ``--model-kwargs`` as sources (the train.py default when none given)."""
+    names, ckpts = args.models, args.checkpoints
+    if not names and not ckpts:
+        ckpts = [str(default_checkpoint())]
+    if ckpts and names and len(ckpts) != len(names):
+        raise ValueError(f'--checkpoints has {len(ckpts)} entries for {len(names)} --models; give one per model '
+                         f'(in the same order; "none" for local weights, "{RANDOM}" for random init)')
+    if not names:
+        names = [_ckpt_model_name(c) for c in ckpts]
+    ckpts = [None if c in (None, 'none') else c for c in (ckpts or [None] * len(names))]
+    kw_list: List[Dict[str, Any]] = [{}] * len(names)
+    if args.model_kwargs:
+        try:
+            parsed = [json.loads(s) for s in args.model_kwargs]
+        except json.JSONDecodeError as e:
+            raise ValueError(f'--model-kwargs must be JSON objects, e.g. \'{{"embed_dim": 96}}\': {e}') from None
+        if not all(isinstance(d, dict) for d in parsed):
+            raise ValueError('--model-kwargs must be JSON objects, e.g. \'{"embed_dim": 96}\'')
+        if len(parsed) not in (1, len(names)):
+            raise ValueError(f'--model-kwargs: give one JSON object for all models or one per model ({len(names)})')
+        kw_list = parsed * len(names) if len(parsed) == 1 else parsed
+    return [ModelSource(n, c, dict(kw), use_ema=not args.no_ema) for n, c, kw in zip(names, ckpts, kw_list)]
+
+
+def config_from_args(args: argparse.Namespace, models: List[ModelSource]) -> EvalConfig:
+    return EvalConfig(models=models, data=args.data, resolutions=args.resolutions or DEFAULT_RESOLUTIONS,
+                      task=args.task, crop_ratio=args.crop_ratio, batch_size=args.batch_size,
+                      max_images=args.max_images, device=args.device, knobs=knob_space(args),
+                      train_res=args.train_res, workers=args.workers, progress=not args.no_progress)
+
+
+def _benchmark(args: argparse.Namespace) -> tuple:
+    from .fmnist_bench import BENCH_COORD_MODES, BENCH_DIR, bench_encodings, train_all
+    if args.models or args.checkpoints:
+        raise ValueError('--benchmark fmnist trains its own models: drop --models / --checkpoints '
+                         '(choose encodings with --bench-encodings)')
+    if args.task != 'cls' or args.data not in ('fmnist', 'fashion_mnist'):
+        raise ValueError('--benchmark fmnist is a Fashion-MNIST classification benchmark: drop --task / --data')
+    encodings = bench_encodings(args.bench_encodings)
+    bench_dir = Path(args.bench_dir) if args.bench_dir else BENCH_DIR
+    t0 = time.perf_counter()
+    trained, failed = train_all(encodings, bench_dir, args.bench_epochs, shlex.split(args.bench_train_args),
+                                args.retrain)
+    train_wall = time.perf_counter() - t0
+    if not trained:
+        raise RuntimeError(f'every encoding failed to train: {failed}')
+    if not args.coord_modes:
+        args.coord_modes = list(BENCH_COORD_MODES)
+    models = [ModelSource(f'vit_{pe}_tiny', info['checkpoint'], use_ema=not args.no_ema) for pe, info in trained.items()]
+    extra = dict(benchmark=dict(encodings=encodings, bench_dir=str(bench_dir), epochs=args.bench_epochs,
+                                train_args=args.bench_train_args, trained=trained, failed=failed,
+                                train_wall_s=train_wall))
+    return models, extra, bench_dir / 'report'
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the evaluator; bad input ends with ``error: ...`` on stderr and exit status 2."""
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    try:
+        result, out = run_from_args(args, argv)
+    except (ValueError, FileNotFoundError, TypeError, KeyError, RuntimeError) as e:
+        parser.exit(2, f'{parser.prog}: error: {e}\n')
+    return 1 if result.meta.get('benchmark', {}).get('failed') else 0  # an encoding failed to train
+
+
+def run_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None):
+    """Parse-level work of :func:`main` (raises instead of exiting): ``(EvalResult, out dir)``."""
+    from .report import markdown_table, write_reports
+    extra: Dict[str, Any] = {}
+    out = Path(args.output) if args.output else None
+    if args.benchmark:
+        models, extra, bench_out = _benchmark(args)
+        out = out or bench_out
+    else:
+        models = model_sources(args)
+    cfg = config_from_args(args, models)
+    t0 = time.perf_counter()
+    result: EvalResult = run_eval(cfg)
+    extra['eval_wall_s'] = time.perf_counter() - t0
+    out = out or Path('runs') / 'eval' / time.strftime('%Y%m%d-%H%M%S')
+    cmd = ['eval_resolution.py', *(sys.argv[1:] if argv is None else argv)]
+    paths = write_reports(result, out, cmd, extra)
+    result.meta.update(extra)
+    unit = 'px' if cfg.task == 'cls' else 'px (short side)'
+    print(f"\n{result.headline} ({result.meta['data']}, {result.meta['subset_note']}); bold: best, *: training size\n")
+    print(markdown_table(result.rows, result.headline, result.meta['resolutions'], unit))
+    for s in result.meta.get('skipped', []):
+        print(f"skipped {s['label']}: {s['reason']}")
+    for pe, err in extra.get('benchmark', {}).get('failed', {}).items():
+        print(f'training vit_{pe}_tiny failed: {err}')
+    print('\nwrote ' + ', '.join(str(p) for p in paths.values()))
+    return result, out

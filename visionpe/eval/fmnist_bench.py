@@ -1,0 +1,97 @@
+"""The Fashion-MNIST resolution benchmark: train every ``vit_<pe>_tiny`` with one tiny recipe at 32 px
+(patch 4, ``configs/fmnist_vit_tiny.yaml``) through ``train.py``'s code, cache the checkpoints in
+``<bench_dir>/<pe>/checkpoints/last.ckpt`` (training is skipped when one exists), then sweep the
+resolutions (default 32, 48, 64, 96, 128) under every coordinate mode an encoding supports.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+__all__ = ['BENCH_DIR', 'BENCH_RESOLUTIONS', 'BENCH_COORD_MODES', 'bench_encodings', 'bench_config',
+           'train_encoding', 'train_all']
+
+log = logging.getLogger(__name__)
+BENCH_DIR = Path('runs') / 'fmnist_bench'
+BENCH_RESOLUTIONS = (32, 48, 64, 96, 128)
+BENCH_COORD_MODES = ('index', 'ref', 'normalized')
+
+
+def bench_encodings(selected: Optional[Sequence[str]] = None) -> List[str]:
+    """Encodings of the benchmark: ``selected`` (checked) or every key of ``VIT_ENCODINGS``."""
+    from ..models.vit import VIT_ENCODINGS
+    if not selected:
+        return list(VIT_ENCODINGS)
+    unknown = [e for e in selected if e not in VIT_ENCODINGS]
+    if unknown:
+        raise ValueError(f"unknown encoding(s) {unknown} for --bench-encodings; choose from {', '.join(VIT_ENCODINGS)}")
+    return list(dict.fromkeys(selected))
+
+
+def bench_config(pe: str, run_dir: Path, epochs: Optional[int]) -> Dict[str, Any]:
+    """``configs/fmnist_vit_tiny.yaml`` for ``vit_<pe>_tiny`` with every output under ``run_dir``."""
+    from ..train.cli import DEFAULT_CONFIG
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    cfg['model']['model_name'] = f'vit_{pe}_tiny'
+    cfg['test_after_fit'] = False  # the benchmark evaluates afterwards, at every resolution
+    tr = cfg['trainer']
+    tr['default_root_dir'] = str(run_dir)
+    if epochs is not None:
+        tr['max_epochs'] = int(epochs)
+    for lg in tr.get('logger') or []:
+        lg.setdefault('init_args', {})['save_dir'] = str(run_dir)
+    for cb in tr.get('callbacks') or []:
+        if cb['class_path'].endswith('ModelCheckpoint'):
+            cb['init_args']['dirpath'] = str(run_dir / 'checkpoints')
+    return cfg
+
+
+def train_encoding(pe: str, bench_dir: Path = BENCH_DIR, epochs: Optional[int] = None,
+                   train_args: Sequence[str] = (), retrain: bool = False) -> Tuple[Path, Optional[float]]:
+    """Train ``vit_<pe>_tiny`` unless its checkpoint exists; ``(last.ckpt, training seconds or None if cached)``."""
+    run_dir = Path(bench_dir) / pe
+    last = run_dir / 'checkpoints' / 'last.ckpt'
+    if last.is_file() and not retrain:
+        log.info('vit_%s_tiny: using the cached checkpoint %s', pe, last)
+        return last, None
+    from ..train.cli import main
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if last.is_file():
+        last.unlink()
+    config = run_dir / 'config.yaml'
+    config.write_text(yaml.safe_dump(bench_config(pe, run_dir, epochs), sort_keys=False))
+    t0 = time.perf_counter()
+    main(['fit', '--config', str(config), *train_args])
+    seconds = time.perf_counter() - t0
+    if not last.is_file():
+        raise RuntimeError(f'training vit_{pe}_tiny wrote no {last} (check the ModelCheckpoint callbacks in {config})')
+    (run_dir / 'train_time.json').write_text(json.dumps(dict(seconds=seconds, args=list(train_args))))
+    return last, seconds
+
+
+def train_all(encodings: Sequence[str], bench_dir: Path = BENCH_DIR, epochs: Optional[int] = None,
+              train_args: Sequence[str] = (), retrain: bool = False
+              ) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
+    """Train (or reuse) every encoding; an encoding that fails is reported and the others go on.
+    Returns ``({pe: {checkpoint, train_s, cached}}, {pe: error})``; ``train_s`` of a cached checkpoint is
+    the one recorded when it was trained (None if unknown)."""
+    trained: Dict[str, Dict[str, Any]] = {}
+    failed: Dict[str, str] = {}
+    for pe in encodings:
+        try:
+            ckpt, seconds = train_encoding(pe, bench_dir, epochs, train_args, retrain)
+        except Exception as e:  # noqa: BLE001  (one broken encoding must not stop an hours-long benchmark)
+            log.error('training vit_%s_tiny failed: %s: %s', pe, type(e).__name__, e)
+            failed[pe] = f'{type(e).__name__}: {e}'
+            continue
+        cached = seconds is None
+        if cached:
+            timing = Path(bench_dir) / pe / 'train_time.json'
+            seconds = json.loads(timing.read_text()).get('seconds') if timing.is_file() else None
+        trained[pe] = dict(checkpoint=str(ckpt), train_s=seconds, cached=cached)
+    return trained, failed

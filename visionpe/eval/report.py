@@ -1,0 +1,163 @@
+"""Run-folder outputs of a sweep: ``results.csv``, ``results.json``, ``results.md``, ``results.png``.
+
+The Markdown tables have one row per model (knob settings as extra row labels) and one column per
+resolution, best value per column in bold; the numbers are the JSON / CSV ones rounded by :data:`FORMATS`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .runner import EvalResult
+
+__all__ = ['write_reports', 'markdown_table', 'format_value', 'FORMATS', 'run_metadata']
+
+# metric -> (title, format, higher is better)
+FORMATS: Dict[str, tuple] = {
+    'top1': ('top-1 accuracy (%)', '{:.2f}', True),
+    'top5': ('top-5 accuracy (%)', '{:.2f}', True),
+    'loss': ('cross-entropy', '{:.4f}', False),
+    'images_per_s': ('throughput (images/s)', '{:.1f}', True),
+    'peak_mem_mb': ('peak memory (MiB)', '{:.1f}', False),
+    'AP': ('COCO AP', '{:.4f}', True), 'AP50': ('AP50', '{:.4f}', True), 'AP75': ('AP75', '{:.4f}', True),
+    'APs': ('AP small', '{:.4f}', True), 'APm': ('AP medium', '{:.4f}', True), 'APl': ('AP large', '{:.4f}', True),
+}
+
+
+def format_value(metric: str, value: Optional[float]) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return '-'
+    return FORMATS.get(metric, (metric, '{:.4g}', True))[1].format(value)
+
+
+def _labels(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    return list(dict.fromkeys(r['label'] for r in rows))
+
+
+def markdown_table(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Sequence[int],
+                   unit: str = 'px') -> str:
+    """Rows: labels; columns: resolutions (training resolution marked with *); best per column in bold."""
+    labels = _labels(rows)
+    cell = {(r['label'], r['resolution']): r.get(metric) for r in rows}
+    higher = FORMATS.get(metric, ('', '', True))[2]
+    best: Dict[int, str] = {}
+    for res in resolutions:
+        vals = [cell[(lab, res)] for lab in labels if cell.get((lab, res)) is not None]
+        if vals:
+            best[res] = format_value(metric, max(vals) if higher else min(vals))
+    train = {r['label']: r.get('train_res') for r in rows}
+    out = ['| model | ' + ' | '.join(f'{res} {unit}' for res in resolutions) + ' |',
+           '|---|' + '---:|' * len(resolutions)]
+    for lab in labels:
+        cells = []
+        for res in resolutions:
+            text = format_value(metric, cell.get((lab, res)))
+            if text != '-' and text == best.get(res):
+                text = f'**{text}**'
+            if train.get(lab) == res:
+                text += '*'
+            cells.append(text)
+        out.append(f'| {lab} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(out)
+
+
+def run_metadata(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The exact command and the versions of everything that decides the numbers."""
+    import shlex
+
+    import numpy
+    import timm
+    import torch
+
+    import visionpe
+    argv = list(sys.argv if argv is None else argv)
+    versions = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
+                    numpy=numpy.__version__, visionpe=getattr(visionpe, '__version__', 'unknown'))
+    try:
+        import lightning
+        versions['lightning'] = lightning.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(command=' '.join(shlex.quote(a) for a in argv), argv=argv, versions=versions,
+                platform=platform.platform())
+
+
+def write_reports(result: EvalResult, out_dir: Path, argv: Optional[Sequence[str]] = None,
+                  extra_meta: Optional[Dict[str, Any]] = None) -> Dict[str, Path]:
+    """Write CSV, JSON, Markdown and PNG into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, meta = result.rows, {**result.meta, **run_metadata(argv), **(extra_meta or {})}
+    resolutions = meta['resolutions']
+    paths = {k: out_dir / f'results.{k}' for k in ('csv', 'json', 'md', 'png')}
+
+    keys = list(dict.fromkeys(k for r in rows for k in r)) or ['label', 'resolution', *result.metrics]
+    with open(paths['csv'], 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ('' if r.get(k) is None else r.get(k)) for k in keys})
+
+    with open(paths['json'], 'w') as f:
+        json.dump(dict(meta=meta, headline=result.headline, metrics=list(result.metrics), rows=rows), f, indent=1,
+                  default=str)
+
+    unit = 'px' if meta.get('task') == 'cls' else 'px (short side)'
+    md = [f"# Resolution sweep: {FORMATS[result.headline][0]}", '',
+          f"Data: {meta['data']} ({meta.get('subset_note', '')}). Preprocessing: {meta.get('preprocessing', '')}.",
+          f"Device: {meta['device']}. Command: `{meta['command']}`", '',
+          'Bold: best per column; *: training resolution.', '',
+          markdown_table(rows, result.headline, resolutions, unit)]
+    for metric in result.metrics:
+        if metric == result.headline:
+            continue
+        md += ['', f'## {FORMATS[metric][0]}', '', markdown_table(rows, metric, resolutions, unit)]
+    if meta.get('skipped'):
+        md += ['', '## Skipped', ''] + [f"- {s['label']}: {s['reason']}" for s in meta['skipped']]
+    notes = [f"- {m['name']}: {'; '.join(m['notes'])}" for m in meta.get('models', []) if m.get('notes')]
+    if notes:
+        md += ['', '## Knobs not applicable', ''] + notes
+    md += ['', f"Metrics: {meta.get('metrics_note', '')}", '']
+    paths['md'].write_text('\n'.join(md))
+
+    plot(rows, result.headline, resolutions, paths['png'], title=f"{meta['data']}: {FORMATS[result.headline][0]}")
+    return paths
+
+
+def plot(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Sequence[int], path: Path,
+         title: str = '') -> None:
+    """Metric vs resolution, one line per label; each line's training resolution marked by a star and the
+    training resolutions by dotted vertical lines."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    train_sizes = set()
+    for lab in _labels(rows):
+        pts = sorted((r['resolution'], r[metric]) for r in rows if r['label'] == lab and r.get(metric) is not None)
+        if not pts:
+            continue
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', ms=3, label=lab)
+        tr = next((r.get('train_res') for r in rows if r['label'] == lab), None)
+        if tr is not None:
+            train_sizes.add(tr)
+            at = [p for p in pts if p[0] == tr]
+            if at:
+                ax.plot([tr], [at[0][1]], marker='*', ms=12, color=line.get_color())
+    for tr in sorted(train_sizes):
+        ax.axvline(tr, color='grey', ls=':', lw=1)
+        ax.annotate(f'train {tr}', (tr, 0.02), xycoords=('data', 'axes fraction'), fontsize=8, color='grey')
+    ax.set_xticks(list(resolutions))
+    ax.set_xlabel('resolution (px)')
+    ax.set_ylabel(FORMATS.get(metric, (metric,))[0])
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc='best')
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,468 @@
+"""CSWin Transformer with LePE (Dong et al., "CSWin Transformer: A General Vision Transformer Backbone
+with Cross-Shaped Windows", CVPR 2022; microsoft/CSWin-Transformer ``models/cswin.py``; SPECS.md
+section 6). Registered presets ``cswin_<size>``.
+
+Per block the channels (and heads) split in half: the first half attends inside *vertical* stripes
+(full height x ``sw`` columns), the second inside *horizontal* stripes (``sw`` rows x full width);
+the last stage attends globally (one branch over all channels). Each branch adds LePE
+(:class:`visionpe.pos.lepe.LePE`, a depthwise 3x3 conv of V inside each stripe) to its attention
+output. Stem: Conv 7x7 / stride 4 / padding 2 + LayerNorm; between stages Conv 3x3 / stride 2 /
+padding 1 + LayerNorm; head: final LayerNorm, mean over tokens, Linear. LayerNorm eps 1e-5.
+
+Unlike upstream, which needs square inputs whose stage sides divide by the stripe width, any H x W
+runs: a branch pads its map (after the qkv projection, with zeros) to a multiple of its stripe
+width and masks the padded keys, so they get exactly zero attention weight, and their V = 0 acts as
+LePE's zero padding. Map sides are ``floor((H + 1) / 4)`` after the stem and ``ceil(s / 2)`` after each
+merge, so every H, W >= 3 works; the feature strides are exactly 4, 8, 16, 32 when H and W are
+multiples of 32.
+
+Upstream quirk kept for checkpoint compatibility: a non-last stage whose side at the constructor
+``img_size`` (``img_size // 4 / 8 / 16``) equals its stripe width is built as a single full-attention
+branch (different state dict). The structure is fixed at construction; other input sizes keep it.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+
+from ..attention import _check as check_backend
+from ..attention import attend
+from ..grid import GridCache
+from ..pos.lepe import LePE
+from ._registry import default_cfg, register_presets
+
+__all__ = ['CSWinTransformer', 'CSWinBlock', 'CSWinAttention', 'StripeAttention', 'ConvStem', 'ConvMerge',
+           'CSWIN_SIZES']
+
+IntOr4 = Union[int, Sequence[int]]
+
+
+def _to_4(v: IntOr4, name: str) -> Tuple[int, ...]:
+    t = (v,) * 4 if isinstance(v, (int, float)) else tuple(v)
+    if len(t) != 4:
+        raise ValueError(f'{name} needs one value per stage (4), got {v!r}')
+    return t
+
+
+class ConvStem(nn.Module):
+    """Conv2d(in, dim, 7, stride 4, padding 2) + LayerNorm over channels; NCHW in, NHWC out."""
+
+    def __init__(self, in_chans: int, dim: int, norm_layer: Callable[..., nn.Module]):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, dim, kernel_size=7, stride=4, padding=2)
+        self.norm = norm_layer(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x).permute(0, 2, 3, 1))
+
+
+class ConvMerge(nn.Module):
+    """Patch merging: Conv2d(dim, out, 3, stride 2, padding 1) + LayerNorm; NHWC in and out."""
+
+    def __init__(self, dim: int, out_dim: int, norm_layer: Callable[..., nn.Module]):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1)
+        self.norm = norm_layer(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # contiguous NCHW as upstream: a channels-last view picks another conv kernel (other rounding)
+        return self.norm(self.conv(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1))
+
+
+class StripeAttention(nn.Module):
+    """One CSWin branch: attention inside stripes plus LePE (upstream ``LePEAttention``).
+
+    ``orientation``: ``'vertical'`` (windows H x sw), ``'horizontal'`` (sw x W) or ``'full'``
+    (the whole map). Input: the branch's slice of the fused qkv, (B, H, W, 3, C); output (B, H, W, C).
+    """
+
+    def __init__(self, dim: int, num_heads: int, split_size: int, orientation: str, attn_drop: float = 0.,
+                 attn_backend: str = 'auto'):
+        super().__init__()
+        if orientation not in ('vertical', 'horizontal', 'full'):
+            raise ValueError(f"orientation must be 'vertical', 'horizontal' or 'full', got {orientation!r}")
+        if dim % num_heads:
+            raise ValueError(f'branch width {dim} is not divisible by its {num_heads} heads')
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.split_size = split_size
+        self.orientation = orientation
+        self.attn_drop = attn_drop
+        self.attn_backend = check_backend(attn_backend)
+        self.lepe = LePE(dim)
+        self._masks = GridCache()
+
+    def window_size(self, H: int, W: int) -> Tuple[int, int]:
+        if self.orientation == 'vertical':
+            return H, self.split_size
+        if self.orientation == 'horizontal':
+            return self.split_size, W
+        return H, W
+
+    def _key_mask(self, H: int, W: int, Hs: int, Ws: int, device: torch.device) -> torch.Tensor:
+        """(1, windows * heads, L, L) additive mask: -inf on padded keys, 0 elsewhere."""
+        def build():
+            nh, nw = -(-H // Hs), -(-W // Ws)
+            rows = torch.arange(nh * Hs).view(nh, 1, Hs, 1) < H
+            cols = torch.arange(nw * Ws).view(1, nw, 1, Ws) < W
+            valid = (rows & cols).reshape(nh * nw, 1, 1, Hs * Ws)
+            mask = torch.zeros(valid.shape).masked_fill(~valid, float('-inf'))
+            L = Hs * Ws
+            return mask.expand(nh * nw, self.num_heads, L, L).reshape(1, nh * nw * self.num_heads, L, L)
+        return self._masks.get((H, W, Hs, Ws), device, build)
+
+    def partition(self, qkv: torch.Tensor):
+        """Pad and split into windows: q, k, v of shape (B, windows * heads, L, d) and the key mask."""
+        B, H, W, three, C = qkv.shape
+        Hs, Ws = self.window_size(H, W)
+        Hp, Wp = -(-H // Hs) * Hs, -(-W // Ws) * Ws
+        padded = (Hp, Wp) != (H, W)
+        if padded:  # zeros after the projection: V = 0 there, i.e. LePE's zero padding
+            qkv = F.pad(qkv, (0, 0, 0, 0, 0, Wp - W, 0, Hp - H))
+        nh, nw = Hp // Hs, Wp // Ws
+        t = qkv.reshape(B, nh, Hs, nw, Ws, 3, self.num_heads, self.head_dim)
+        t = t.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B, nh * nw * self.num_heads, Hs * Ws, self.head_dim)
+        q, k, v = t.unbind(0)
+        mask = self._key_mask(H, W, Hs, Ws, qkv.device) if padded else None
+        return q, k, v, mask, (B, H, W, Hs, Ws, nh, nw)
+
+    def merge(self, out: torch.Tensor, meta) -> torch.Tensor:
+        B, H, W, Hs, Ws, nh, nw = meta
+        out = out.reshape(B, nh, nw, self.num_heads, Hs, Ws, self.head_dim)
+        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, nh * Hs, nw * Ws, self.dim)
+        return out[:, :H, :W] if (nh * Hs, nw * Ws) != (H, W) else out
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v, mask, meta = self.partition(qkv)
+        out, _ = attend(q, k, v, self.scale, bias=mask, backend=self.attn_backend,
+                        dropout_p=self.attn_drop, training=self.training)
+        B, Hs, Ws = meta[0], meta[3], meta[4]
+        windows = q.shape[1] // self.num_heads
+        shape = (B * windows, self.num_heads, Hs * Ws, self.head_dim)
+        out = self.lepe.value(out.reshape(shape), v.reshape(shape), (Hs, Ws))
+        return self.merge(out, meta)
+
+    def extra_repr(self) -> str:
+        sw = '' if self.orientation == 'full' else f', split_size={self.split_size}'
+        return f'{self.orientation}, dim={self.dim}, heads={self.num_heads}{sw}, backend={self.attn_backend}'
+
+
+class CSWinAttention(nn.Module):
+    """Fused qkv, two stripe branches on the channel halves (or one full branch), output projection."""
+
+    def __init__(self, dim: int, num_heads: int, split_size: int, full: bool, qkv_bias: bool = True,
+                 attn_drop: float = 0., proj_drop: float = 0., attn_backend: str = 'auto'):
+        super().__init__()
+        self.dim = dim
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        if full:
+            self.branches = nn.ModuleList([
+                StripeAttention(dim, num_heads, split_size, 'full', attn_drop, attn_backend)])
+        else:
+            if dim % 2 or num_heads % 2:
+                raise ValueError(f'a two-branch CSWin block needs an even width and head count, got dim {dim} '
+                                 f'and {num_heads} heads')
+            self.branches = nn.ModuleList([
+                StripeAttention(dim // 2, num_heads // 2, split_size, o, attn_drop, attn_backend)
+                for o in ('vertical', 'horizontal')])
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        qkv = self.qkv(x).reshape(B, H, W, 3, C)
+        if len(self.branches) == 1:
+            x = self.branches[0](qkv)
+        else:
+            half = C // 2
+            x = torch.cat([self.branches[0](qkv[..., :half]), self.branches[1](qkv[..., half:])], dim=-1)
+        return self.proj_drop(self.proj(x))
+
+
+class CSWinBlock(nn.Module):
+    """``x + attn(norm1(x))``, ``x + mlp(norm2(x))`` on NHWC maps."""
+
+    def __init__(self, dim: int, num_heads: int, split_size: int, full: bool, mlp_ratio: float = 4.,
+                 qkv_bias: bool = True, proj_drop: float = 0., attn_drop: float = 0., drop_path: float = 0.,
+                 norm_layer: Callable[..., nn.Module] = nn.LayerNorm, act_layer: Callable[..., nn.Module] = nn.GELU,
+                 attn_backend: str = 'auto'):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = CSWinAttention(dim, num_heads, split_size, full, qkv_bias, attn_drop, proj_drop, attn_backend)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class Stage(nn.Module):
+    """Optional downsampling (``ConvMerge``) followed by blocks; NHWC in and out."""
+
+    def __init__(self, downsample: Optional[nn.Module], blocks: List[nn.Module]):
+        super().__init__()
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for blk in self.blocks:
+                x = checkpoint(blk, x)
+            return x
+        return self.blocks(x)
+
+
+class HierarchicalBase(nn.Module):
+    """timm housekeeping shared by the 4-stage NHWC backbones (CSWin, RST).
+
+    Subclasses set ``stem``, ``stages``, ``norm``, ``head``, ``feature_info``, ``num_features``,
+    ``img_size`` and ``dynamic_img_size``.
+    """
+    output_fmt = 'NHWC'
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f'expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}')
+        H, W = x.shape[-2:]
+        if H < 3 or W < 3:
+            raise ValueError(f'image size {H}x{W} is too small: the 7x7 stride-4 stem needs at least 3x3 pixels')
+        if not self.dynamic_img_size and (H, W) != tuple(self.img_size):
+            h0, w0 = self.img_size
+            raise ValueError(
+                f'this model was built for {h0}x{w0} images and got {H}x{W}; create it with '
+                f'dynamic_img_size=True (any size per call) or call model.set_input_size(({H}, {W}))')
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features)
+        self.head_hidden_size = self.head.num_features
+        if global_pool is not None:
+            self.global_pool = global_pool
+
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None,
+                       patch_size: Optional[Any] = None) -> None:
+        """Change the default input size. Nothing here depends on it except the strict size check."""
+        if patch_size is not None:
+            raise ValueError(f'{type(self).__name__} has a fixed 7x7 stride-4 conv stem; patch_size cannot change')
+        if img_size is not None:
+            self.img_size = to_2tuple(img_size)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x = self.stages(self.stem(x))
+        return self.norm(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's hierarchical API: NCHW stage outputs (final norm on the last one if ``norm``)."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW' for {type(self).__name__}, got {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        num_stages = len(self.stages)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        intermediates = []
+        x = self.stem(x)
+        i = -1
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == num_stages - 1 else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous())
+        if intermediates_only:
+            return intermediates
+        if i == num_stages - 1:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def _init_weights(self, m: nn.Module) -> None:
+        # upstream: trunc_normal(.02) Linear weights with zero bias, LayerNorm 1 / 0, convs PyTorch default
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _finish(self, num_classes: int, global_pool: str, drop_rate: float) -> None:
+        """Final norm, head and feature info from ``self.dims`` (call at the end of __init__)."""
+        self.num_features = self.dims[-1]
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+                                   input_fmt=self.output_fmt)
+        self.head_hidden_size = self.head.num_features
+        self.feature_info = [dict(num_chs=d, reduction=4 * 2 ** i, module=f'stages.{i}')
+                             for i, d in enumerate(self.dims)]
+
+
+class CSWinTransformer(HierarchicalBase):
+    """CSWin: cross-shaped stripe attention with LePE, 4 stages at strides 4, 8, 16, 32.
+
+    Args:
+        img_size: default input size (strict unless ``dynamic_img_size``); also decides the upstream
+            "stage side == stripe width" full-attention switch at construction.
+        embed_dim: stage-1 width (stage i has ``embed_dim * 2**i`` channels).
+        depth, num_heads, split_size: per stage (4 values); ``split_size[-1]`` is unused (global).
+        norm_eps: LayerNorm epsilon (upstream 1e-5).
+        attn_backend: ``auto | math | sdpa | xformers | flex`` (:mod:`visionpe.attention`).
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: int = 64,
+            depth: IntOr4 = (1, 2, 21, 1),
+            num_heads: IntOr4 = (2, 4, 8, 16),
+            split_size: IntOr4 = (1, 2, 7, 7),
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_eps: float = 1e-5,
+            dynamic_img_size: bool = False,
+            attn_backend: str = 'auto',
+    ) -> None:
+        super().__init__()
+        depth, num_heads = _to_4(depth, 'depth'), _to_4(num_heads, 'num_heads')
+        split_size = _to_4(split_size, 'split_size')
+        if global_pool not in ('', 'avg', 'max', 'avgmax', 'catavgmax'):
+            raise ValueError(f"global_pool must be one of '', 'avg', 'max', 'avgmax', 'catavgmax'; got {global_pool!r}")
+        if any(s < 1 for s in split_size):
+            raise ValueError(f'split_size (stripe widths) must be >= 1, got {split_size}')
+        check_backend(attn_backend)
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.img_size = to_2tuple(img_size)
+        self.dynamic_img_size = dynamic_img_size
+        self.split_size = split_size
+        self.embed_dim = embed_dim
+        self.dims = [embed_dim * 2 ** i for i in range(4)]
+
+        self.stem = ConvStem(in_chans, embed_dim, norm_layer)
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depth), stagewise=False)
+        stages, k = [], 0
+        for i in range(4):
+            side = [s // (4 * 2 ** i) for s in self.img_size]
+            full = i == 3 or side[0] == side[1] == split_size[i]  # upstream: last stage, or side == sw
+            blocks = [CSWinBlock(self.dims[i], num_heads[i], split_size[i], full, mlp_ratio, qkv_bias,
+                                 proj_drop_rate, attn_drop_rate, dpr[k + j], norm_layer, nn.GELU, attn_backend)
+                      for j in range(depth[i])]
+            k += depth[i]
+            down = ConvMerge(self.dims[i - 1], self.dims[i], norm_layer) if i else None
+            stages.append(Stage(down, blocks))
+        self.stages = nn.Sequential(*stages)
+        self.norm = norm_layer(self.dims[-1])
+        self._finish(num_classes, global_pool, drop_rate)
+        self.apply(self._init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets (upstream factories CSWin_64_12211_tiny_224, CSWin_64_24322_small_224, CSWin_96_24322_base_224,
+# CSWin_144_24322_large_224, and the 384 fine-tunes with stripe widths 12 in stages 3-4).
+CSWIN_SIZES: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    'tiny': ('CSWin-T (64, depths 1-2-21-1), 224 px',
+             dict(embed_dim=64, depth=(1, 2, 21, 1), num_heads=(2, 4, 8, 16), split_size=(1, 2, 7, 7))),
+    'small': ('CSWin-S (64, depths 2-4-32-2), 224 px',
+              dict(embed_dim=64, depth=(2, 4, 32, 2), num_heads=(2, 4, 8, 16), split_size=(1, 2, 7, 7))),
+    'base': ('CSWin-B (96, depths 2-4-32-2), 224 px',
+             dict(embed_dim=96, depth=(2, 4, 32, 2), num_heads=(4, 8, 16, 32), split_size=(1, 2, 7, 7))),
+    'large': ('CSWin-L (144, depths 2-4-32-2), 224 px',
+              dict(embed_dim=144, depth=(2, 4, 32, 2), num_heads=(6, 12, 24, 24), split_size=(1, 2, 7, 7))),
+    'base_384': ('CSWin-B at 384 px (stripe widths 1-2-12-12)',
+                 dict(embed_dim=96, depth=(2, 4, 32, 2), num_heads=(4, 8, 16, 32), split_size=(1, 2, 12, 12),
+                      img_size=384)),
+    'large_384': ('CSWin-L at 384 px (stripe widths 1-2-12-12)',
+                  dict(embed_dim=144, depth=(2, 4, 32, 2), num_heads=(6, 12, 24, 24), split_size=(1, 2, 12, 12),
+                       img_size=384)),
+}
+CSWIN_DEFAULTS: Dict[str, Any] = dict(mlp_ratio=4., qkv_bias=True, norm_eps=1e-5)
+
+
+def _create_cswin(variant: str, pretrained: bool = False, **kwargs: Any) -> CSWinTransformer:
+    from ..convert import checkpoint_filter_fn
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        CSWinTransformer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs)
+
+
+def _cfg(size: int) -> Dict[str, Any]:
+    return default_cfg(input_size=(3, size, size), pool_size=(size // 32, size // 32),
+                       crop_pct=0.9 if size == 224 else 1.0, fixed_input_size=False,
+                       first_conv='stem.conv', classifier='head.fc', license='mit')
+
+
+CSWIN_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    f'cswin_{size}': (desc, {**CSWIN_DEFAULTS, **kw}) for size, (desc, kw) in CSWIN_SIZES.items()}
+
+register_presets(__name__, CSWIN_PRESETS, _create_cswin,
+                 {n: _cfg(kw.get('img_size', 224)) for n, (_, kw) in CSWIN_PRESETS.items()})

@@ -1,0 +1,324 @@
+"""iRPE: image relative position encoding (Wu et al., "Rethinking and Improving Relative Position
+Encoding for Vision Transformer", ICCV 2021; microsoft/Cream ``iRPE/DeiT-with-iRPE/irpe.py``;
+SPECS.md section 4).
+
+Every query/key pair falls in a bucket given by the 2-D offset ``query - key`` (rows ``dr``,
+columns ``dc``, patch units) through the piecewise index ``g`` (``alpha = r``, ``beta = 2r``,
+``gamma = 8r`` for ``ratio = r``)::
+
+    g(x) = round(x)                                                      if |x| <= alpha
+    g(x) = trunc(sign(x) * min(beta, round(alpha + ln(|x|/alpha) / ln(gamma/alpha) * (beta - alpha))))
+
+(the reference clips to the float ``beta`` and then truncates, so ``g`` saturates at ``int(beta)``).
+Methods: ``product`` (``(g(dr) + B)(2B + 1) + g(dc) + B``, ``B = int(beta)``), ``cross`` (one table
+for ``g(dr)`` and one for ``g(dc)``, summed), ``euclidean`` (``g(round(sqrt(dr^2 + dc^2)))``) and
+``quantization`` (``g(dr^2 + dc^2)``). Prefix tokens (class, registers) share one extra bucket.
+
+Modes, with tables per head or shared across heads (zero-initialised, as upstream):
+
+* ``bias``: ``logit_ij += t_k[bucket(i, j)] + t_q[bucket(j, i)]``;
+* ``ctx`` (contextual): on keys ``logit_ij += (s q_i) . r_k[:, bucket(i, j)]``; on queries
+  ``logit_ij += (s k_j) . r_q[:, bucket(j, i)]``; on values ``out_i += sum_j a_ij r_v[bucket(i, j)]``.
+
+``s = head_dim^-0.5`` is the only scaling. Efficiency: the contextual term is computed as
+``(s q) @ r`` of shape ``(B, H, N, buckets)`` followed by a gather with the per-grid bucket ids
+(never an ``N x N x head_dim`` tensor); the value term scatters the attention probabilities into
+``(B, H, N, buckets)`` and multiplies by ``r_v``. FlexAttention gets a ``score_mod`` that reads
+the ``(B, H, N, buckets)`` products inside the kernel, so no ``N x N`` bias is built.
+
+Parameter names follow upstream inside ``pe.layers.{i}``: ``rpe_k.lookup_table_weight``,
+``rpe_q.lookup_table_bias``, ``rpe_v.rp_rows.lookup_table_weight`` (cross) ...
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..grid import Grid, GridCache, check_coord_mode, grid_coords
+from . import register_encoding
+from .base import EncodingContext, PosEncoding
+
+__all__ = ['IRPE', 'IRPETable', 'piecewise_index', 'irpe_bucket_ids', 'irpe_num_buckets', 'IRPE_METHODS']
+
+IRPE_METHODS = ('product', 'cross', 'euclidean', 'quantization')
+_METHOD_ALIASES = {'euc': 'euclidean', 'quant': 'quantization'}
+_MODES = {'ctx': 'ctx', 'contextual': 'ctx', 'bias': 'bias'}
+_COORD_MODES = ('index', 'ref')
+
+
+def _coefficients(ratio: float) -> Tuple[float, float, float]:
+    return 1.0 * ratio, 2.0 * ratio, 8.0 * ratio
+
+
+def piecewise_index(rel: torch.Tensor, alpha: float, beta: float, gamma: float) -> torch.Tensor:
+    """The piecewise index ``g`` of the module docstring, elementwise; int64 result.
+
+    Evaluated in float32 in the reference's order of operations, so bucket ids match it exactly.
+    """
+    rel = rel.float()
+    rel_abs = rel.abs()
+    far = rel_abs > alpha
+    y = torch.log(rel_abs.clamp_min(alpha) / alpha) / math.log(gamma / alpha) * (beta - alpha)
+    y = torch.sign(rel) * (alpha + y).round().clip(max=beta)
+    return torch.where(far, y, rel.round()).long()  # float -> int64 truncates (3.8 -> 3)
+
+
+def irpe_num_buckets(method: str, ratio: float) -> int:
+    """Buckets of one table, without the prefix bucket: ``(2B+1)^2`` (product) or ``2B+1``."""
+    b = int(_coefficients(ratio)[1])
+    return (2 * b + 1) ** 2 if method == 'product' else 2 * b + 1
+
+
+def irpe_bucket_ids(
+        h: int,
+        w: int,
+        num_prefix: int,
+        method: str = 'product',
+        ratio: float = 1.9,
+        coord_mode: str = 'index',
+        ref_hw: Optional[Tuple[int, int]] = None,
+) -> Tuple[torch.Tensor, ...]:
+    """Bucket ids ``(P + h*w, P + h*w)`` (int64) for query i, key j: one matrix, or (rows, cols) for cross.
+
+    Every pair involving one of the ``num_prefix`` prefix tokens gets the extra bucket
+    ``irpe_num_buckets(method, ratio)``.
+    """
+    alpha, beta, gamma = _coefficients(ratio)
+    b = int(beta)
+    xy = grid_coords(h, w, coord_mode, ref_hw=ref_hw)
+    dr = xy[:, None, 1] - xy[None, :, 1]  # query row minus key row
+    dc = xy[:, None, 0] - xy[None, :, 0]
+    if method == 'product':
+        mats = [(piecewise_index(dr, alpha, beta, gamma) + b) * (2 * b + 1) + piecewise_index(dc, alpha, beta, gamma) + b]
+    elif method == 'cross':
+        mats = [piecewise_index(dr, alpha, beta, gamma) + b, piecewise_index(dc, alpha, beta, gamma) + b]
+    elif method == 'euclidean':
+        mats = [piecewise_index((dr * dr + dc * dc).sqrt().round(), alpha, beta, gamma) + b]
+    elif method == 'quantization':
+        mats = [piecewise_index(dr * dr + dc * dc, alpha, beta, gamma) + b]
+    else:
+        raise ValueError(f"unknown iRPE method {method!r}; choose one of {', '.join(IRPE_METHODS)}")
+    if not num_prefix:
+        return tuple(m.contiguous() for m in mats)
+    extra = irpe_num_buckets(method, ratio)
+    out = []
+    for m in mats:
+        full = m.new_full((num_prefix + m.shape[0],) * 2, extra)
+        full[num_prefix:, num_prefix:] = m
+        out.append(full)
+    return tuple(out)
+
+
+def _gather(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``out[..., i, j] = scores[..., i, ids[i, j]]`` for scores (..., N, C) and ids (N, M)."""
+    return torch.gather(scores, -1, ids.expand(*scores.shape[:-2], *ids.shape))
+
+
+class IRPETable(nn.Module):
+    """One iRPE lookup table with the upstream parameter names.
+
+    ``kind``: ``'bias'`` -> ``lookup_table_bias`` (heads, buckets); ``'qk'`` -> ``lookup_table_weight``
+    (heads, head_dim, buckets); ``'v'`` -> ``lookup_table_weight`` (heads, buckets, head_dim). The cross
+    method holds two such tables, ``rp_rows`` and ``rp_cols``.
+    """
+
+    def __init__(self, kind: str, heads: int, head_dim: int, buckets: int, cross: bool = False):
+        super().__init__()
+        self.kind = kind
+        if cross:
+            self.rp_rows = IRPETable(kind, heads, head_dim, buckets)
+            self.rp_cols = IRPETable(kind, heads, head_dim, buckets)
+        elif kind == 'bias':
+            self.lookup_table_bias = nn.Parameter(torch.zeros(heads, buckets))
+        elif kind == 'qk':
+            self.lookup_table_weight = nn.Parameter(torch.zeros(heads, head_dim, buckets))
+        elif kind == 'v':
+            self.lookup_table_weight = nn.Parameter(torch.zeros(heads, buckets, head_dim))
+        else:
+            raise ValueError(f'unknown iRPE table kind {kind!r}')
+
+    def tables(self) -> List[torch.Tensor]:
+        """The table(s), aligned with the bucket-id matrices of :func:`irpe_bucket_ids`."""
+        if hasattr(self, 'rp_rows'):
+            return self.rp_rows.tables() + self.rp_cols.tables()
+        return [self.lookup_table_bias if self.kind == 'bias' else self.lookup_table_weight]
+
+
+class IRPELayer(nn.Module):
+    """The tables of one block: ``rpe_q``, ``rpe_k``, ``rpe_v`` (None where iRPE is not attached)."""
+
+    def __init__(self, mode: str, rpe_on: str, heads: int, head_dim: int, buckets: int, cross: bool):
+        super().__init__()
+        qk_kind = 'bias' if mode == 'bias' else 'qk'
+        self.rpe_q = IRPETable(qk_kind, heads, head_dim, buckets, cross) if 'q' in rpe_on else None
+        self.rpe_k = IRPETable(qk_kind, heads, head_dim, buckets, cross) if 'k' in rpe_on else None
+        self.rpe_v = IRPETable('v', heads, head_dim, buckets, cross) if 'v' in rpe_on else None
+
+
+@register_encoding('irpe')
+class IRPE(PosEncoding):
+    """iRPE on queries, keys and/or values of every block (see module docstring).
+
+    Args:
+        mode: ``'ctx'`` (alias ``'contextual'``) or ``'bias'``.
+        method: ``'product'`` (default), ``'cross'``, ``'euclidean'`` (alias ``'euc'``) or
+            ``'quantization'`` (alias ``'quant'``).
+        ratio: ``r`` of the piecewise index (1.9 gives 7 x 7 product buckets).
+        rpe_on: where to attach, any of ``'q'``, ``'k'``, ``'v'`` (e.g. ``'k'``, ``'qk'``, ``'qkv'``).
+        shared_head: one table for all heads (True) or one per head.
+        prefix_bucket: prefix tokens (class, registers) get one learned extra bucket (the reference's
+            ``skip``); False gives every pair involving a prefix token no iRPE term.
+        coord_mode: ``'index'`` (patch offsets, the reference) or ``'ref'`` (offsets rescaled to the
+            training grid ``ref_hw``, default the model's grid).
+    """
+    hooks = frozenset({'bias', 'value'})
+
+    def __init__(
+            self,
+            ctx: EncodingContext,
+            mode: str = 'ctx',
+            method: str = 'product',
+            ratio: float = 1.9,
+            rpe_on: str = 'k',
+            shared_head: bool = True,
+            prefix_bucket: bool = True,
+            coord_mode: str = 'index',
+            ref_hw: Optional[Tuple[int, int]] = None,
+    ):
+        super().__init__(ctx)
+        if mode not in _MODES:
+            raise ValueError(f"iRPE mode must be 'ctx' (contextual) or 'bias', got {mode!r}")
+        self.mode = _MODES[mode]
+        method = _METHOD_ALIASES.get(method, method)
+        if method not in IRPE_METHODS:
+            raise ValueError(f"unknown iRPE method {method!r}; choose one of {', '.join(IRPE_METHODS)}")
+        self.method = method
+        if not isinstance(rpe_on, str) or not rpe_on or set(rpe_on) - set('qkv') or len(set(rpe_on)) != len(rpe_on):
+            raise ValueError(f"iRPE rpe_on must name where to attach with the letters q, k, v (each at most "
+                             f"once), e.g. 'k', 'qk' or 'qkv'; got {rpe_on!r}")
+        if self.mode == 'bias' and 'v' in rpe_on:
+            raise ValueError(f"iRPE bias mode has no value term (rpe_on={rpe_on!r}); use mode='ctx' to attach "
+                             f"iRPE to values, or drop 'v' from rpe_on")
+        self.rpe_on = ''.join(c for c in 'qkv' if c in rpe_on)
+        if not ratio >= 0.5:
+            raise ValueError(f'iRPE ratio must be >= 0.5 (beta = 2 * ratio needs at least one bucket per side), '
+                             f'got {ratio}')
+        self.ratio = float(ratio)
+        self.alpha, self.beta, self.gamma = _coefficients(self.ratio)
+        if coord_mode not in _COORD_MODES:
+            check_coord_mode(coord_mode)
+            raise ValueError(f"iRPE buckets patch offsets; coord_mode must be one of {', '.join(_COORD_MODES)}, "
+                             f"got {coord_mode!r}")
+        self.coord_mode = coord_mode
+        self.ref_hw = tuple(ref_hw) if ref_hw is not None else tuple(ctx.grid_size)
+        self.shared_head = bool(shared_head)
+        self.prefix_bucket = bool(prefix_bucket)
+        self.num_buckets = irpe_num_buckets(self.method, self.ratio)  # without the prefix bucket
+        self.has_prefix_bucket = self.prefix_bucket and ctx.num_prefix_tokens > 0
+        buckets = self.num_buckets + int(self.has_prefix_bucket)
+        heads = 1 if self.shared_head else ctx.num_heads
+        self.needs_probs = 'v' in self.rpe_on
+        self.layers = nn.ModuleList([
+            IRPELayer(self.mode, self.rpe_on, heads, ctx.head_dim, buckets, cross=self.method == 'cross')
+            for _ in range(ctx.depth)])
+        self._cache = GridCache(max_entries=4)  # (T, T) int64 per grid
+
+    # --- bucket ids, cached per grid ---------------------------------------------------------
+    def bucket_ids(self, grid: Grid) -> Tuple[torch.Tensor, ...]:
+        """The (P + N, P + N) bucket-id matrices of ``grid`` on this module's device (cached)."""
+        key = (grid, self.method, self.ratio, self.coord_mode, self.ref_hw)
+        return self._cache.get(key, self.device, lambda: irpe_bucket_ids(
+            grid.h, grid.w, grid.num_prefix, self.method, self.ratio, self.coord_mode, self.ref_hw))
+
+    def prepare(self, grid: Grid) -> Dict[str, Any]:
+        return dict(grid=grid, ids=self.bucket_ids(grid))
+
+    def _tables(self, table: IRPETable, state: Dict[str, Any]) -> List[torch.Tensor]:
+        """The table(s), with a zero prefix bucket appended where the grid has prefix tokens the
+        tables hold no bucket for (``prefix_bucket=False``, or a model built without them)."""
+        out = table.tables()
+        if state['grid'].num_prefix and not self.has_prefix_bucket:
+            dim = -2 if table.kind == 'v' else -1
+            out = [torch.cat([t, t.new_zeros(t.shape[:dim] + (1,) + t.shape[dim:][1:])], dim=dim) for t in out]
+        return out
+
+    # --- the reference's module outputs (also what the golden tests record) -------------------
+    def term_qk(self, which: str, x: torch.Tensor, layer: int, state: Dict[str, Any]) -> torch.Tensor:
+        """Upstream ``rpe_q`` / ``rpe_k`` output for input ``x`` (``s q`` for k, ``s k`` for q).
+
+        ``out[b, h, i, j] = x_i . r[:, ids[i, j]]`` (ctx, shape (B, H, N, N)) or ``t[h, ids[i, j]]``
+        (bias, shape (1, H, N, N)). The q-side term enters the logits transposed.
+        """
+        table = getattr(self.layers[layer], f'rpe_{which}')
+        out = None
+        for t, ids in zip(self._tables(table, state), state['ids']):
+            if self.mode == 'bias':
+                term = t[:, ids].unsqueeze(0)
+            else:
+                term = _gather(x @ t, ids)
+            out = term if out is None else out + term
+        if self.mode == 'bias':
+            out = out.expand(1, x.shape[1], *out.shape[-2:])
+        return out
+
+    def term_v(self, probs: torch.Tensor, layer: int, state: Dict[str, Any]) -> torch.Tensor:
+        """Upstream ``rpe_v`` output: ``out[b, h, i] = sum_j probs[b, h, i, j] r_v[ids[i, j]]``."""
+        out = None
+        for t, ids in zip(self._tables(self.layers[layer].rpe_v, state), state['ids']):
+            summed = probs.new_zeros(*probs.shape[:-1], t.shape[-2])
+            summed = summed.scatter_add(-1, ids.expand(probs.shape), probs)  # (B, H, N, buckets)
+            term = summed @ t
+            out = term if out is None else out + term
+        return out
+
+    # --- hooks ---------------------------------------------------------------------------------
+    def bias(self, q: torch.Tensor, k: torch.Tensor, scale: float, layer: int, state: Any) -> Optional[torch.Tensor]:
+        lay = self.layers[layer]
+        out = None
+        if lay.rpe_k is not None:
+            out = self.term_qk('k', q * scale, layer, state)
+        if lay.rpe_q is not None:
+            term = self.term_qk('q', k * scale, layer, state).transpose(-1, -2)
+            out = term if out is None else out + term
+        return out
+
+    def score_mod(self, q: torch.Tensor, k: torch.Tensor, scale: float, layer: int, state: Any) -> Optional[Callable]:
+        """In-kernel twin of :meth:`bias`: ``score + qr[b, h, i, ids[i, j]] + kr[b, h, j, ids[j, i]]``."""
+        lay = self.layers[layer]
+        if lay.rpe_k is None and lay.rpe_q is None:
+            return None
+        terms: List[Tuple[torch.Tensor, torch.Tensor, bool, bool]] = []  # (scores, ids, is_q, per_batch)
+        for which, x in (('k', q), ('q', k)):
+            table = getattr(lay, f'rpe_{which}')
+            if table is None:
+                continue
+            for t, ids in zip(self._tables(table, state), state['ids']):
+                if self.mode == 'bias':
+                    terms.append((t.expand(q.shape[1], t.shape[-1]), ids, which == 'q', False))
+                else:
+                    terms.append(((x * scale) @ t, ids, which == 'q', True))
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            for scores, ids, is_q, per_batch in terms:
+                i, j = (kv_idx, q_idx) if is_q else (q_idx, kv_idx)
+                bucket = ids[i, j]
+                score = score + (scores[b, h, i, bucket] if per_batch else scores[h, bucket])
+            return score
+        return score_mod
+
+    def value(self, out: torch.Tensor, v: torch.Tensor, probs: Optional[torch.Tensor], layer: int,
+              state: Any) -> torch.Tensor:
+        if self.layers[layer].rpe_v is None:
+            return out
+        if probs is None:
+            raise RuntimeError('iRPE on values needs the attention probabilities; the attention must run the '
+                               'math backend (needs_probs=True selects it automatically)')
+        return out + self.term_v(probs, layer, state)
+
+    def extra_repr(self) -> str:
+        return (f'mode={self.mode}, method={self.method}, ratio={self.ratio}, rpe_on={self.rpe_on}, '
+                f'shared_head={self.shared_head}, buckets={self.num_buckets}+{int(self.has_prefix_bucket)}, '
+                f'coord_mode={self.coord_mode}')
