@@ -227,7 +227,7 @@ def run_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None
     paths = write_reports(result, out, cmd, extra)
     result.meta.update(extra)
     unit = 'px' if cfg.task == 'cls' else 'px (short side)'
-    print(f"\n{result.headline} ({result.meta['data']}, {result.meta['subset_note']}); bold: best, *: training size\n")
+    print(f"\n{result.headline} ({result.meta['data']}, {result.meta['subset_note']}); bold: best, †: training size\n")
     print(markdown_table(result.rows, result.headline, result.meta['resolutions'], unit))
     for s in result.meta.get('skipped', []):
         print(f"skipped {s['label']}: {s['reason']}")

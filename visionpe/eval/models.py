@@ -6,7 +6,8 @@ A :class:`ModelSource` is a registered name plus one of
 * a timm / safetensors / upstream file (``timm.create_model(name, pretrained=True,
   pretrained_cfg_overlay=dict(file=PATH))``: the converters detect the format and validate the keys);
 * nothing: local weights found by timm's ``pretrained=True`` (``$VISIONPE_WEIGHTS_DIR``), or
-  ``random`` for a randomly initialised model (speed and memory only).
+  ``random`` for a randomly initialised model (speed and memory only; seeded, so every rebuild has the
+  same weights).
 
 Every model is built with ``dynamic_img_size=True`` so one instance runs at every resolution.
 
@@ -87,6 +88,8 @@ class ModelSource:
         pretrained = self.checkpoint != RANDOM
         if self.checkpoint not in (None, RANDOM):
             create['pretrained_cfg_overlay'] = dict(file=str(self.checkpoint))
+        if not pretrained:  # the same random weights at every rebuild (one per knob setting)
+            torch.manual_seed(0)
         model = _with_dynamic_size(lambda **kw: timm.create_model(self.name, pretrained=pretrained, **kw), create)
         cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
         if pretrained and cfg.get('num_classes') == -1:

@@ -41,7 +41,7 @@ def _labels(rows: Sequence[Dict[str, Any]]) -> List[str]:
 
 def markdown_table(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Sequence[int],
                    unit: str = 'px') -> str:
-    """Rows: labels; columns: resolutions (training resolution marked with *); best per column in bold."""
+    """Rows: labels; columns: resolutions (training resolution marked with †); best per column in bold."""
     labels = _labels(rows)
     cell = {(r['label'], r['resolution']): r.get(metric) for r in rows}
     higher = FORMATS.get(metric, ('', '', True))[2]
@@ -60,7 +60,7 @@ def markdown_table(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Seq
             if text != '-' and text == best.get(res):
                 text = f'**{text}**'
             if train.get(lab) == res:
-                text += '*'
+                text += ' †'
             cells.append(text)
         out.append(f'| {lab} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(out)
@@ -111,7 +111,7 @@ def write_reports(result: EvalResult, out_dir: Path, argv: Optional[Sequence[str
     md = [f"# Resolution sweep: {FORMATS[result.headline][0]}", '',
           f"Data: {meta['data']} ({meta.get('subset_note', '')}). Preprocessing: {meta.get('preprocessing', '')}.",
           f"Device: {meta['device']}. Command: `{meta['command']}`", '',
-          'Bold: best per column; *: training resolution.', '',
+          'Bold: best per column; †: training resolution.', '',
           markdown_table(rows, result.headline, resolutions, unit)]
     for metric in result.metrics:
         if metric == result.headline:
@@ -136,7 +136,8 @@ def plot(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Sequence[int]
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    many = len(_labels(rows)) > 8
+    fig, ax = plt.subplots(figsize=(11 if many else 7.5, 5.5 if many else 4.8), dpi=120)
     train_sizes = set()
     for lab in _labels(rows):
         pts = sorted((r['resolution'], r[metric]) for r in rows if r['label'] == lab and r.get(metric) is not None)
@@ -157,7 +158,10 @@ def plot(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Sequence[int]
     ax.set_ylabel(FORMATS.get(metric, (metric,))[0])
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc='best')
+    if many:  # outside the axes, so the lines stay readable
+        ax.legend(fontsize=6, loc='upper left', bbox_to_anchor=(1.01, 1.0), ncol=1 + len(_labels(rows)) // 30)
+    else:
+        ax.legend(fontsize=7, loc='best')
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

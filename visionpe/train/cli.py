@@ -4,6 +4,10 @@ The data module decides the image size, classes and normalisation; the CLI links
 model's hyper-parameters (so the checkpoint is self-describing). ``--test_after_fit true`` runs the
 test split after ``fit`` with the final weights. With no arguments at all, ``train.py`` runs
 ``fit --config configs/fmnist_vit_tiny.yaml`` (the small real default).
+
+Detection (``visionpe.det``): ``--task det`` anywhere in the arguments, or ``task: det`` at the top of a
+``--config`` file, selects :class:`DetectionCLI` over ``ObjectDetector`` + ``DetectionData``
+(``python train.py fit --config configs/det/fmnist_det_tiny.yaml``).
 """
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ from lightning.pytorch.cli import LightningCLI
 from .datamodule import ImageClassificationData
 from .module import VisionClassifier
 
-__all__ = ['VisionPECLI', 'main', 'DEFAULT_CONFIG']
+__all__ = ['VisionPECLI', 'DetectionCLI', 'main', 'DEFAULT_CONFIG', 'TASKS']
 
 SUBCOMMANDS = ('fit', 'validate', 'test', 'predict')
+TASKS = ('cls', 'det')
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / 'configs' / 'fmnist_vit_tiny.yaml'
 
 
@@ -37,7 +42,57 @@ class VisionPECLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
-def main(args: Optional[List[str]] = None, run: bool = True) -> VisionPECLI:
+class DetectionCLI(LightningCLI):
+    """``train.py --task det``: the data module's size, classes and normalisation go into the detector's
+    hyper-parameters (the checkpoint rebuilds the detector: ``visionpe.det.load_detector``)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments('data.img_size', 'model.img_size')
+        parser.link_arguments('data.num_classes', 'model.num_classes', apply_on='instantiate')
+        parser.link_arguments('data.mean', 'model.mean', apply_on='instantiate')
+        parser.link_arguments('data.std', 'model.std', apply_on='instantiate')
+        parser.add_argument('--task', type=str, default='det', help="'det' (this parser is the detection one)")
+
+
+def _task(args: List[str]) -> str:
+    """``--task X`` / ``--task=X`` in ``args``, else ``task:`` at the top of a ``--config`` file, else 'cls'."""
+    for i, a in enumerate(args):
+        if a == '--task' and i + 1 < len(args):
+            task = args[i + 1]
+        elif a.startswith('--task='):
+            task = a.split('=', 1)[1]
+        else:
+            continue
+        if task not in TASKS:
+            raise ValueError(f'--task must be one of {TASKS}, got {task!r}')
+        return task
+    for i, a in enumerate(args):
+        path = args[i + 1] if a == '--config' and i + 1 < len(args) else a.split('=', 1)[1] \
+            if a.startswith('--config=') else None
+        if path and Path(path).is_file():
+            import yaml
+            with open(path) as f:
+                cfg = yaml.safe_load(f)
+            if isinstance(cfg, dict) and cfg.get('task', 'cls') != 'cls':
+                if cfg['task'] not in TASKS:
+                    raise ValueError(f'{path}: task must be one of {TASKS}, got {cfg["task"]!r}')
+                return cfg['task']
+    return 'cls'
+
+
+def _strip_task(args: List[str]) -> List[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == '--task':
+            skip = True
+        elif not a.startswith('--task='):
+            out.append(a)
+    return out
+
+
+def main(args: Optional[List[str]] = None, run: bool = True) -> LightningCLI:
     """Entry point; ``args`` defaults to ``sys.argv[1:]`` (no arguments: the default Fashion-MNIST run).
     ``run=False`` only instantiates (a leading subcommand in ``args`` is then ignored)."""
     if args is None and len(sys.argv) == 1:
@@ -46,5 +101,13 @@ def main(args: Optional[List[str]] = None, run: bool = True) -> VisionPECLI:
         args = ['fit', '--config', str(DEFAULT_CONFIG)]
     if not run and args and args[0] in SUBCOMMANDS:
         args = args[1:]  # without running, LightningCLI parses no subcommand
+    arg_list = list(sys.argv[1:] if args is None else args)
+    if _task(arg_list) == 'det':
+        from ..det.module import DetectionData, ObjectDetector
+        return DetectionCLI(ObjectDetector, DetectionData, args=_strip_task(arg_list), run=run,
+                            seed_everything_default=0, save_config_kwargs={'overwrite': True},
+                            auto_configure_optimizers=False)
+    if _strip_task(arg_list) != arg_list:  # an explicit --task cls
+        args = _strip_task(arg_list)
     return VisionPECLI(VisionClassifier, ImageClassificationData, args=args, run=run, seed_everything_default=0,
                        save_config_kwargs={'overwrite': True}, auto_configure_optimizers=False)

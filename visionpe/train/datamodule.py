@@ -128,6 +128,8 @@ class ImageClassificationData(pl.LightningDataModule):
         self.mean = tuple(float(m) for m in (mean or default_mean))
         self.std = tuple(float(s) for s in (std or default_std))
         self._num_classes = num_classes
+        # the resolved values, so that Lightning's merge of model and data hparams sees the same ones
+        self.hparams.update(mean=self.mean, std=self.std)
         self.monitor = BadSampleMonitor(max_bad_fraction, bad_check_after)
         self._augment = BatchScaleAugment(img_size, scale, ratio, canvas, hflip) if dataset == 'fashion_mnist' else None
         self._splits: Dict[str, Any] = {}
@@ -151,6 +153,7 @@ class ImageClassificationData(pl.LightningDataModule):
             else:  # imagefolder
                 train = check_image_folder(self.root, 'train')
                 self._num_classes = sum(1 for p in train.iterdir() if p.is_dir())
+            self.hparams['num_classes'] = self._num_classes
         return self._num_classes
 
     def _rank(self) -> Tuple[int, int]:

@@ -122,6 +122,7 @@ class VisionClassifier(pl.LightningModule):
         if lr <= 0:
             raise ValueError(f'lr must be positive, got {lr}')
         self.save_hyperparameters()
+        self.hparams.update(mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
         self.model = build_model(model_name, num_classes, img_size, model_kwargs)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
