@@ -11,6 +11,8 @@ LightningModule: raw Fashion-MNIST batches are augmented (train) or resized (eva
 """
 from __future__ import annotations
 
+import copy
+
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -128,8 +130,10 @@ class ImageClassificationData(pl.LightningDataModule):
         self.mean = tuple(float(m) for m in (mean or default_mean))
         self.std = tuple(float(s) for s in (std or default_std))
         self._num_classes = num_classes
-        # the resolved values, so that Lightning's merge of model and data hparams sees the same ones
-        self.hparams.update(mean=self.mean, std=self.std)
+        self._given_num_classes = num_classes
+        # the resolved values, so that Lightning's merge of model and data hparams (which reads the
+        # *initial* hparams) sees the same ones as the model gets through the CLI links
+        self._record_resolved(mean=self.mean, std=self.std)
         self.monitor = BadSampleMonitor(max_bad_fraction, bad_check_after)
         self._augment = BatchScaleAugment(img_size, scale, ratio, canvas, hflip) if dataset == 'fashion_mnist' else None
         self._splits: Dict[str, Any] = {}
@@ -153,8 +157,12 @@ class ImageClassificationData(pl.LightningDataModule):
             else:  # imagefolder
                 train = check_image_folder(self.root, 'train')
                 self._num_classes = sum(1 for p in train.iterdir() if p.is_dir())
-            self.hparams['num_classes'] = self._num_classes
+            self._record_resolved(num_classes=self._num_classes)
         return self._num_classes
+
+    def _record_resolved(self, **values: Any) -> None:
+        self.hparams.update(values)
+        self._hparams_initial = copy.deepcopy(self._hparams)
 
     def _rank(self) -> Tuple[int, int]:
         t = self.trainer
@@ -201,8 +209,8 @@ class ImageClassificationData(pl.LightningDataModule):
         train = SafeImageFolder(check_image_folder(self.root, 'train'), self._timm_transform(True))
         val = SafeImageFolder(check_image_folder(self.root, 'val'), self._timm_transform(False),
                               class_to_idx=train.class_to_idx)
-        if hp.num_classes is not None and hp.num_classes != len(train.classes):
-            raise ValueError(f'--data.num_classes {hp.num_classes} but {self.root}/train has {len(train.classes)} '
+        if self._given_num_classes is not None and self._given_num_classes != len(train.classes):
+            raise ValueError(f'--data.num_classes {self._given_num_classes} but {self.root}/train has {len(train.classes)} '
                              f'class folders')
         self._splits = {'train': train, 'val': val, 'test': val,
                         'train_idx': self._subset(len(train), hp.train_subset),

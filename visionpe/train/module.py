@@ -18,6 +18,8 @@
 """
 from __future__ import annotations
 
+import copy
+
 import logging
 import math
 from typing import Any, Dict, Optional, Tuple
@@ -123,6 +125,7 @@ class VisionClassifier(pl.LightningModule):
             raise ValueError(f'lr must be positive, got {lr}')
         self.save_hyperparameters()
         self.hparams.update(mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+        self._hparams_initial = copy.deepcopy(self._hparams)  # what Lightning logs and merges with the data's
         self.model = build_model(model_name, num_classes, img_size, model_kwargs)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
