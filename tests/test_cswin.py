@@ -147,8 +147,9 @@ def test_official_pth_container_loads(tmp_path):
 
 def test_lepe_encoding_in_vit():
     """LePE as a value-hook encoding of the plain ViT: conv of V over the patch grid, nothing on the class token."""
+    # mean pooling: with class-token pooling the last block's LePE (patch tokens only) cannot reach the output
     model = timm.create_model('vit_nope_tiny', pe='lepe', embed_dim=32, depth=2, num_heads=2, img_size=32,
-                              patch_size=8, num_classes=3)
+                              patch_size=8, num_classes=3, global_pool='avg')
     enc = model.pe
     with torch.no_grad():
         for m in enc.lepe:

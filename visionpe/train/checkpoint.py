@@ -6,6 +6,7 @@ from typing import Any, Dict, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import to_2tuple
 
 from .module import build_model
 
@@ -55,7 +56,9 @@ def load_model_from_checkpoint(path: Union[str, Path], map_location: Union[str, 
     model.eval()
     patch = kwargs.get('patch_size')
     if patch is None and hasattr(model, 'patch_embed') and hasattr(model.patch_embed, 'patch_size'):
-        patch = tuple(model.patch_embed.patch_size)
+        patch = model.patch_embed.patch_size
+    if patch is not None:
+        patch = tuple(to_2tuple(patch))  # always (h, w), as timm's PatchEmbed
     info = dict(model_name=hp['model_name'], model_kwargs=kwargs, img_size=hp.get('img_size'), patch_size=patch,
                 mean=tuple(hp.get('mean', ())), std=tuple(hp.get('std', ())), num_classes=hp['num_classes'],
                 dataset=hp.get('dataset'), ema=ema, epoch=ckpt.get('epoch'), global_step=ckpt.get('global_step'),
