@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from helpers import create_tiny, one_size_per_encoding
 from visionpe.grid import COORD_MODES, Grid, GridCache, grid_coords
 
 
@@ -58,3 +59,15 @@ def test_grid_and_cache():
     for key in ['a', 'a', 'b', 'a', 'c', 'a']:
         cache.get(key, torch.device('cpu'), build)
     assert len(calls) == 4 and len(cache) == 2  # FIFO eviction: a, b, c, then a again
+
+
+@pytest.mark.parametrize('name', [n for n in one_size_per_encoding() if n.startswith('vit_')])
+def test_training_after_inference_mode(name):
+    """Grid caches filled under torch.inference_mode (Lightning validation, the evaluator) must not leak
+    inference tensors into a later training step."""
+    model = create_tiny(name, img_size=32, patch_size=8)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

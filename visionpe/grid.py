@@ -69,7 +69,9 @@ def _coords_cpu(
         mode: str,
         ref_hw: Optional[Tuple[int, int]],
         polar_eps: float,
+        inference: bool,
 ) -> torch.Tensor:
+    # ``inference`` only keys the cache: tensors made under torch.inference_mode must not reach autograd
     ys, xs = torch.meshgrid(
         torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing='ij')
     x, y = xs.reshape(-1), ys.reshape(-1)
@@ -113,7 +115,7 @@ def grid_coords(
     """
     check_coord_mode(mode)
     ref = tuple(int(v) for v in ref_hw) if ref_hw is not None else None
-    out = _coords_cpu(int(h), int(w), mode, ref, float(polar_eps))
+    out = _coords_cpu(int(h), int(w), mode, ref, float(polar_eps), torch.is_inference_mode_enabled())
     if device is not None or dtype != torch.float32:
         out = out.to(device=device, dtype=dtype)
     return out
@@ -124,6 +126,9 @@ class GridCache:
 
     Not a buffer: it never enters a state_dict, and a resolution change costs one rebuild.
     ``get(key, device, build)`` returns ``build()`` moved to ``device``, computed once per key.
+    Entries built under ``torch.inference_mode`` are kept apart: inference tensors cannot enter
+    autograd, so a model evaluated in inference mode (e.g. Lightning's validation) must not hand them
+    to a later training step.
     """
 
     def __init__(self, max_entries: int = 8):
@@ -131,7 +136,7 @@ class GridCache:
         self._store: Dict[Hashable, object] = {}
 
     def get(self, key: Hashable, device: torch.device, build: Callable[[], object]) -> object:
-        full_key = (key, str(device))
+        full_key = (key, str(device), torch.is_inference_mode_enabled())
         hit = self._store.get(full_key)
         if hit is None:
             hit = _to_device(build(), device)
