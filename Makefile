@@ -1,6 +1,8 @@
 # make demo : set up, train the default Fashion-MNIST model, sweep resolutions, print the table, write the plot
 # make test : set up, run the test suite
 PY := .venv/bin/python
+# test processes: one per core of a 2-core CI machine (each worker runs torch on one thread)
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test bench
 setup:
@@ -11,7 +13,7 @@ demo: setup
 	$(PY) eval_resolution.py
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 bench: setup
 	$(PY) benchmarks/throughput.py

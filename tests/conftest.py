@@ -12,6 +12,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # golden_adapters, helpers
 
 
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    # pytest -n N: N workers share the cores, so each takes one thread (no oversubscription)
+    torch.set_num_threads(1)
+
+
 def golden_dir() -> Path:
     env = os.environ.get('VISIONPE_GOLDEN_DIR')
     return Path(env) if env else HERE.parent.parent / 'shared' / 'golden'
@@ -38,7 +43,8 @@ def pytest_unconfigure(config):
     100% CPU in shutdown, after the summary was printed: a CI run would then hang until its time limit.
     Every report (terminal summary, junit) is written before this last hook; set
     VISIONPE_TEST_CLEAN_EXIT=0 to get the normal teardown when debugging."""
-    if os.environ.get('VISIONPE_TEST_CLEAN_EXIT', '1') != '0':
+    # an xdist worker must exit normally so that its last reports reach the controller
+    if os.environ.get('VISIONPE_TEST_CLEAN_EXIT', '1') != '0' and not os.environ.get('PYTEST_XDIST_WORKER'):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS['code'])
