@@ -28,6 +28,12 @@ def _seed():
     yield
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow end-to-end tests first: with ``-n 2`` they then overlap the many short ones instead of
+    running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker('slow') is None)  # stable: keeps file order otherwise
+
+
 _EXIT_STATUS = {'code': 0}
 
 

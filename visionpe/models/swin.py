@@ -529,6 +529,8 @@ class SwinTransformer(nn.Module):
 
     # ------------------------------------------------------------------ init / timm housekeeping
     def init_weights(self) -> None:
+        if self.patch_embed.proj.weight.is_meta:
+            return  # built on the meta device: no values to initialise (materialise, then load or init)
         for name, m in self.named_modules():
             if name == '' or re.search(r'(^|\.)pe(\.|$)', name):
                 continue  # encodings initialise their own parameters

@@ -215,6 +215,8 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ init / timm housekeeping
     def init_weights(self) -> None:
+        if self.patch_embed.proj.weight.is_meta:
+            return  # built on the meta device: no values to initialise (materialise, then load or init)
         if self.pos_embed is not None:
             trunc_normal_(self.pos_embed, std=.02)
         if self.cls_token is not None:
