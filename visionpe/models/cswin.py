@@ -342,13 +342,15 @@ class HierarchicalBase(nn.Module):
             nn.init.zeros_(m.bias)
 
     def _finish(self, num_classes: int, global_pool: str, drop_rate: float) -> None:
-        """Final norm, head and feature info from ``self.dims`` (call at the end of __init__)."""
+        """Head, feature info from ``self.dims`` and weight init (call at the end of __init__)."""
         self.num_features = self.dims[-1]
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                    input_fmt=self.output_fmt)
         self.head_hidden_size = self.head.num_features
         self.feature_info = [dict(num_chs=d, reduction=4 * 2 ** i, module=f'stages.{i}')
                              for i, d in enumerate(self.dims)]
+        if not next(self.parameters()).is_meta:  # on the meta device there are no values to initialise
+            self.apply(self._init_weights)
 
 
 class CSWinTransformer(HierarchicalBase):
@@ -416,8 +418,6 @@ class CSWinTransformer(HierarchicalBase):
         self.stages = nn.Sequential(*stages)
         self.norm = norm_layer(self.dims[-1])
         self._finish(num_classes, global_pool, drop_rate)
-        if not next(self.parameters()).is_meta:  # on the meta device there are no values to initialise
-            self.apply(self._init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:

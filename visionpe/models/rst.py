@@ -273,8 +273,6 @@ class RadialStripTransformer(HierarchicalBase):
         self.stages = nn.Sequential(*stages)
         self.norm = norm_layer(self.dims[-1])
         self._finish(num_classes, global_pool, drop_rate)
-        if not next(self.parameters()).is_meta:  # on the meta device there are no values to initialise
-            self.apply(self._init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
