@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                        # every vit_<pe>_small + hierarchical tiny
     python benchmarks/throughput.py --models 'vit_rope2d*_small' --sizes 224 --no-memory
     python benchmarks/throughput.py --device cuda --batch 64 --out runs/bench
+    python benchmarks/throughput.py --memory-only --mem-size 1024  # peak memory alone (exact anywhere)
 
 ViT rows are compared with timm's ``vit_small_patch16_224`` (plain ViT-S/16, learned APE); rows
 that have a timm twin (``vit_rope2d_small`` vs ``vit_small_patch16_rope_224``, ...) also show the
@@ -56,7 +57,7 @@ def measure(name: str, args, device: torch.device) -> Dict[str, Optional[float]]
     model = build(name, device)
     row: Dict[str, Optional[float]] = {'params_m': sum(p.numel() for p in model.parameters()) / 1e6}
     model.eval()
-    for size in args.sizes:
+    for size in [] if args.memory_only else args.sizes:
         batch = max(1, args.batch * (args.sizes[0] ** 2) // (size ** 2))
         x = torch.randn(batch, 3, size, size, device=device)
         if hasattr(model, 'set_input_size') and not getattr(model, 'dynamic_img_size', True):
@@ -71,8 +72,9 @@ def measure(name: str, args, device: torch.device) -> Dict[str, Optional[float]]
     def step():
         model.zero_grad(set_to_none=True)
         model(x).float().sum().backward()
-    row[f'fwdbwd_{size}'] = images_per_second(time_call(step, warmup=1, repeats=args.repeats, device=device),
-                                              args.batch)
+    if not args.memory_only:
+        row[f'fwdbwd_{size}'] = images_per_second(time_call(step, warmup=1, repeats=args.repeats, device=device),
+                                                  args.batch)
     if not args.no_memory:
         model.eval()
         x = torch.randn(1, 3, args.mem_size, args.mem_size, device=device)
@@ -111,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--mem-size', type=int, default=1024)
     ap.add_argument('--no-memory', action='store_true')
+    ap.add_argument('--memory-only', action='store_true',
+                    help='only the peak memory (exact on any machine; timing needs an idle one)')
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     ap.add_argument('--out', type=Path, default=None, help='folder for results.json / results.csv')
     args = ap.parse_args(argv)
@@ -120,7 +124,9 @@ def main(argv=None) -> int:
     ours = [n for n in visionpe.list_models() if any(fnmatch.fnmatch(n, p) for p in args.models)]
     vit = [n for n in ours if n.startswith('vit_')]
     hier = [n for n in ours if not n.startswith('vit_')]
-    cols = [f'fwd_{s}' for s in args.sizes] + [f'fwdbwd_{args.sizes[0]}'] + \
+    if args.memory_only and args.no_memory:
+        ap.error('--memory-only and --no-memory leave nothing to measure')
+    cols = ([] if args.memory_only else [f'fwd_{s}' for s in args.sizes] + [f'fwdbwd_{args.sizes[0]}']) + \
         ([] if args.no_memory else [f'mem_{args.mem_size}_mib'])
     print(f'# visionpe throughput on {device} ({platform.processor() or platform.machine()}, '
           f'{torch.get_num_threads()} threads), torch {torch.__version__}, timm {timm.__version__}')
@@ -129,7 +135,7 @@ def main(argv=None) -> int:
         if not group:
             continue
         twins = [TIMM_TWINS[n] for n in group if n in TIMM_TWINS]
-        order = [baseline] + twins + group + [baseline + ' (again)']
+        order = [baseline] + twins + group + ([] if args.memory_only else [baseline + ' (again)'])
         rows: Dict[str, Dict[str, Optional[float]]] = {}
         for name in order:
             t0 = time.time()

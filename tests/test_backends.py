@@ -6,6 +6,7 @@ forward-only on CPU) must match in eval; xformers needs CUDA and runs only there
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 from helpers import create_tiny, one_size_per_encoding
@@ -93,3 +94,92 @@ def test_xformers_equals_math_on_cuda(name):
     with torch.no_grad():
         ref, out = _run(model, x, 'math'), _run(model, x, 'xformers')
     assert (ref - out).abs().max().item() < 1e-4  # fp32 on GPU: TF32 disabled by default in torch
+
+
+# --- biases built by blocks of query rows (SDPA without autograd, above VISIONPE_MAX_BIAS_MB) -------
+ROW_BIAS_MODELS = [n for n in MODELS if n.startswith(('vit_lookhere', 'vit_irpe'))]
+
+
+def _random_tables(model):
+    """iRPE tables start at zero; give every position parameter values so the bias is not trivial."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.pe.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def test_row_bias_models_found():
+    assert {'vit_lookhere_tiny', 'vit_irpe_tiny', 'vit_irpe_bias_tiny', 'vit_irpe_qkv_tiny'} <= set(ROW_BIAS_MODELS)
+
+
+@pytest.mark.parametrize('name', ROW_BIAS_MODELS)
+def test_bias_rows_concatenate_to_bias(name):
+    """For every layer, the row blocks of the bias put together are the whole bias, exactly."""
+    from visionpe.grid import Grid
+    model = _random_tables(create_tiny(name, dynamic_img_size=True)).eval()
+    pe, H, D = model.pe, 4, 16
+    grid = Grid(5, 7, model.num_prefix_tokens)
+    T = grid.h * grid.w + grid.num_prefix
+    q, k = torch.randn(2, H, T, D), torch.randn(2, H, T, D)
+    state = pe.prepare(grid)
+    for layer in range(len(model.blocks)):
+        assert pe.row_bias(layer) in ('shared', 'per_sample'), layer
+        whole = pe.bias(q, k, 0.25, layer, state)
+        parts = torch.cat([pe.bias_rows(q, k, 0.25, layer, state, slice(r, r + 4)) for r in range(0, T, 4)], -2)
+        assert parts.shape[-2:] == (T, T)
+        assert torch.equal(parts.expand_as(whole), whole), layer
+
+
+@pytest.mark.parametrize('name', [n for n in ROW_BIAS_MODELS if n != 'vit_irpe_qkv_tiny'])  # qkv: math (probs)
+def test_sdpa_by_row_blocks_equals_math(name, monkeypatch):
+    import visionpe.attention as attention
+    model = _random_tables(create_tiny(name, dynamic_img_size=True)).eval()
+    used = []
+    real = attention.sdpa_by_row_blocks
+    monkeypatch.setattr(attention, 'sdpa_by_row_blocks', lambda *a: used.append(a[-1]) or real(*a))
+    for size in SIZES:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            monkeypatch.delenv(attention.MAX_BIAS_ENV_VAR, raising=False)
+            ref, whole = _run(model, x, 'math'), _run(model, x, 'sdpa')
+            assert not used, 'a small bias must be built whole'
+            monkeypatch.setenv(attention.MAX_BIAS_ENV_VAR, '0.0005')  # 512 bytes: a few rows per block
+            blocks = _run(model, x, 'sdpa')
+        assert used and all(0 < r < 16 for r in used), used
+        used.clear()
+        assert (ref - blocks).abs().max().item() < TOL, size
+        assert (whole - blocks).abs().max().item() < TOL, size
+    model.train()  # with autograd, the bias is built whole (SDPA's backward keeps it anyway)
+    _run(model, torch.randn(1, 3, *SIZES[0]), 'sdpa').sum().backward()
+    assert not used
+
+
+def test_row_blocks_cut_peak_memory(monkeypatch):
+    """LookHere at 1025 tokens: the whole (heads, T, T) bias is 16 MiB; by rows the peak is far below."""
+    import visionpe.attention as attention
+    from visionpe.benchmark import peak_memory
+    model = timm.create_model('vit_lookhere_tiny', img_size=128, patch_size=4, embed_dim=64, depth=1,
+                              num_heads=4).eval()
+    x = torch.randn(1, 3, 128, 128)
+    dense = 4 * 1025 * 1025 * 4
+    monkeypatch.setenv(attention.MAX_BIAS_ENV_VAR, '64')
+    with torch.no_grad(), peak_memory() as whole:
+        ref = model(x)
+    model.pe._bases.clear()
+    monkeypatch.setenv(attention.MAX_BIAS_ENV_VAR, '2')
+    with torch.no_grad(), peak_memory() as blocks:
+        out = model(x)
+    assert whole.bytes > dense
+    assert blocks.bytes < dense / 2, (blocks.mib, whole.mib)
+    assert (ref - out).abs().max().item() < TOL
+
+
+def test_max_bias_setting_errors(monkeypatch):
+    from visionpe.attention import MAX_BIAS_ENV_VAR, max_bias_bytes
+    monkeypatch.setenv(MAX_BIAS_ENV_VAR, 'lots')
+    with pytest.raises(ValueError, match='number of MiB'):
+        max_bias_bytes()
+    monkeypatch.setenv(MAX_BIAS_ENV_VAR, '0')
+    with pytest.raises(ValueError, match='positive'):
+        max_bias_bytes()

@@ -87,7 +87,8 @@ def test_contextual_terms_match_direct_formula(shared_head):
     model = _randomize(create_tiny('vit_irpe_qkv_tiny', shared_head=shared_head))
     enc, grid = model.pe, Grid(3, 5, 1)
     state = enc.prepare(grid)
-    ids = state['ids'][0]
+    assert state['ids'][0].dtype == torch.uint8  # 49 + 1 buckets: stored in one byte per pair
+    ids = state['ids'][0].long()
     B, H, D = 2, enc.ctx.num_heads, enc.ctx.head_dim
     q, k, v = _qkv(B, H, grid.num_tokens, D)
     s = D ** -0.5
@@ -109,7 +110,7 @@ def test_bias_mode_and_no_prefix_bucket():
     enc, grid = model.pe, Grid(4, 3, 1)
     assert enc.layers[0].rpe_k.lookup_table_bias.shape == (4, 49)  # per head, no prefix bucket
     state = enc.prepare(grid)
-    ids = state['ids'][0]
+    ids = state["ids"][0].long()
     q, k, _ = _qkv(2, 4, grid.num_tokens, 16)
     bias = enc.bias(q, k, 0.25, 0, state)
     tk, tq = enc.layers[0].rpe_k.lookup_table_bias, enc.layers[0].rpe_q.lookup_table_bias
@@ -136,9 +137,9 @@ def test_methods_build_and_run(method):
 
 def test_ref_coordinates():
     model = create_tiny('vit_irpe_tiny', coord_mode='ref', img_size=64, patch_size=16)  # reference grid 4 x 4
-    train = model.pe.bucket_ids(Grid(4, 4, 1))[0]
+    train = model.pe.bucket_ids(Grid(4, 4, 1))[0].long()
     assert torch.equal(train, irpe_bucket_ids(4, 4, 1)[0])
-    big = model.pe.bucket_ids(Grid(8, 8, 1))[0]
+    big = model.pe.bucket_ids(Grid(8, 8, 1))[0].long()
     half, = irpe_bucket_ids(8, 8, 1)  # offsets halved: 2 patches at 8 x 8 = 1 patch at 4 x 4
     assert big[1 + 0, 1 + 2] == irpe_bucket_ids(4, 4, 1)[0][1, 2] and not torch.equal(big, half)
 

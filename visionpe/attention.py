@@ -12,6 +12,12 @@ all equal to fp32 rounding:
 ``flex``      ``torch.nn.attention.flex_attention`` with a ``score_mod`` that computes the bias
               inside the kernel instead of materialising it (forward-only on CPU).
 
+Bias memory: an additive bias is ``(B or 1, heads, N, N)``, 384 MiB per sample for a ViT-S at
+1024 px. When no gradient is needed and the whole bias would exceed ``VISIONPE_MAX_BIAS_MB``
+(default 16), encodings that can build it by query rows (``PosEncoding.row_bias``) get SDPA
+called one block of rows at a time (blocks of at most a quarter of that budget); the result is
+the same, the peak memory is not.
+
 ``auto`` picks xformers on CUDA when it is installed, else SDPA, and the math path whenever an
 encoding needs the attention probabilities. The backend is a setting, never a code edit: the
 ``attn_backend`` argument of a model or module, :func:`use_backend` as a context manager, or the
@@ -37,11 +43,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     'BACKENDS', 'Attention', 'attend', 'run_backend', 'resolve_backend', 'use_backend', 'set_attn_backend',
-    'xformers_available', 'flex_available',
+    'xformers_available', 'flex_available', 'max_bias_bytes', 'bias_block_rows', 'sdpa_by_row_blocks',
 ]
 
 BACKENDS = ('auto', 'math', 'sdpa', 'xformers', 'flex')
 ENV_VAR = 'VISIONPE_ATTN_BACKEND'
+MAX_BIAS_ENV_VAR = 'VISIONPE_MAX_BIAS_MB'
+DEFAULT_MAX_BIAS_MB = 16.0
 ScoreMod = Callable[..., torch.Tensor]
 
 _override = threading.local()
@@ -228,6 +236,43 @@ def run_backend(
     return _flex(q, k, v, scale, bias, score_mod), None
 
 
+def max_bias_bytes() -> int:
+    """Largest bias SDPA gets whole when no gradient is needed (``VISIONPE_MAX_BIAS_MB``, MiB)."""
+    raw = os.environ.get(MAX_BIAS_ENV_VAR)
+    try:
+        mb = DEFAULT_MAX_BIAS_MB if raw is None else float(raw)
+    except ValueError:
+        raise ValueError(f'{MAX_BIAS_ENV_VAR} must be a number of MiB, got {raw!r}') from None
+    if mb <= 0:
+        raise ValueError(f'{MAX_BIAS_ENV_VAR} must be positive, got {raw!r}')
+    return int(mb * 2 ** 20)
+
+
+def bias_block_rows(pos: 'LayerPos', q: torch.Tensor, k: torch.Tensor) -> Optional[int]:
+    """Query rows per block when ``pos``'s bias should be built by rows, else None (build it whole).
+
+    Only without autograd: SDPA's backward keeps every block's bias, so blocks would save nothing.
+    """
+    kind = pos.row_bias
+    if kind is None or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        return None
+    B, H, N, _ = q.shape
+    row_bytes = (B if kind == 'per_sample' else 1) * H * k.shape[-2] * 4
+    limit = max_bias_bytes()
+    if row_bytes * N <= limit:
+        return None
+    return max(1, limit // 4 // row_bytes)
+
+
+def sdpa_by_row_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pos: 'LayerPos',
+                       rows: int) -> torch.Tensor:
+    """SDPA with ``pos``'s bias built and applied ``rows`` query rows at a time (same result as whole)."""
+    N = q.shape[-2]
+    out = [_sdpa(q[:, :, r0:r0 + rows], k, v, scale, pos.bias_rows(q, k, scale, slice(r0, min(N, r0 + rows))),
+                 0., False) for r0 in range(0, N, rows)]
+    return torch.cat(out, dim=-2)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with position-encoding hooks (timm key names: qkv, proj).
 
@@ -276,13 +321,18 @@ class Attention(nn.Module):
             q, k = pos.rotate(q, k)
         backend = resolve_backend(self.attn_backend, x.device, needs_probs=pos is not None and pos.needs_probs,
                                   training=self.training)
-        if pos is not None:
-            if backend == 'flex':
-                score_mod = pos.score_mod(q, k, scale)
-            if score_mod is None:
-                bias = pos.bias(q, k, scale)
-        out, probs = run_backend(backend, q, k, v, scale, bias, score_mod,
-                                 dropout_p=self.attn_drop, training=self.training)
+        by_rows = backend == 'sdpa' and pos is not None and not (self.training and self.attn_drop > 0)
+        rows = bias_block_rows(pos, q, k) if by_rows else None
+        if rows:
+            out, probs = sdpa_by_row_blocks(q, k, v, scale, pos, rows), None
+        else:
+            if pos is not None:
+                if backend == 'flex':
+                    score_mod = pos.score_mod(q, k, scale)
+                if score_mod is None:
+                    bias = pos.bias(q, k, scale)
+            out, probs = run_backend(backend, q, k, v, scale, bias, score_mod,
+                                     dropout_p=self.attn_drop, training=self.training)
         if pos is not None:
             out = pos.value(out, v, probs)
         x = out.transpose(1, 2).reshape(B, N, C)

@@ -37,8 +37,8 @@ def _record(enc, store):
     """Wrap the encoding's reference-module outputs to record their inputs and outputs per layer."""
     term_qk, term_v = enc.term_qk, enc.term_v
 
-    def rec_qk(which, x, layer, state):
-        out = term_qk(which, x, layer, state)
+    def rec_qk(which, x, layer, state, **kw):
+        out = term_qk(which, x, layer, state, **kw)
         store[f'rpe_{which}_in_block{layer}'], store[f'rpe_{which}_out_block{layer}'] = x, out
         return out
 

@@ -7,7 +7,9 @@ An encoding may act at four points and says which in ``hooks``:
             attention branch (LaPE), :meth:`PosEncoding.after_block` between blocks (PEG);
 ``rotate``  transform q and k before attention (RoPE, ComRoPE, PoPE);
 ``bias``    an additive logit term, static per grid or query dependent (LookHere, iRPE), with an
-            optional in-kernel ``score_mod`` twin for FlexAttention;
+            optional in-kernel ``score_mod`` twin for FlexAttention, and optionally built one
+            block of query rows at a time (:meth:`PosEncoding.bias_rows`) so that SDPA at high
+            resolution never holds the whole ``(heads, T, T)`` tensor;
 ``value``   a term added to the attention output (iRPE on V, LePE).
 
 Per forward the model calls :meth:`PosEncoding.prepare` once with the :class:`~visionpe.grid.Grid`;
@@ -89,6 +91,16 @@ class PosEncoding(nn.Module):
         """FlexAttention score_mod equal to :meth:`bias`; None means "use the bias tensor"."""
         return None
 
+    def row_bias(self, layer: int) -> Optional[str]:
+        """Whether :meth:`bias_rows` can build ``layer``'s bias by query rows: ``None`` (no),
+        ``'shared'`` (one bias for the whole batch) or ``'per_sample'`` (it depends on q or k)."""
+        return None
+
+    def bias_rows(self, q: torch.Tensor, k: torch.Tensor, scale: float, layer: int, state: Any,
+                  rows: slice) -> Optional[torch.Tensor]:
+        """Query rows ``rows`` of :meth:`bias`, ``(B or 1, H, len(rows), M)``; q and k are whole."""
+        raise NotImplementedError(f'{type(self).__name__} does not build its bias by rows')
+
     def value(self, out: torch.Tensor, v: torch.Tensor, probs: Optional[torch.Tensor], layer: int,
               state: Any) -> torch.Tensor:
         return out
@@ -127,6 +139,13 @@ class LayerPos:
 
     def score_mod(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> Optional[Callable]:
         return self.enc.score_mod(q, k, scale, self.layer_idx, self.state)
+
+    @property
+    def row_bias(self) -> Optional[str]:
+        return self.enc.row_bias(self.layer_idx)
+
+    def bias_rows(self, q: torch.Tensor, k: torch.Tensor, scale: float, rows: slice) -> Optional[torch.Tensor]:
+        return self.enc.bias_rows(q, k, scale, self.layer_idx, self.state, rows)
 
     def value(self, out: torch.Tensor, v: torch.Tensor, probs: Optional[torch.Tensor]) -> torch.Tensor:
         return self.enc.value(out, v, probs, self.layer_idx, self.state)

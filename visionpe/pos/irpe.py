@@ -112,6 +112,12 @@ def irpe_bucket_ids(
     return tuple(out)
 
 
+def _index(ids: torch.Tensor) -> torch.Tensor:
+    """Compactly stored bucket ids as an index tensor (int64: gather and advanced indexing need it,
+    and a uint8 index would be read as a boolean mask)."""
+    return ids.long()
+
+
 def _gather(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``out[..., i, j] = scores[..., i, ids[i, j]]`` for scores (..., N, C) and ids (N, M)."""
     return torch.gather(scores, -1, ids.expand(*scores.shape[:-2], *ids.shape))
@@ -224,14 +230,19 @@ class IRPE(PosEncoding):
         self.layers = nn.ModuleList([
             IRPELayer(self.mode, self.rpe_on, heads, ctx.head_dim, buckets, cross=self.method == 'cross')
             for _ in range(ctx.depth)])
-        self._cache = GridCache(max_entries=4)  # (T, T) int64 per grid
+        self._cache = GridCache(max_entries=4)  # (T, T) per grid, in the smallest integer dtype
 
     # --- bucket ids, cached per grid ---------------------------------------------------------
     def bucket_ids(self, grid: Grid) -> Tuple[torch.Tensor, ...]:
-        """The (P + N, P + N) bucket-id matrices of ``grid`` on this module's device (cached)."""
+        """The (P + N, P + N) bucket-id matrices of ``grid`` on this module's device (cached).
+
+        Stored compactly (uint8 up to 256 buckets: 16 MiB at 1024 px with patch 16, against 128 MiB
+        in int64); every use widens the part it needs with :func:`_index`.
+        """
         key = (grid, self.method, self.ratio, self.coord_mode, self.ref_hw)
-        return self._cache.get(key, self.device, lambda: irpe_bucket_ids(
-            grid.h, grid.w, grid.num_prefix, self.method, self.ratio, self.coord_mode, self.ref_hw))
+        dtype = torch.uint8 if self.num_buckets < 256 else torch.int16 if self.num_buckets < 2 ** 15 else torch.int32
+        return self._cache.get(key, self.device, lambda: tuple(m.to(dtype) for m in irpe_bucket_ids(
+            grid.h, grid.w, grid.num_prefix, self.method, self.ratio, self.coord_mode, self.ref_hw)))
 
     def prepare(self, grid: Grid) -> Dict[str, Any]:
         return dict(grid=grid, ids=self.bucket_ids(grid))
@@ -246,15 +257,19 @@ class IRPE(PosEncoding):
         return out
 
     # --- the reference's module outputs (also what the golden tests record) -------------------
-    def term_qk(self, which: str, x: torch.Tensor, layer: int, state: Dict[str, Any]) -> torch.Tensor:
+    def term_qk(self, which: str, x: torch.Tensor, layer: int, state: Dict[str, Any],
+                cols: slice = slice(None)) -> torch.Tensor:
         """Upstream ``rpe_q`` / ``rpe_k`` output for input ``x`` (``s q`` for k, ``s k`` for q).
 
         ``out[b, h, i, j] = x_i . r[:, ids[i, j]]`` (ctx, shape (B, H, N, N)) or ``t[h, ids[i, j]]``
-        (bias, shape (1, H, N, N)). The q-side term enters the logits transposed.
+        (bias, shape (1, H, N, N)). The q-side term enters the logits transposed. ``x`` may be a
+        block of rows ``i`` (its ids are then ``ids[rows]``: pass them as ``state['ids']``), and
+        ``cols`` keeps only those columns ``j``.
         """
         table = getattr(self.layers[layer], f'rpe_{which}')
         out = None
         for t, ids in zip(self._tables(table, state), state['ids']):
+            ids = _index(ids[..., cols])
             if self.mode == 'bias':
                 term = t[:, ids].unsqueeze(0)
             else:
@@ -268,6 +283,7 @@ class IRPE(PosEncoding):
         """Upstream ``rpe_v`` output: ``out[b, h, i] = sum_j probs[b, h, i, j] r_v[ids[i, j]]``."""
         out = None
         for t, ids in zip(self._tables(self.layers[layer].rpe_v, state), state['ids']):
+            ids = _index(ids)
             summed = probs.new_zeros(*probs.shape[:-1], t.shape[-2])
             summed = summed.scatter_add(-1, ids.expand(probs.shape), probs)  # (B, H, N, buckets)
             term = summed @ t
@@ -276,12 +292,24 @@ class IRPE(PosEncoding):
 
     # --- hooks ---------------------------------------------------------------------------------
     def bias(self, q: torch.Tensor, k: torch.Tensor, scale: float, layer: int, state: Any) -> Optional[torch.Tensor]:
+        return self.bias_rows(q, k, scale, layer, state, slice(None))
+
+    def row_bias(self, layer: int) -> Optional[str]:
+        lay = self.layers[layer]
+        if lay.rpe_k is None and lay.rpe_q is None:
+            return None
+        return 'shared' if self.mode == 'bias' else 'per_sample'
+
+    def bias_rows(self, q: torch.Tensor, k: torch.Tensor, scale: float, layer: int, state: Any,
+                  rows: slice) -> Optional[torch.Tensor]:
+        """Query rows ``rows`` of the bias: the k-side term of those queries, plus the q-side term
+        ``(s k_j) . r_q[ids[j, i]]`` (computed for every key ``j``, kept for the rows ``i``)."""
         lay = self.layers[layer]
         out = None
         if lay.rpe_k is not None:
-            out = self.term_qk('k', q * scale, layer, state)
+            out = self.term_qk('k', q[:, :, rows] * scale, layer, dict(state, ids=[m[rows] for m in state['ids']]))
         if lay.rpe_q is not None:
-            term = self.term_qk('q', k * scale, layer, state).transpose(-1, -2)
+            term = self.term_qk('q', k * scale, layer, state, cols=rows).transpose(-1, -2)
             out = term if out is None else out + term
         return out
 
@@ -296,6 +324,7 @@ class IRPE(PosEncoding):
             if table is None:
                 continue
             for t, ids in zip(self._tables(table, state), state['ids']):
+                ids = _index(ids)
                 if self.mode == 'bias':
                     terms.append((t.expand(q.shape[1], t.shape[-1]), ids, which == 'q', False))
                 else:

@@ -36,7 +36,9 @@ head ``i`` of the run ``2^-(1 + i // 4)``; ``none``/``zero``/``center`` families
 Memory: the bias factors as ``s_layer(l) x base_h(i, j)``, so one ``(heads, T, T)`` base per grid
 (and per distinct layout) is cached, never a ``(depth, heads, T, T)`` tensor; each layer scales,
 rounds and negates it on the fly. With FlexAttention the bias is computed inside the kernel from
-token coordinates, per-head direction flags and slopes: no ``T x T`` tensor at all.
+token coordinates, per-head direction flags and slopes: no ``T x T`` tensor at all. With SDPA
+at high resolution (no autograd, bias above ``VISIONPE_MAX_BIAS_MB``) each block of query rows is
+built from the coordinates when it is needed and the base is not cached (:mod:`visionpe.attention`).
 """
 from __future__ import annotations
 
@@ -208,28 +210,33 @@ def lookhere_base(
         num_prefix: int,
         distance: str = 'linear',
         fill_with: str = 'inf',
+        rows: slice = slice(None),
 ) -> torch.Tensor:
     """``base[h, i, j] = s_head[h] * d_h(i, j)`` (masked: the fill value), zero on prefix pairs.
 
-    Shape ``(heads, P + N, P + N)``, float32; ``xy`` are the ``N`` patch coordinates.
+    Shape ``(heads, P + N, P + N)``, float32, or only the query rows ``rows`` of it; ``xy`` are the
+    ``N`` patch coordinates.
     """
-    x, y = xy[:, 0].float(), xy[:, 1].float()
-    dx = x[None, :] - x[:, None]  # key minus query
-    dy = y[None, :] - y[:, None]
+    n, P = xy.shape[0], num_prefix
+    r0, r1, _ = rows.indices(P + n)
+    qa, qb = max(r0 - P, 0), max(r1 - P, 0)  # the patch queries among the rows
+    xy = xy.float()
+    x, y = xy[:, 0], xy[:, 1]
+    dx = x[None, :] - x[qa:qb, None]  # key minus query
+    dy = y[None, :] - y[qa:qb, None]
     dist = _transform(dx * dx + dy * dy, distance)
-    centre = xy.float().mean(0)
-    cdist = (xy.float() - centre).square().sum(-1).sqrt()  # the key's distance from the grid centre
-    dmax, cmax = _extent(xy.float(), distance)
+    cdist = (xy - xy.mean(0)).square().sum(-1).sqrt()  # the key's distance from the grid centre
+    dmax, cmax = _extent(xy, distance)
     prims: Dict[str, torch.Tensor] = {}
-    n = xy.shape[0]
-    base = dist.new_zeros(len(specs), num_prefix + n, num_prefix + n)
+    base = dist.new_zeros(len(specs), r1 - r0, P + n)
+    patch = base[:, qa + P - r0:, P:]
     for h, spec in enumerate(specs):
-        d = {'dist': dist, 'center': cdist[None, :].expand(n, n), 'zero': torch.zeros_like(dist)}[spec.kind]
+        d = {'dist': dist, 'center': cdist[None, :].expand_as(dist), 'zero': torch.zeros_like(dist)}[spec.kind]
         for tok in spec.fov:
             if tok not in prims:
                 prims[tok] = _visible(tok, dx, dy)
             d = torch.where(prims[tok], d, d.new_tensor(_head_fill(spec, fill_with, dmax, cmax)))
-        base[h, num_prefix:, num_prefix:] = torch.tensor(spec.slope, dtype=torch.float32) * d
+        patch[h] = torch.tensor(spec.slope, dtype=torch.float32) * d
     return base
 
 
@@ -324,9 +331,17 @@ class LookHere(PosEncoding):
         return self._bases.get(key, self.device, lambda: lookhere_base(
             self.specs[name], self._coords(grid), grid.num_prefix, self.distance, self.fill_with))
 
-    def layer_bias(self, grid: Grid, layer: int) -> torch.Tensor:
-        """``(heads, T, T)`` float32 bias of one layer: scaled, rounded to bf16 AFTER scaling, negated."""
-        base = self.base(grid, layer)
+    def layer_bias(self, grid: Grid, layer: int, rows: Optional[slice] = None) -> torch.Tensor:
+        """``(heads, T, T)`` float32 bias of one layer: scaled, rounded to bf16 AFTER scaling, negated.
+
+        With ``rows``, only those query rows, built from the coordinates without touching the
+        cached base (that is the point: at high resolution the base is the large tensor).
+        """
+        if rows is None:
+            base = self.base(grid, layer)
+        else:
+            base = lookhere_base(self.specs[self.layouts[layer]], self._coords(grid).to(self.device),
+                                 grid.num_prefix, self.distance, self.fill_with, rows)
         scale = torch.tensor(self.layer_scale(layer), dtype=torch.float32, device=base.device)
         return _round_bias(base * scale, self.bf16_round)
 
@@ -335,6 +350,13 @@ class LookHere(PosEncoding):
 
     def bias(self, q: torch.Tensor, k: torch.Tensor, scale: float, layer: int, state: Any) -> torch.Tensor:
         return self.layer_bias(state, layer).unsqueeze(0)
+
+    def row_bias(self, layer: int) -> str:
+        return 'shared'
+
+    def bias_rows(self, q: torch.Tensor, k: torch.Tensor, scale: float, layer: int, state: Any,
+                  rows: slice) -> torch.Tensor:
+        return self.layer_bias(state, layer, rows).unsqueeze(0)
 
     def _kernel_inputs(self, grid: Grid, name: str) -> Dict[str, torch.Tensor]:
         def build():
