@@ -11,12 +11,13 @@ import difflib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-__all__ = ['register_presets', 'list_models', 'default_cfg', 'local_weights', 'resolve_pretrained_kwargs']
+__all__ = ['register_presets', 'model_builder', 'list_models', 'default_cfg', 'local_weights',
+           'resolve_pretrained_kwargs']
 
 _MODELS: Dict[str, str] = {}  # name -> family (file) name
 WEIGHTS_ENV = 'VISIONPE_WEIGHTS_DIR'
@@ -63,6 +64,26 @@ def resolve_pretrained_kwargs(name: str, pretrained: bool, kwargs: Dict[str, Any
     overlay['file'] = str(found)
     from ..convert import model_kwargs_from_checkpoint
     return {**model_kwargs_from_checkpoint(found, name), **kwargs, 'pretrained_cfg_overlay': overlay}
+
+
+OutIndices = Union[int, Tuple[int, ...]]
+
+
+def model_builder(cls: type, out_indices: Union[OutIndices, Callable[[Dict[str, Any]], OutIndices]]
+                  ) -> Callable[..., Any]:
+    """The builder of one model class for :func:`register_presets`: timm's ``build_model_with_cfg``
+    with visionpe's checkpoint filter (every converter) and getter-style ``features_only``.
+
+    ``out_indices``: the default feature indices, or a function of the preset's kwargs giving them.
+    """
+    def build(variant: str, pretrained: bool = False, **kwargs: Any):
+        from ..convert import checkpoint_filter_fn
+        default = out_indices(kwargs) if callable(out_indices) else out_indices
+        return build_model_with_cfg(
+            cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=kwargs.pop('out_indices', default), feature_cls='getter'), **kwargs)
+    build.__name__ = build.__qualname__ = f'build_{cls.__name__}'
+    return build
 
 
 def register_presets(

@@ -30,7 +30,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
@@ -38,7 +37,7 @@ from ..attention import _check as check_backend
 from ..attention import attend
 from ..grid import GridCache
 from ..pos.lepe import LePE
-from ._registry import default_cfg, register_presets
+from ._registry import default_cfg, model_builder, register_presets
 
 __all__ = ['CSWinTransformer', 'CSWinBlock', 'CSWinAttention', 'StripeAttention', 'ConvStem', 'ConvMerge',
            'CSWIN_SIZES']
@@ -446,16 +445,6 @@ CSWIN_SIZES: Dict[str, Tuple[str, Dict[str, Any]]] = {
 CSWIN_DEFAULTS: Dict[str, Any] = dict(mlp_ratio=4., qkv_bias=True, norm_eps=1e-5)
 
 
-def _create_cswin(variant: str, pretrained: bool = False, **kwargs: Any) -> CSWinTransformer:
-    from ..convert import checkpoint_filter_fn
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        CSWinTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs)
-
-
 def _cfg(size: int) -> Dict[str, Any]:
     return default_cfg(input_size=(3, size, size), pool_size=(size // 32, size // 32),
                        crop_pct=0.9 if size == 224 else 1.0, fixed_input_size=False,
@@ -465,5 +454,5 @@ def _cfg(size: int) -> Dict[str, Any]:
 CSWIN_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     f'cswin_{size}': (desc, {**CSWIN_DEFAULTS, **kw}) for size, (desc, kw) in CSWIN_SIZES.items()}
 
-register_presets(__name__, CSWIN_PRESETS, _create_cswin,
+register_presets(__name__, CSWIN_PRESETS, model_builder(CSWinTransformer, (0, 1, 2, 3)),
                  {n: _cfg(kw.get('img_size', 224)) for n, (_, kw) in CSWIN_PRESETS.items()})

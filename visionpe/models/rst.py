@@ -32,7 +32,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, to_2tuple
-from timm.models import build_model_with_cfg
 from timm.models._manipulate import checkpoint
 
 from ..attention import _check as check_backend
@@ -41,7 +40,7 @@ from ..grid import Grid, GridCache
 from ..pos import EncodingContext, build_encoding
 from ..pos.rope import apply_rope
 from ..pos.strips import StripBias, StripLayout, StripSpec
-from ._registry import default_cfg, register_presets
+from ._registry import default_cfg, model_builder, register_presets
 from .cswin import ConvMerge, ConvStem, HierarchicalBase, _to_4
 
 __all__ = ['RadialStripTransformer', 'StripAttention', 'RSTBlock', 'RSASBlock', 'DFFN', 'RST_SIZES']
@@ -353,19 +352,9 @@ RST_DEFAULTS: Dict[str, Any] = dict(mlp_ratio=4., qkv_bias=True, strips='polar',
                                     strip_bias=True, rope=True, norm_eps=1e-5)
 
 
-def _create_rst(variant: str, pretrained: bool = False, **kwargs: Any) -> RadialStripTransformer:
-    from ..convert import checkpoint_filter_fn
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        RadialStripTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs)
-
-
 RST_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     f'rst_{size}': (desc, {**RST_DEFAULTS, **kw}) for size, (desc, kw) in RST_SIZES.items()}
 
-register_presets(__name__, RST_PRESETS, _create_rst, {
+register_presets(__name__, RST_PRESETS, model_builder(RadialStripTransformer, (0, 1, 2, 3)), {
     n: default_cfg(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, fixed_input_size=False,
                    first_conv='stem.conv', classifier='head.fc') for n in RST_PRESETS})

@@ -33,7 +33,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, to_2tuple, to_ntuple
-from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._input import update_model_input_size
 from timm.models._manipulate import checkpoint
@@ -47,7 +46,7 @@ from ..pos import EncodingContext, build_encoding
 from ..pos.base import LayerPos, PosEncoding
 from ..pos.rpb import (RPB_RESIZE_MODES, bias_from_table, log_spaced_coords, make_cpb_mlp, relative_position_index,
                        resize_rpb_table)
-from ._registry import default_cfg, register_presets
+from ._registry import default_cfg, model_builder, register_presets
 
 __all__ = ['SwinTransformer', 'SwinTransformerStage', 'SwinTransformerBlock', 'WindowAttention',
            'window_attention_mask', 'SWIN_SIZES', 'SWIN_ENCODINGS', 'SWIN_DEFAULTS',
@@ -708,21 +707,12 @@ SWIN_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 }
 
 
-def _create_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> SwinTransformer:
-    from ..convert import checkpoint_filter_fn
-    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 6, 2))))))
-    return build_model_with_cfg(
-        SwinTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs)
-
-
 SWIN_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     f'{prefix}_{size}': (f'Swin-{size} with {desc}', {**SWIN_DEFAULTS, **dims, **enc})
     for prefix, (desc, enc) in SWIN_ENCODINGS.items() for size, dims in SWIN_SIZES.items()
 }
 
-register_presets(__name__, SWIN_PRESETS, _create_swin,
+register_presets(__name__, SWIN_PRESETS,
+                 model_builder(SwinTransformer, lambda kw: tuple(range(len(kw.get('depths', (2, 2, 6, 2)))))),
                  {name: default_cfg(first_conv='patch_embed.proj', classifier='head.fc', pool_size=(7, 7),
                                     crop_pct=0.9) for name in SWIN_PRESETS})

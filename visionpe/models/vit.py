@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 from timm.layers import (DropPath, LayerScale, Mlp, PatchEmbed, calculate_drop_path_rates, get_act_layer,
                          trunc_normal_)
-from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_timm
@@ -27,7 +26,7 @@ from ..grid import Grid, GridCache, check_coord_mode
 from ..pos import EncodingContext, build_encoding
 from ..pos.absolute import resample_table, sincos_2d
 from ..pos.base import LayerPos, PosEncoding
-from ._registry import default_cfg, register_presets
+from ._registry import default_cfg, model_builder, register_presets
 
 __all__ = ['VisionTransformer', 'Block', 'VIT_SIZES', 'VIT_ENCODINGS', 'VIT_DEFAULTS']
 
@@ -467,19 +466,10 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 
 
 
-def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    from ..convert import checkpoint_filter_fn
-    out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        VisionTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs)
-
-
 VIT_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     f'vit_{pe}_{size}': (f'ViT-{size} with {desc}', {**VIT_DEFAULTS, **dims, **enc})
     for pe, (desc, enc) in VIT_ENCODINGS.items() for size, dims in VIT_SIZES.items()
 }
 
-register_presets(__name__, VIT_PRESETS, _create_vit, {name: default_cfg() for name in VIT_PRESETS})
+register_presets(__name__, VIT_PRESETS, model_builder(VisionTransformer, 3),
+                 {name: default_cfg() for name in VIT_PRESETS})
