@@ -11,8 +11,9 @@ ratio to that twin. Hierarchical rows are compared with timm's ``swin_tiny_patch
 Columns: forward images/s at each size, forward+backward images/s at the first size, and peak
 memory of one inference at ``--mem-size`` px (see ``visionpe.benchmark.peak_memory``). A ratio
 above 1 means faster (speed) or more memory (memory). Timing is the median of ``--repeats`` runs
-after one warm-up; on a shared CPU expect a few percent of noise (the baseline is measured at the
-start and at the end of the run, and both are printed).
+after one warm-up (``--stat min``: the fastest, for a CPU that stalls); on a shared CPU expect a few
+percent of noise (the baseline is measured at the start and at the end of the run, and both are
+printed).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def measure(name: str, args, device: torch.device) -> Dict[str, Optional[float]]
         if hasattr(model, 'set_input_size') and not getattr(model, 'dynamic_img_size', True):
             model.set_input_size(img_size=(size, size))
         with torch.inference_mode():
-            sec = time_call(lambda: model(x), warmup=1, repeats=args.repeats, device=device)
+            sec = time_call(lambda: model(x), warmup=1, repeats=args.repeats, device=device, stat=args.stat)
         row[f'fwd_{size}'] = images_per_second(sec, batch)
     size = args.sizes[0]
     model.train()
@@ -73,8 +74,8 @@ def measure(name: str, args, device: torch.device) -> Dict[str, Optional[float]]
         model.zero_grad(set_to_none=True)
         model(x).float().sum().backward()
     if not args.memory_only:
-        row[f'fwdbwd_{size}'] = images_per_second(time_call(step, warmup=1, repeats=args.repeats, device=device),
-                                                  args.batch)
+        sec = time_call(step, warmup=1, repeats=args.repeats, device=device, stat=args.stat)
+        row[f'fwdbwd_{size}'] = images_per_second(sec, args.batch)
     if not args.no_memory:
         model.eval()
         x = torch.randn(1, 3, args.mem_size, args.mem_size, device=device)
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument('--sizes', nargs='*', type=int, default=[224, 448])
     ap.add_argument('--batch', type=int, default=8, help='batch at the first size (scaled down for larger sizes)')
     ap.add_argument('--repeats', type=int, default=3)
+    ap.add_argument('--stat', choices=('median', 'min'), default='median',
+                    help='per-call time: median of the repeats, or their minimum (a CPU that stalls)')
     ap.add_argument('--mem-size', type=int, default=1024)
     ap.add_argument('--no-memory', action='store_true')
     ap.add_argument('--memory-only', action='store_true',
@@ -129,7 +132,8 @@ def main(argv=None) -> int:
     cols = ([] if args.memory_only else [f'fwd_{s}' for s in args.sizes] + [f'fwdbwd_{args.sizes[0]}']) + \
         ([] if args.no_memory else [f'mem_{args.mem_size}_mib'])
     print(f'# visionpe throughput on {device} ({platform.processor() or platform.machine()}, '
-          f'{torch.get_num_threads()} threads), torch {torch.__version__}, timm {timm.__version__}')
+          f'{torch.get_num_threads()} threads), torch {torch.__version__}, timm {timm.__version__}, '
+          f'{args.stat} of {args.repeats} timed calls')
     results = {}
     for group, baseline in ((vit, VIT_BASELINE), (hier, HIER_BASELINE)):
         if not group:
