@@ -41,8 +41,17 @@ def test_sdpa_equals_math_forward_and_backward(name):
         assert (grads[0][n] - grads[1][n]).abs().max().item() / scale < 1e-4, n
 
 
+# FlexAttention is worth checking where an encoding reaches the kernel: a bias or score_mod (iRPE,
+# LookHere, every hierarchical model's window/stripe masks and tables), q/k of another width than v
+# (PoPE), and one rotation-only control (RoPE). The other ViT encodings act on tokens or rotate q/k
+# before the backend is chosen, so under flex they run exactly the control's kernel call; each eager
+# flex call traces through dynamo (about 20 s per model on the 2-core CI machine).
+FLEX_MODELS = [n for n in MODELS if not n.startswith('vit_')
+               or n.startswith(('vit_irpe', 'vit_lookhere', 'vit_pope2d', 'vit_rope2d_tiny'))]
+
+
 @pytest.mark.skipif(not flex_available(), reason='this torch build has no FlexAttention')
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', FLEX_MODELS)
 def test_flex_equals_math_in_eval(name):
     model = create_tiny(name, dynamic_img_size=True).eval()
     x = torch.randn(1, 3, *SIZES[1])
