@@ -86,7 +86,6 @@ def measure(name: str, args, device: torch.device) -> Dict[str, Optional[float]]
         except (RuntimeError, ValueError) as e:  # e.g. a fixed-size reference model
             print(f'  {name}: memory at {args.mem_size} px failed: {str(e).splitlines()[0]}', file=sys.stderr)
             row[f'mem_{args.mem_size}_mib'] = None
-    del model
     return row
 
 

@@ -1,7 +1,6 @@
 """CSWin + LePE beyond the golden set: padding with key masks, any H x W, backends, checkpoints."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import timm

@@ -6,7 +6,6 @@ import math
 import warnings
 
 import pytest
-import timm
 import torch
 
 from helpers import create_tiny

@@ -8,7 +8,6 @@ import torch
 
 from helpers import create_tiny
 from visionpe.attention import run_backend, use_backend, xformers_available
-from visionpe.grid import grid_coords
 from visionpe.pos.rope import apply_rope
 from visionpe.pos.strips import StripSpec, polar_strips, row_strips
 from visionpe.models.rst import RSASBlock, StripAttention

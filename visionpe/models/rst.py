@@ -24,24 +24,23 @@ with the golden sets.
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, to_2tuple
+from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates
 from timm.models._manipulate import checkpoint
 
 from ..attention import _check as check_backend
-from ..attention import resolve_backend, run_backend, xformers_available
+from ..attention import resolve_backend, run_backend
 from ..grid import Grid, GridCache
 from ..pos import EncodingContext, build_encoding
 from ..pos.rope import apply_rope
 from ..pos.strips import StripBias, StripLayout, StripSpec
 from ._registry import default_cfg, model_builder, register_presets
-from .cswin import ConvMerge, ConvStem, HierarchicalBase, _to_4
+from ._hierarchical import ConvMerge, ConvStem, HierarchicalBase, to_4
 
 __all__ = ['RadialStripTransformer', 'StripAttention', 'RSTBlock', 'RSASBlock', 'DFFN', 'RST_SIZES']
 
@@ -230,21 +229,13 @@ class RadialStripTransformer(HierarchicalBase):
             attn_backend: str = 'auto',
     ) -> None:
         super().__init__()
-        depth, num_heads = _to_4(depth, 'depth'), _to_4(num_heads, 'num_heads')
-        sectors, rings = _to_4(num_sectors, 'num_sectors'), _to_4(ring_width, 'ring_width')
-        bins, lens = _to_4(azimuth_bins, 'azimuth_bins'), _to_4(strip_len, 'strip_len')
-        if global_pool not in ('', 'avg', 'max', 'avgmax', 'catavgmax'):
-            raise ValueError(f"global_pool must be one of '', 'avg', 'max', 'avgmax', 'catavgmax'; got {global_pool!r}")
+        depth, num_heads = to_4(depth, 'depth'), to_4(num_heads, 'num_heads')
+        sectors, rings = to_4(num_sectors, 'num_sectors'), to_4(ring_width, 'ring_width')
+        bins, lens = to_4(azimuth_bins, 'azimuth_bins'), to_4(strip_len, 'strip_len')
         check_backend(attn_backend)
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.img_size = to_2tuple(img_size)
-        self.dynamic_img_size = dynamic_img_size
-        self.embed_dim = embed_dim
+        self._setup(in_chans, num_classes, global_pool, img_size, dynamic_img_size, embed_dim)
         self.strips = strips
-        self.dims = [embed_dim * 2 ** i for i in range(4)]
         for i, (d, h) in enumerate(zip(self.dims, num_heads)):
             if d % h:
                 raise ValueError(f'stage {i}: width {d} is not divisible by {h} heads')

@@ -46,6 +46,7 @@ from ..pos import EncodingContext, build_encoding
 from ..pos.base import LayerPos, PosEncoding
 from ..pos.rpb import (RPB_RESIZE_MODES, bias_from_table, log_spaced_coords, make_cpb_mlp, relative_position_index,
                        resize_rpb_table)
+from ._hierarchical import ClassifierHeadMixin
 from ._registry import default_cfg, model_builder, register_presets
 
 __all__ = ['SwinTransformer', 'SwinTransformerStage', 'SwinTransformerBlock', 'WindowAttention',
@@ -425,7 +426,7 @@ class SwinTransformerStage(nn.Module):
         return x
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(ClassifierHeadMixin, nn.Module):
     """Swin Transformer (timm's layout and key names) with a choice of window position encoding.
 
     Args beyond timm's ``SwinTransformer`` ones:
@@ -559,17 +560,6 @@ class SwinTransformer(nn.Module):
         for stage in self.layers:
             stage.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features)
-        self.head_hidden_size = self.head.num_features
-        if global_pool is not None:
-            self.global_pool = global_pool
-
     def set_input_size(
             self,
             img_size: Optional[Tuple[int, int]] = None,
@@ -674,9 +664,6 @@ class SwinTransformer(nn.Module):
         if prune_head or prune_end:
             self.reset_classifier(0, '')
         return take_indices
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -213,7 +213,7 @@ class ComRoPE(PosEncoding):
 
     def generators(self, layer: int) -> torch.Tensor:
         """Per-axis block generators ``A`` (heads or 1, 2, d/b, b, b), upstream's ``get_exponent_matrix()``."""
-        t, b = self.num_blocks, self.block_size
+        t = self.num_blocks
         if self.comrope_type == 'vanilla':
             j = torch.tensor([[0., -1.], [1., 0.]], device=self.device)
             f = self._vanilla_freqs(self.device)

@@ -32,7 +32,7 @@ Parameter names follow upstream inside ``pe.layers.{i}``: ``rpe_k.lookup_table_w
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
