@@ -144,21 +144,28 @@ def main(argv=None) -> int:
             t0 = time.time()
             real = name.replace(' (again)', '')
             rows[name] = measure(real, args, device)
-            print(f'  measured {name} in {time.time() - t0:.0f} s', file=sys.stderr, flush=True)
+            values = ', '.join(f'{c} {rows[name][c]:.4g}' for c in cols if rows[name].get(c) is not None)
+            print(f'  measured {name} in {time.time() - t0:.0f} s: {values}', file=sys.stderr, flush=True)
+            results[name] = rows[name]
+            save(args.out, device, cols, results)  # a long run keeps what it has measured
         print(f'\n## vs timm {baseline}\n')
         print(table(rows, baseline, cols))
-        results.update(rows)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / 'results.json').write_text(json.dumps(
-            dict(device=str(device), torch=torch.__version__, timm=timm.__version__, argv=sys.argv, rows=results),
-            indent=2))
-        with open(args.out / 'results.csv', 'w', newline='') as f:
-            w = csv.writer(f)
-            w.writerow(['model'] + ['params_m'] + cols)
-            for n, r in results.items():
-                w.writerow([n, r['params_m']] + [r.get(c) for c in cols])
     return 0
+
+
+def save(out: Optional[Path], device: torch.device, cols: List[str], results: Dict[str, Dict]) -> None:
+    """results.json and results.csv in ``out`` (nothing without ``--out``)."""
+    if not out:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'results.json').write_text(json.dumps(
+        dict(device=str(device), torch=torch.__version__, timm=timm.__version__, argv=sys.argv, rows=results),
+        indent=2))
+    with open(out / 'results.csv', 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['model'] + ['params_m'] + cols)
+        for n, r in results.items():
+            w.writerow([n, r['params_m']] + [r.get(c) for c in cols])
 
 
 if __name__ == '__main__':
