@@ -10,10 +10,10 @@ that have a timm twin (``vit_rope2d_small`` vs ``vit_small_patch16_rope_224``, .
 ratio to that twin. Hierarchical rows are compared with timm's ``swin_tiny_patch4_window7_224``.
 Columns: forward images/s at each size, forward+backward images/s at the first size, and peak
 memory of one inference at ``--mem-size`` px (see ``visionpe.benchmark.peak_memory``). A ratio
-above 1 means faster (speed) or more memory (memory). Timing is the median of ``--repeats`` runs
-after one warm-up (``--stat min``: the fastest, for a CPU that stalls); on a shared CPU expect a few
-percent of noise (the baseline is measured at the start and at the end of the run, and both are
-printed).
+above 1 means faster (speed) or more memory (memory). Timing runs in rounds: after one warm-up
+each, every model of a group is called once per round, ``--repeats`` rounds, and the median (or,
+with ``--stat min``, the fastest: for a CPU that stalls) is kept. The baseline appears twice, as two
+separately built models (``(again)``): the gap between its two rows is the noise of the run.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import timm
 import torch
 
 import visionpe
-from visionpe.benchmark import images_per_second, peak_memory, time_call
+from visionpe.benchmark import images_per_second, peak_memory, time_interleaved
 
 VIT_BASELINE = 'vit_small_patch16_224'
 HIER_BASELINE = 'swin_tiny_patch4_window7_224'
@@ -54,39 +54,59 @@ def build(name: str, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
-def measure(name: str, args, device: torch.device) -> Dict[str, Optional[float]]:
-    model = build(name, device)
-    row: Dict[str, Optional[float]] = {'params_m': sum(p.numel() for p in model.parameters()) / 1e6}
-    model.eval()
+def measure_group(names: List[str], args, device: torch.device) -> Dict[str, Dict[str, Optional[float]]]:
+    """Every column for every model of one group. Timing is interleaved
+    (:func:`visionpe.benchmark.time_interleaved`): each round runs every model once, so the ratios
+    compare models under the same machine conditions."""
+    models = {name: build(name.replace(' (again)', ''), device) for name in names}
+    rows = {name: {'params_m': sum(p.numel() for p in m.parameters()) / 1e6} for name, m in models.items()}
     for size in [] if args.memory_only else args.sizes:
         batch = max(1, args.batch * (args.sizes[0] ** 2) // (size ** 2))
         x = torch.randn(batch, 3, size, size, device=device)
-        if hasattr(model, 'set_input_size') and not getattr(model, 'dynamic_img_size', True):
-            model.set_input_size(img_size=(size, size))
+        for m in models.values():
+            m.eval()
+            if hasattr(m, 'set_input_size') and not getattr(m, 'dynamic_img_size', True):
+                m.set_input_size(img_size=(size, size))
         with torch.inference_mode():
-            sec = time_call(lambda: model(x), warmup=1, repeats=args.repeats, device=device, stat=args.stat)
-        row[f'fwd_{size}'] = images_per_second(sec, batch)
-    size = args.sizes[0]
-    model.train()
-    x = torch.randn(args.batch, 3, size, size, device=device)
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        model(x).float().sum().backward()
+            secs = time_interleaved({n: (lambda m=m: m(x)) for n, m in models.items()},
+                                    repeats=args.repeats, device=device, stat=args.stat)
+        report(rows, f'fwd_{size}', {n: images_per_second(s, batch) for n, s in secs.items()})
     if not args.memory_only:
-        sec = time_call(step, warmup=1, repeats=args.repeats, device=device, stat=args.stat)
-        row[f'fwdbwd_{size}'] = images_per_second(sec, args.batch)
+        size = args.sizes[0]
+        x = torch.randn(args.batch, 3, size, size, device=device)
+
+        def step(m: torch.nn.Module) -> None:
+            m(x).float().sum().backward()
+            m.zero_grad(set_to_none=True)  # no model keeps its gradients while the others run
+        for m in models.values():
+            m.train()
+            if hasattr(m, 'set_input_size') and not getattr(m, 'dynamic_img_size', True):
+                m.set_input_size(img_size=(size, size))
+        secs = time_interleaved({n: (lambda m=m: step(m)) for n, m in models.items()},
+                                repeats=args.repeats, device=device, stat=args.stat)
+        report(rows, f'fwdbwd_{size}', {n: images_per_second(s, args.batch) for n, s in secs.items()})
     if not args.no_memory:
-        model.eval()
         x = torch.randn(1, 3, args.mem_size, args.mem_size, device=device)
-        try:
-            with torch.inference_mode(), peak_memory(device) as mem:
-                model(x)
-            row[f'mem_{args.mem_size}_mib'] = mem.mib
-        except (RuntimeError, ValueError) as e:  # e.g. a fixed-size reference model
-            print(f'  {name}: memory at {args.mem_size} px failed: {str(e).splitlines()[0]}', file=sys.stderr)
-            row[f'mem_{args.mem_size}_mib'] = None
-    return row
+        mems = {}
+        for name, m in models.items():
+            m.eval()
+            try:
+                with torch.inference_mode(), peak_memory(device) as mem:
+                    m(x)
+                mems[name] = mem.mib
+            except (RuntimeError, ValueError) as e:  # e.g. a fixed-size reference model
+                print(f'  {name}: memory at {args.mem_size} px failed: {str(e).splitlines()[0]}', file=sys.stderr)
+                mems[name] = None
+        report(rows, f'mem_{args.mem_size}_mib', mems)
+    return rows
+
+
+def report(rows: Dict[str, Dict[str, Optional[float]]], col: str, values: Dict[str, Optional[float]]) -> None:
+    """Store one measured column and print it at once (a long run shows what it has)."""
+    for name, v in values.items():
+        rows[name][col] = v
+    print(f'  measured {col}: ' + ', '.join(f'{n} {v:.4g}' for n, v in values.items() if v is not None),
+          file=sys.stderr, flush=True)
 
 
 def table(rows: Dict[str, Dict[str, Optional[float]]], baseline: str, cols: List[str]) -> str:
@@ -139,15 +159,11 @@ def main(argv=None) -> int:
             continue
         twins = [TIMM_TWINS[n] for n in group if n in TIMM_TWINS]
         order = [baseline] + twins + group + ([] if args.memory_only else [baseline + ' (again)'])
-        rows: Dict[str, Dict[str, Optional[float]]] = {}
-        for name in order:
-            t0 = time.time()
-            real = name.replace(' (again)', '')
-            rows[name] = measure(real, args, device)
-            values = ', '.join(f'{c} {rows[name][c]:.4g}' for c in cols if rows[name].get(c) is not None)
-            print(f'  measured {name} in {time.time() - t0:.0f} s: {values}', file=sys.stderr, flush=True)
-            results[name] = rows[name]
-            save(args.out, device, cols, results)  # a long run keeps what it has measured
+        t0 = time.time()
+        rows = measure_group(order, args, device)
+        print(f'  {len(order)} models measured in {time.time() - t0:.0f} s', file=sys.stderr)
+        results.update(rows)
+        save(args.out, device, cols, results)
         print(f'\n## vs timm {baseline}\n')
         print(table(rows, baseline, cols))
     return 0

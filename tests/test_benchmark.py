@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from visionpe.benchmark import peak_memory, time_call
+from visionpe.benchmark import peak_memory, time_call, time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +21,15 @@ def test_time_call_statistics():
         time_call(lambda: None, stat='mean')
 
 
+def test_time_interleaved_runs_in_rounds():
+    calls = []
+    secs = time_interleaved({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, warmup=1, repeats=3)
+    assert calls == ['a', 'b'] + ['a', 'b'] * 3  # warm-up each, then one call of every function per round
+    assert set(secs) == {'a', 'b'} and all(s >= 0 for s in secs.values())
+    with pytest.raises(ValueError, match="'median' or 'min'"):
+        time_interleaved({'a': lambda: None}, stat='mean')
+
+
 def test_peak_memory_counts_live_tensors():
     with peak_memory() as mem:
         a = torch.empty(1024, 1024)  # 4 MiB live at once ...
@@ -30,12 +39,30 @@ def test_peak_memory_counts_live_tensors():
     assert mem.bytes == 4 * 2 ** 20
 
 
-def test_throughput_memory_only(tmp_path, capsys):
+def _throughput_script():
     spec = importlib.util.spec_from_file_location('throughput', ROOT / 'benchmarks' / 'throughput.py')
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_throughput_memory_only(tmp_path, capsys):
+    bench = _throughput_script()
     assert bench.main(['--models', 'vit_ape_small', '--memory-only', '--mem-size', '64', '--out', str(tmp_path)]) == 0
     rows = json.loads((tmp_path / 'results.json').read_text())['rows']
     assert set(rows) == {'vit_small_patch16_224', 'deit3_small_patch16_224', 'vit_ape_small'}
     assert all(r['mem_64_mib'] > 0 and 'fwd_224' not in r for r in rows.values())
     assert '| vit_ape_small |' in capsys.readouterr().out
+
+
+def test_throughput_timing_row_per_model(tmp_path, capsys):
+    """A timed run: every model (ours, the baseline twice, the timm twin) gets every column and a ratio."""
+    bench = _throughput_script()
+    assert bench.main(['--models', 'vit_ape_small', '--sizes', '32', '--batch', '1', '--repeats', '1',
+                       '--no-memory', '--out', str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / 'results.json').read_text())['rows']
+    assert set(rows) == {'vit_small_patch16_224', 'deit3_small_patch16_224', 'vit_ape_small',
+                         'vit_small_patch16_224 (again)'}
+    assert all(r['fwd_32'] > 0 and r['fwdbwd_32'] > 0 and 'mem_1024_mib' not in r for r in rows.values())
+    out = capsys.readouterr().out
+    assert '| vit_small_patch16_224 (again) |' in out and '(deit3_small_patch16_224)' in out

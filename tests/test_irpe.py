@@ -67,6 +67,17 @@ def test_other_methods_bucket_ids():
     assert (rows[:2] == 7).all() and (cols[:, :2] == 7).all()  # two prefix tokens share the extra bucket
 
 
+@pytest.mark.parametrize('method', ['product', 'cross', 'euclidean', 'quantization'])
+def test_bucket_ids_by_row_blocks(method):
+    """Building the ids a few query rows at a time (bounded float offsets) changes nothing, in any dtype."""
+    whole = irpe_bucket_ids(5, 7, 1, method, 1.9, block_rows=10 ** 6)
+    for rows in (1, 3, 8):
+        parts = irpe_bucket_ids(5, 7, 1, method, 1.9, dtype=torch.uint8, block_rows=rows)
+        assert all(p.dtype == torch.uint8 and torch.equal(p.long(), m) for p, m in zip(parts, whole))
+    with pytest.raises(ValueError, match='unknown iRPE method'):
+        irpe_bucket_ids(2, 2, 0, 'manhattan')
+
+
 def test_bucket_ids_cached_per_grid():
     model = create_tiny('vit_irpe_tiny')
     a, b = model.pe.bucket_ids(Grid(3, 5, 1)), model.pe.bucket_ids(Grid(3, 5, 1))

@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ['PeakMemory', 'peak_memory', 'time_call', 'images_per_second']
+__all__ = ['PeakMemory', 'peak_memory', 'time_call', 'time_interleaved', 'images_per_second']
 
 
 class _LiveStorageTracker(TorchDispatchMode):
@@ -104,6 +104,30 @@ def time_call(fn: Callable[[], object], warmup: int = 1, repeats: int = 3, min_t
         times.append(time.perf_counter() - t0)
     times.sort()
     return times[0] if stat == 'min' else times[len(times) // 2]
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 3,
+                     device: Optional[torch.device] = None, stat: str = 'median') -> Dict[str, float]:
+    """Seconds per call of each function, timed in rounds: each round calls every function once, in
+    order, so that a slow spell of the machine falls on all of them alike instead of on whichever
+    happened to be measured then. Per function: the ``'median'`` or ``'min'`` over the rounds."""
+    if stat not in ('median', 'min'):
+        raise ValueError(f"stat must be 'median' or 'min', got {stat!r}")
+    cuda = device is not None and torch.device(device).type == 'cuda'
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[0] if stat == 'min' else sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def images_per_second(seconds_per_batch: float, batch_size: int) -> float:

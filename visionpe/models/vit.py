@@ -465,7 +465,6 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 }
 
 
-
 VIT_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     f'vit_{pe}_{size}': (f'ViT-{size} with {desc}', {**VIT_DEFAULTS, **dims, **enc})
     for pe, (desc, enc) in VIT_ENCODINGS.items() for size, dims in VIT_SIZES.items()

@@ -80,35 +80,42 @@ def irpe_bucket_ids(
         ratio: float = 1.9,
         coord_mode: str = 'index',
         ref_hw: Optional[Tuple[int, int]] = None,
+        dtype: torch.dtype = torch.int64,
+        block_rows: int = 256,
 ) -> Tuple[torch.Tensor, ...]:
-    """Bucket ids ``(P + h*w, P + h*w)`` (int64) for query i, key j: one matrix, or (rows, cols) for cross.
+    """Bucket ids ``(P + h*w, P + h*w)`` in ``dtype`` for query i, key j: one matrix, or (rows, cols)
+    for cross.
 
     Every pair involving one of the ``num_prefix`` prefix tokens gets the extra bucket
-    ``irpe_num_buckets(method, ratio)``.
+    ``irpe_num_buckets(method, ratio)``. Built ``block_rows`` query rows at a time, so the float
+    offsets never exceed ``block_rows x h*w`` (at 1024 px a whole float offset matrix is 64 MiB).
     """
+    if method not in IRPE_METHODS:
+        raise ValueError(f"unknown iRPE method {method!r}; choose one of {', '.join(IRPE_METHODS)}")
     alpha, beta, gamma = _coefficients(ratio)
     b = int(beta)
+
+    def g(x: torch.Tensor) -> torch.Tensor:
+        return piecewise_index(x, alpha, beta, gamma) + b
+
+    def block(dr: torch.Tensor, dc: torch.Tensor) -> List[torch.Tensor]:
+        if method == 'product':
+            return [g(dr) * (2 * b + 1) + g(dc)]
+        if method == 'cross':
+            return [g(dr), g(dc)]
+        if method == 'euclidean':
+            return [g((dr * dr + dc * dc).sqrt().round())]
+        return [g(dr * dr + dc * dc)]  # quantization
+
     xy = grid_coords(h, w, coord_mode, ref_hw=ref_hw)
-    dr = xy[:, None, 1] - xy[None, :, 1]  # query row minus key row
-    dc = xy[:, None, 0] - xy[None, :, 0]
-    if method == 'product':
-        mats = [(piecewise_index(dr, alpha, beta, gamma) + b) * (2 * b + 1) + piecewise_index(dc, alpha, beta, gamma) + b]
-    elif method == 'cross':
-        mats = [piecewise_index(dr, alpha, beta, gamma) + b, piecewise_index(dc, alpha, beta, gamma) + b]
-    elif method == 'euclidean':
-        mats = [piecewise_index((dr * dr + dc * dc).sqrt().round(), alpha, beta, gamma) + b]
-    elif method == 'quantization':
-        mats = [piecewise_index(dr * dr + dc * dc, alpha, beta, gamma) + b]
-    else:
-        raise ValueError(f"unknown iRPE method {method!r}; choose one of {', '.join(IRPE_METHODS)}")
-    if not num_prefix:
-        return tuple(m.contiguous() for m in mats)
+    n, p = xy.shape[0], num_prefix
     extra = irpe_num_buckets(method, ratio)
-    out = []
-    for m in mats:
-        full = m.new_full((num_prefix + m.shape[0],) * 2, extra)
-        full[num_prefix:, num_prefix:] = m
-        out.append(full)
+    out = [torch.full((p + n, p + n), extra, dtype=dtype) for _ in range(2 if method == 'cross' else 1)]
+    for r0 in range(0, n, block_rows):
+        q = xy[r0:r0 + block_rows]
+        mats = block(q[:, None, 1] - xy[None, :, 1], q[:, None, 0] - xy[None, :, 0])  # query minus key
+        for o, m in zip(out, mats):
+            o[p + r0:p + r0 + q.shape[0], p:] = m
     return tuple(out)
 
 
@@ -241,8 +248,8 @@ class IRPE(PosEncoding):
         """
         key = (grid, self.method, self.ratio, self.coord_mode, self.ref_hw)
         dtype = torch.uint8 if self.num_buckets < 256 else torch.int16 if self.num_buckets < 2 ** 15 else torch.int32
-        return self._cache.get(key, self.device, lambda: tuple(m.to(dtype) for m in irpe_bucket_ids(
-            grid.h, grid.w, grid.num_prefix, self.method, self.ratio, self.coord_mode, self.ref_hw)))
+        return self._cache.get(key, self.device, lambda: irpe_bucket_ids(
+            grid.h, grid.w, grid.num_prefix, self.method, self.ratio, self.coord_mode, self.ref_hw, dtype=dtype))
 
     def prepare(self, grid: Grid) -> Dict[str, Any]:
         return dict(grid=grid, ids=self.bucket_ids(grid))
