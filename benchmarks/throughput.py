@@ -94,6 +94,7 @@ def measure_group(names: List[str], args, device: torch.device) -> Dict[str, Dic
                 with torch.inference_mode(), peak_memory(device) as mem:
                     m(x)
                 mems[name] = mem.mib
+                print(f'  {name}: peak {mem.mib:.1f} MiB at {args.mem_size} px', file=sys.stderr, flush=True)
             except (RuntimeError, ValueError) as e:  # e.g. a fixed-size reference model
                 print(f'  {name}: memory at {args.mem_size} px failed: {str(e).splitlines()[0]}', file=sys.stderr)
                 mems[name] = None

@@ -14,9 +14,9 @@ all equal to fp32 rounding:
 
 Bias memory: an additive bias is ``(B or 1, heads, N, N)``, 384 MiB per sample for a ViT-S at
 1024 px. When no gradient is needed and the whole bias would exceed ``VISIONPE_MAX_BIAS_MB``
-(default 16), encodings that can build it by query rows (``PosEncoding.row_bias``) get SDPA
-called one block of rows at a time (blocks of at most a quarter of that budget); the result is
-the same, the peak memory is not.
+(default 16), encodings that can build it by query rows (``PosEncoding.row_bias``) get SDPA (or
+the math path, when they need the probabilities) called one block of rows at a time (blocks of at
+most a quarter of that budget); the result is the same, the peak memory is not.
 
 ``auto`` picks xformers on CUDA when it is installed, else SDPA, and the math path whenever an
 encoding needs the attention probabilities. The backend is a setting, never a code edit: the
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     'BACKENDS', 'Attention', 'attend', 'run_backend', 'resolve_backend', 'use_backend', 'set_attn_backend',
-    'xformers_available', 'flex_available', 'max_bias_bytes', 'bias_block_rows', 'sdpa_by_row_blocks',
+    'xformers_available', 'flex_available', 'max_bias_bytes', 'bias_block_rows', 'attend_by_row_blocks',
 ]
 
 BACKENDS = ('auto', 'math', 'sdpa', 'xformers', 'flex')
@@ -264,12 +264,21 @@ def bias_block_rows(pos: 'LayerPos', q: torch.Tensor, k: torch.Tensor) -> Option
     return max(1, limit // 4 // row_bytes)
 
 
-def sdpa_by_row_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pos: 'LayerPos',
-                       rows: int) -> torch.Tensor:
-    """SDPA with ``pos``'s bias built and applied ``rows`` query rows at a time (same result as whole)."""
+def attend_by_row_blocks(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                         pos: 'LayerPos', rows: int) -> torch.Tensor:
+    """Attention with ``pos``'s bias built and applied ``rows`` query rows at a time (same result as
+    whole). ``backend``: ``'sdpa'``, or ``'math'`` for encodings that need the probabilities, whose
+    value term is then added per block (:meth:`PosEncoding.value_rows`)."""
     N = q.shape[-2]
-    out = [_sdpa(q[:, :, r0:r0 + rows], k, v, scale, pos.bias_rows(q, k, scale, slice(r0, min(N, r0 + rows))),
-                 0., False) for r0 in range(0, N, rows)]
+    out = []
+    for r0 in range(0, N, rows):
+        block = slice(r0, min(N, r0 + rows))
+        bias = pos.bias_rows(q, k, scale, block)
+        if backend == 'math':
+            o, probs = _math(q[:, :, block], k, v, scale, bias, 0., False)
+            out.append(pos.value_rows(o, v, probs, block) if pos.needs_probs else o)
+        else:
+            out.append(_sdpa(q[:, :, block], k, v, scale, bias, 0., False))
     return torch.cat(out, dim=-2)
 
 
@@ -321,10 +330,12 @@ class Attention(nn.Module):
             q, k = pos.rotate(q, k)
         backend = resolve_backend(self.attn_backend, x.device, needs_probs=pos is not None and pos.needs_probs,
                                   training=self.training)
-        by_rows = backend == 'sdpa' and pos is not None and not (self.training and self.attn_drop > 0)
+        by_rows = backend in ('sdpa', 'math') and pos is not None and not (self.training and self.attn_drop > 0)
         rows = bias_block_rows(pos, q, k) if by_rows else None
         if rows:
-            out, probs = sdpa_by_row_blocks(q, k, v, scale, pos, rows), None
+            out = attend_by_row_blocks(backend, q, k, v, scale, pos, rows)
+            if not pos.needs_probs:  # else the value term was added block by block
+                out = pos.value(out, v, None)
         else:
             if pos is not None:
                 if backend == 'flex':
@@ -333,8 +344,8 @@ class Attention(nn.Module):
                     bias = pos.bias(q, k, scale)
             out, probs = run_backend(backend, q, k, v, scale, bias, score_mod,
                                      dropout_p=self.attn_drop, training=self.training)
-        if pos is not None:
-            out = pos.value(out, v, probs)
+            if pos is not None:
+                out = pos.value(out, v, probs)
         x = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 

@@ -105,6 +105,12 @@ class PosEncoding(nn.Module):
               state: Any) -> torch.Tensor:
         return out
 
+    def value_rows(self, out: torch.Tensor, v: torch.Tensor, probs: torch.Tensor, layer: int, state: Any,
+                   rows: slice) -> torch.Tensor:
+        """:meth:`value` for the query rows ``rows`` (``out`` and ``probs`` hold only those rows); needed
+        by encodings that have ``needs_probs`` and a :meth:`row_bias`."""
+        raise NotImplementedError(f'{type(self).__name__} does not add its value term by rows')
+
     # --- model-level housekeeping -------------------------------------------------------------
     def set_grid_size(self, new_size: Tuple[int, int], old_size: Tuple[int, int]) -> None:
         """Called by ``model.set_input_size``: resample grid-sized tables (none by default)."""
@@ -149,3 +155,6 @@ class LayerPos:
 
     def value(self, out: torch.Tensor, v: torch.Tensor, probs: Optional[torch.Tensor]) -> torch.Tensor:
         return self.enc.value(out, v, probs, self.layer_idx, self.state)
+
+    def value_rows(self, out: torch.Tensor, v: torch.Tensor, probs: torch.Tensor, rows: slice) -> torch.Tensor:
+        return self.enc.value_rows(out, v, probs, self.layer_idx, self.state, rows)

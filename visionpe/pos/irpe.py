@@ -354,6 +354,10 @@ class IRPE(PosEncoding):
                                'math backend (needs_probs=True selects it automatically)')
         return out + self.term_v(probs, layer, state)
 
+    def value_rows(self, out: torch.Tensor, v: torch.Tensor, probs: torch.Tensor, layer: int, state: Any,
+                   rows: slice) -> torch.Tensor:
+        return self.value(out, v, probs, layer, dict(state, ids=[m[rows] for m in state['ids']]))
+
     def extra_repr(self) -> str:
         return (f'mode={self.mode}, method={self.method}, ratio={self.ratio}, rpe_on={self.rpe_on}, '
                 f'shared_head={self.shared_head}, buckets={self.num_buckets}+{int(self.has_prefix_bucket)}, '
