@@ -25,7 +25,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import timm
 import torch
@@ -54,23 +54,31 @@ def build(name: str, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
-def measure_group(names: List[str], args, device: torch.device) -> Dict[str, Dict[str, Optional[float]]]:
+def set_mode(models: Dict[str, torch.nn.Module], size: int, training: bool) -> None:
+    """Train or eval mode, and the input size for models that are not dynamic-size."""
+    for m in models.values():
+        m.train(training)
+        if hasattr(m, 'set_input_size') and not getattr(m, 'dynamic_img_size', True):
+            m.set_input_size(img_size=(size, size))
+
+
+def measure_group(names: List[str], args, device: torch.device,
+                  on_column: Callable[[Dict[str, Dict[str, Optional[float]]]], None] = lambda rows: None,
+                  ) -> Dict[str, Dict[str, Optional[float]]]:
     """Every column for every model of one group. Timing is interleaved
     (:func:`visionpe.benchmark.time_interleaved`): each round runs every model once, so the ratios
-    compare models under the same machine conditions."""
+    compare models under the same machine conditions. ``on_column(rows)`` runs after every column
+    (the script saves what it has, so a long run that is stopped keeps its measured columns)."""
     models = {name: build(name.replace(' (again)', ''), device) for name in names}
     rows = {name: {'params_m': sum(p.numel() for p in m.parameters()) / 1e6} for name, m in models.items()}
     for size in [] if args.memory_only else args.sizes:
         batch = max(1, args.batch * (args.sizes[0] ** 2) // (size ** 2))
         x = torch.randn(batch, 3, size, size, device=device)
-        for m in models.values():
-            m.eval()
-            if hasattr(m, 'set_input_size') and not getattr(m, 'dynamic_img_size', True):
-                m.set_input_size(img_size=(size, size))
+        set_mode(models, size, training=False)
         with torch.inference_mode():
             secs = time_interleaved({n: (lambda m=m: m(x)) for n, m in models.items()},
                                     repeats=args.repeats, device=device, stat=args.stat)
-        report(rows, f'fwd_{size}', {n: images_per_second(s, batch) for n, s in secs.items()})
+        report(rows, f'fwd_{size}', {n: images_per_second(s, batch) for n, s in secs.items()}, on_column)
     if not args.memory_only:
         size = args.sizes[0]
         x = torch.randn(args.batch, 3, size, size, device=device)
@@ -78,13 +86,10 @@ def measure_group(names: List[str], args, device: torch.device) -> Dict[str, Dic
         def step(m: torch.nn.Module) -> None:
             m(x).float().sum().backward()
             m.zero_grad(set_to_none=True)  # no model keeps its gradients while the others run
-        for m in models.values():
-            m.train()
-            if hasattr(m, 'set_input_size') and not getattr(m, 'dynamic_img_size', True):
-                m.set_input_size(img_size=(size, size))
+        set_mode(models, size, training=True)
         secs = time_interleaved({n: (lambda m=m: step(m)) for n, m in models.items()},
                                 repeats=args.repeats, device=device, stat=args.stat)
-        report(rows, f'fwdbwd_{size}', {n: images_per_second(s, args.batch) for n, s in secs.items()})
+        report(rows, f'fwdbwd_{size}', {n: images_per_second(s, args.batch) for n, s in secs.items()}, on_column)
     if not args.no_memory:
         x = torch.randn(1, 3, args.mem_size, args.mem_size, device=device)
         mems = {}
@@ -98,16 +103,18 @@ def measure_group(names: List[str], args, device: torch.device) -> Dict[str, Dic
             except (RuntimeError, ValueError) as e:  # e.g. a fixed-size reference model
                 print(f'  {name}: memory at {args.mem_size} px failed: {str(e).splitlines()[0]}', file=sys.stderr)
                 mems[name] = None
-        report(rows, f'mem_{args.mem_size}_mib', mems)
+        report(rows, f'mem_{args.mem_size}_mib', mems, on_column)
     return rows
 
 
-def report(rows: Dict[str, Dict[str, Optional[float]]], col: str, values: Dict[str, Optional[float]]) -> None:
-    """Store one measured column and print it at once (a long run shows what it has)."""
+def report(rows: Dict[str, Dict[str, Optional[float]]], col: str, values: Dict[str, Optional[float]],
+           on_column: Callable[[Dict[str, Dict[str, Optional[float]]]], None]) -> None:
+    """Store one measured column, print it at once and hand the rows to ``on_column``."""
     for name, v in values.items():
         rows[name][col] = v
     print(f'  measured {col}: ' + ', '.join(f'{n} {v:.4g}' for n, v in values.items() if v is not None),
           file=sys.stderr, flush=True)
+    on_column(rows)
 
 
 def table(rows: Dict[str, Dict[str, Optional[float]]], baseline: str, cols: List[str]) -> str:
@@ -161,10 +168,10 @@ def main(argv=None) -> int:
         twins = [TIMM_TWINS[n] for n in group if n in TIMM_TWINS]
         order = [baseline] + twins + group + ([] if args.memory_only else [baseline + ' (again)'])
         t0 = time.time()
-        rows = measure_group(order, args, device)
+        rows = measure_group(order, args, device,
+                             on_column=lambda rows: save(args.out, device, cols, {**results, **rows}))
         print(f'  {len(order)} models measured in {time.time() - t0:.0f} s', file=sys.stderr)
         results.update(rows)
-        save(args.out, device, cols, results)
         print(f'\n## vs timm {baseline}\n')
         print(table(rows, baseline, cols))
     return 0

@@ -13,7 +13,7 @@ import contextlib
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -82,28 +82,45 @@ def peak_memory(device: torch.device | str = 'cpu') -> Iterator[PeakMemory]:
         result.method = 'peak live tensor storage (dispatch tracking)'
 
 
+STATS = ('median', 'min')
+
+
+def _check_stat(stat: str) -> None:
+    if stat not in STATS:
+        raise ValueError(f"stat must be 'median' or 'min', got {stat!r}")
+
+
+def _pick(times: List[float], stat: str) -> float:
+    """The ``'min'`` or the ``'median'`` (upper middle) of ``times``."""
+    times = sorted(times)
+    return times[0] if stat == 'min' else times[len(times) // 2]
+
+
+def _timed(fn: Callable[[], object], device: Optional[torch.device]) -> float:
+    """Seconds of one call of ``fn``, CUDA-synchronised before and after when ``device`` is CUDA."""
+    cuda = device is not None and torch.device(device).type == 'cuda'
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def time_call(fn: Callable[[], object], warmup: int = 1, repeats: int = 3, min_time: float = 0.0,
               device: Optional[torch.device] = None, stat: str = 'median') -> float:
     """Seconds per call of ``fn`` after ``warmup`` calls (CUDA-synchronised): the ``'median'`` or the
     ``'min'`` of the timed calls. On a machine whose CPU stalls (a shared VM) the minimum is the
     better estimate of the work itself: stalls only ever add time."""
-    if stat not in ('median', 'min'):
-        raise ValueError(f"stat must be 'median' or 'min', got {stat!r}")
-    def sync():
-        if device is not None and torch.device(device).type == 'cuda':
-            torch.cuda.synchronize(device)
+    _check_stat(stat)
     for _ in range(warmup):
         fn()
-    sync()
-    times = []
+    times: List[float] = []
     start_all = time.perf_counter()
     while len(times) < repeats or time.perf_counter() - start_all < min_time:
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[0] if stat == 'min' else times[len(times) // 2]
+        times.append(_timed(fn, device))
+    return _pick(times, stat)
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 3,
@@ -111,23 +128,15 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 1, repe
     """Seconds per call of each function, timed in rounds: each round calls every function once, in
     order, so that a slow spell of the machine falls on all of them alike instead of on whichever
     happened to be measured then. Per function: the ``'median'`` or ``'min'`` over the rounds."""
-    if stat not in ('median', 'min'):
-        raise ValueError(f"stat must be 'median' or 'min', got {stat!r}")
-    cuda = device is not None and torch.device(device).type == 'cuda'
+    _check_stat(stat)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: Dict[str, list] = {name: [] for name in fns}
+    times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            if cuda:
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: sorted(t)[0] if stat == 'min' else sorted(t)[len(t) // 2] for name, t in times.items()}
+            times[name].append(_timed(fn, device))
+    return {name: _pick(t, stat) for name, t in times.items()}
 
 
 def images_per_second(seconds_per_batch: float, batch_size: int) -> float:

@@ -125,6 +125,11 @@ def _index(ids: torch.Tensor) -> torch.Tensor:
     return ids.long()
 
 
+def _rows_of(state: Dict[str, Any], rows: slice) -> Dict[str, Any]:
+    """``state`` with the bucket ids of the query rows ``rows`` only (for a block of queries)."""
+    return dict(state, ids=[m[rows] for m in state['ids']])
+
+
 def _gather(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``out[..., i, j] = scores[..., i, ids[i, j]]`` for scores (..., N, C) and ids (N, M)."""
     return torch.gather(scores, -1, ids.expand(*scores.shape[:-2], *ids.shape))
@@ -314,7 +319,7 @@ class IRPE(PosEncoding):
         lay = self.layers[layer]
         out = None
         if lay.rpe_k is not None:
-            out = self.term_qk('k', q[:, :, rows] * scale, layer, dict(state, ids=[m[rows] for m in state['ids']]))
+            out = self.term_qk('k', q[:, :, rows] * scale, layer, _rows_of(state, rows))
         if lay.rpe_q is not None:
             term = self.term_qk('q', k * scale, layer, state, cols=rows).transpose(-1, -2)
             out = term if out is None else out + term
@@ -356,7 +361,7 @@ class IRPE(PosEncoding):
 
     def value_rows(self, out: torch.Tensor, v: torch.Tensor, probs: torch.Tensor, layer: int, state: Any,
                    rows: slice) -> torch.Tensor:
-        return self.value(out, v, probs, layer, dict(state, ids=[m[rows] for m in state['ids']]))
+        return self.value(out, v, probs, layer, _rows_of(state, rows))
 
     def extra_repr(self) -> str:
         return (f'mode={self.mode}, method={self.method}, ratio={self.ratio}, rpe_on={self.rpe_on}, '
