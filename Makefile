@@ -13,7 +13,7 @@ demo: setup
 	$(PY) eval_resolution.py
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=25 tests
 
 bench: setup
 	$(PY) benchmarks/throughput.py

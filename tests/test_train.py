@@ -20,7 +20,7 @@ from visionpe.data import FMNIST_MEAN
 from visionpe.data.fashion_mnist import FMNIST_DIR
 from visionpe.train import (ImageClassificationData, PreemptionCheckpoint, VisionClassifier,
                             load_model_from_checkpoint)
-from visionpe.train.cli import main
+from visionpe.train.cli import DEFAULT_CONFIG, command_line_args, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / 'configs').glob('*.yaml'))
@@ -220,6 +220,17 @@ def test_cli_default_config_runs_and_links(tmp_path, monkeypatch):
     csv = list((tmp_path / 'runs' / 'fmnist_vit_tiny' / 'csv').glob('version_*/metrics.csv'))
     assert csv and 'lr-AdamW' in csv[0].read_text().splitlines()[0]
     assert list((tmp_path / 'runs' / 'fmnist_vit_tiny' / 'tensorboard').glob('version_*/events.out.*'))
+
+
+def test_command_line_without_subcommand_is_the_default_run():
+    default = ['fit', '--config', str(DEFAULT_CONFIG)]
+    assert command_line_args([]) == default
+    assert command_line_args(['--trainer.max_epochs', '3']) == [*default, '--trainer.max_epochs', '3']
+    assert command_line_args(['--config', 'x.yaml', '--seed_everything', '1']) == ['fit', '--config', 'x.yaml',
+                                                                                     '--seed_everything', '1']
+    assert command_line_args(['--config=x.yaml']) == ['fit', '--config=x.yaml']
+    for kept in (['test', '--config', 'x.yaml'], ['fit'], ['--help'], ['-h']):
+        assert command_line_args(kept) == kept
 
 
 def test_cli_errors(tmp_path, monkeypatch, capsys):

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 from .datamodule import ImageClassificationData
 from .module import VisionClassifier
 
-__all__ = ['VisionPECLI', 'DetectionCLI', 'main', 'DEFAULT_CONFIG', 'TASKS']
+__all__ = ['VisionPECLI', 'DetectionCLI', 'main', 'command_line_args', 'DEFAULT_CONFIG', 'TASKS']
 
 SUBCOMMANDS = ('fit', 'validate', 'test', 'predict')
 TASKS = ('cls', 'det')
@@ -92,13 +92,25 @@ def _strip_task(args: List[str]) -> List[str]:
     return out
 
 
+def command_line_args(argv: List[str]) -> List[str]:
+    """The command line as LightningCLI takes it. A leading subcommand (or ``-h``) is kept as it is; without
+    one the default run is meant: ``fit --config configs/fmnist_vit_tiny.yaml`` (the config only when no
+    ``--config`` is given) followed by ``argv``, so ``python train.py --trainer.max_epochs 3`` overrides it."""
+    if argv and argv[0] in (*SUBCOMMANDS, '-h', '--help'):
+        return list(argv)
+    if any(a in ('-c', '--config') or a.startswith('--config=') for a in argv):
+        return ['fit', *argv]
+    if not DEFAULT_CONFIG.is_file():
+        raise FileNotFoundError(f'default config {DEFAULT_CONFIG} not found; pass a subcommand and --config')
+    return ['fit', '--config', str(DEFAULT_CONFIG), *argv]
+
+
 def main(args: Optional[List[str]] = None, run: bool = True) -> LightningCLI:
-    """Entry point; ``args`` defaults to ``sys.argv[1:]`` (no arguments: the default Fashion-MNIST run).
+    """Entry point; ``args`` defaults to :func:`command_line_args` of ``sys.argv[1:]`` (no subcommand: the
+    default Fashion-MNIST run, with any overrides given).
     ``run=False`` only instantiates (a leading subcommand in ``args`` is then ignored)."""
-    if args is None and len(sys.argv) == 1:
-        if not DEFAULT_CONFIG.is_file():
-            raise FileNotFoundError(f'default config {DEFAULT_CONFIG} not found; pass a subcommand and --config')
-        args = ['fit', '--config', str(DEFAULT_CONFIG)]
+    if args is None:
+        args = command_line_args(sys.argv[1:])
     if not run and args and args[0] in SUBCOMMANDS:
         args = args[1:]  # without running, LightningCLI parses no subcommand
     arg_list = list(sys.argv[1:] if args is None else args)
