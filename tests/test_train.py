@@ -229,7 +229,9 @@ def test_command_line_without_subcommand_is_the_default_run():
     assert command_line_args(['--config', 'x.yaml', '--seed_everything', '1']) == ['fit', '--config', 'x.yaml',
                                                                                      '--seed_everything', '1']
     assert command_line_args(['--config=x.yaml']) == ['fit', '--config=x.yaml']
-    for kept in (['test', '--config', 'x.yaml'], ['fit'], ['--help'], ['-h']):
+    assert command_line_args(['--task', 'det', '--config', 'd.yaml']) == ['fit', '--task', 'det', '--config', 'd.yaml']
+    for kept in (['test', '--config', 'x.yaml'], ['fit'], ['--help'], ['-h'], ['--task', 'det', 'fit'],
+                 ['--task=det', 'validate', '--config', 'd.yaml']):
         assert command_line_args(kept) == kept
 
 

@@ -96,7 +96,8 @@ def command_line_args(argv: List[str]) -> List[str]:
     """The command line as LightningCLI takes it. A leading subcommand (or ``-h``) is kept as it is; without
     one the default run is meant: ``fit --config configs/fmnist_vit_tiny.yaml`` (the config only when no
     ``--config`` is given) followed by ``argv``, so ``python train.py --trainer.max_epochs 3`` overrides it."""
-    if argv and argv[0] in (*SUBCOMMANDS, '-h', '--help'):
+    rest = _strip_task(list(argv))  # `--task det fit ...` names its subcommand too
+    if rest and rest[0] in (*SUBCOMMANDS, '-h', '--help'):
         return list(argv)
     if any(a in ('-c', '--config') or a.startswith('--config=') for a in argv):
         return ['fit', *argv]
