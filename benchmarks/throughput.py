@@ -31,7 +31,7 @@ import timm
 import torch
 
 import visionpe
-from visionpe.benchmark import images_per_second, peak_memory, time_interleaved
+from visionpe.benchmark import STATS, images_per_second, peak_memory, time_interleaved
 
 VIT_BASELINE = 'vit_small_patch16_224'
 HIER_BASELINE = 'swin_tiny_patch4_window7_224'
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument('--sizes', nargs='*', type=int, default=[224, 448])
     ap.add_argument('--batch', type=int, default=8, help='batch at the first size (scaled down for larger sizes)')
     ap.add_argument('--repeats', type=int, default=3)
-    ap.add_argument('--stat', choices=('median', 'min'), default='median',
+    ap.add_argument('--stat', choices=STATS, default='median',
                     help='per-call time: median of the repeats, or their minimum (a CPU that stalls)')
     ap.add_argument('--mem-size', type=int, default=1024)
     ap.add_argument('--no-memory', action='store_true')

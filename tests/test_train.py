@@ -201,7 +201,8 @@ def _cli_args(tmp: Path, *extra: str):
     return ['fit', '--config', str(ROOT / 'configs' / 'fmnist_vit_tiny.yaml'),
             '--model.model_kwargs', json.dumps(VIT_TINY), '--data.img_size', '16', '--data.batch_size', '16',
             '--data.train_subset', '64', '--data.val_subset', '32', '--data.test_subset', '32',
-            '--trainer.max_steps', '2', '--trainer.max_epochs', '100',  # max_steps ends the run, not the recipe's epochs
+            # max_steps ends the run, not the recipe's epoch count
+            '--trainer.max_steps', '2', '--trainer.max_epochs', '100',
             '--model.warmup_epochs', '0.25', '--trainer.log_every_n_steps', '1',
             '--trainer.enable_progress_bar', 'false', *extra]
 

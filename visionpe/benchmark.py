@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ['PeakMemory', 'peak_memory', 'time_call', 'time_interleaved', 'images_per_second']
+__all__ = ['PeakMemory', 'peak_memory', 'time_call', 'time_interleaved', 'images_per_second', 'STATS']
 
 
 class _LiveStorageTracker(TorchDispatchMode):

@@ -114,7 +114,7 @@ def main(args: Optional[List[str]] = None, run: bool = True) -> LightningCLI:
         args = command_line_args(sys.argv[1:])
     if not run and args and args[0] in SUBCOMMANDS:
         args = args[1:]  # without running, LightningCLI parses no subcommand
-    arg_list = list(sys.argv[1:] if args is None else args)
+    arg_list = list(args)
     if _task(arg_list) == 'det':
         from ..det.module import DetectionData, ObjectDetector
         return DetectionCLI(ObjectDetector, DetectionData, args=_strip_task(arg_list), run=run,
