@@ -210,17 +210,19 @@ def _cli_args(tmp: Path, *extra: str):
 @pytest.mark.slow
 def test_cli_default_config_runs_and_links(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the config writes runs/... relative to the working directory
-    cli = main(_cli_args(tmp_path, '--model.model_name', 'vit_lookhere_tiny'))
+    # one override moves the whole run folder: loggers and checkpoints follow trainer.default_root_dir
+    cli = main(_cli_args(tmp_path, '--model.model_name', 'vit_lookhere_tiny', '--trainer.default_root_dir', 'moved'))
     hp = cli.model.hparams
     assert hp.model_name == 'vit_lookhere_tiny' and hp.num_classes == 10 and hp.img_size == 16
     assert tuple(hp.mean) == FMNIST_MEAN and hp.dataset == 'fashion_mnist'
     assert cli.trainer.global_step == 2
-    assert (tmp_path / 'runs' / 'fmnist_vit_tiny' / 'checkpoints' / 'last.ckpt').is_file()
+    assert (tmp_path / 'moved' / 'checkpoints' / 'last.ckpt').is_file()
     metrics = cli.trainer.callback_metrics
     assert 'test/acc' in metrics  # test_after_fit ran
-    csv = list((tmp_path / 'runs' / 'fmnist_vit_tiny' / 'csv').glob('version_*/metrics.csv'))
+    csv = list((tmp_path / 'moved' / 'csv').glob('version_*/metrics.csv'))
     assert csv and 'lr-AdamW' in csv[0].read_text().splitlines()[0]
-    assert list((tmp_path / 'runs' / 'fmnist_vit_tiny' / 'tensorboard').glob('version_*/events.out.*'))
+    assert list((tmp_path / 'moved' / 'tensorboard').glob('version_*/events.out.*'))
+    assert not (tmp_path / 'runs').exists()
 
 
 def test_command_line_without_subcommand_is_the_default_run():
@@ -263,6 +265,7 @@ def test_print_config_and_every_config_parses(capsys, tmp_path, monkeypatch):
         cfg = parser.parse_args(['--config', str(config)])
         text = parser.dump(cfg, skip_none=False)
         assert f'model_name: {cfg.model.model_name}' in text and 'max_epochs:' in text, config
+        assert '${' not in text and f'{cfg.trainer.default_root_dir}/checkpoints' in text, config  # resolved
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ __version__ = '0.1.0'
 
 from .grid import COORD_MODES, Grid, grid_coords  # noqa: E402
 from .attention import BACKENDS, set_attn_backend, use_backend  # noqa: E402
-from . import models  # noqa: E402  (registers the models)
+from . import models  # noqa: E402,F401  (registers the models)
 from .models import list_models  # noqa: E402
 
 

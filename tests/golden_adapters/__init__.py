@@ -13,7 +13,7 @@ import fnmatch
 import importlib
 import json
 import pkgutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple

@@ -26,7 +26,6 @@ def pope2d(gs: GoldenSet) -> Dict[str, torch.Tensor]:
 
     out = {'bias_clamped': enc.clamped_delta(0)}
     for case in gs.config['cases']:
-        name = case['name']
         q, k, v = (gs.tensors[case[t]] for t in 'qkv')
         if case['grid'] is None:  # explicit positions
             phases = pope_phases(gs.tensors[case['positions']], d, theta)

@@ -34,20 +34,15 @@ def bench_encodings(selected: Optional[Sequence[str]] = None) -> List[str]:
 
 
 def bench_config(pe: str, run_dir: Path, epochs: Optional[int]) -> Dict[str, Any]:
-    """``configs/fmnist_vit_tiny.yaml`` for ``vit_<pe>_tiny`` with every output under ``run_dir``."""
+    """``configs/fmnist_vit_tiny.yaml`` for ``vit_<pe>_tiny`` with every output under ``run_dir`` (its loggers
+    and checkpoints follow ``trainer.default_root_dir``)."""
     from ..train.cli import DEFAULT_CONFIG
     cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
     cfg['model']['model_name'] = f'vit_{pe}_tiny'
     cfg['test_after_fit'] = False  # the benchmark evaluates afterwards, at every resolution
-    tr = cfg['trainer']
-    tr['default_root_dir'] = str(run_dir)
+    cfg['trainer']['default_root_dir'] = str(run_dir)
     if epochs is not None:
-        tr['max_epochs'] = int(epochs)
-    for lg in tr.get('logger') or []:
-        lg.setdefault('init_args', {})['save_dir'] = str(run_dir)
-    for cb in tr.get('callbacks') or []:
-        if cb['class_path'].endswith('ModelCheckpoint'):
-            cb['init_args']['dirpath'] = str(run_dir / 'checkpoints')
+        cfg['trainer']['max_epochs'] = int(epochs)
     return cfg
 
 

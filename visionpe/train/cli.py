@@ -8,6 +8,9 @@ test split after ``fit`` with the final weights. With no arguments at all, ``tra
 Detection (``visionpe.det``): ``--task det`` anywhere in the arguments, or ``task: det`` at the top of a
 ``--config`` file, selects :class:`DetectionCLI` over ``ObjectDetector`` + ``DetectionData``
 (``python train.py fit --config configs/det/fmnist_det_tiny.yaml``).
+
+Configs are parsed in jsonargparse's ``omegaconf+`` mode: ``${trainer.default_root_dir}`` in a config is
+resolved after the command line, so ``--trainer.default_root_dir runs/x`` moves logs and checkpoints together.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from .datamodule import ImageClassificationData
@@ -25,6 +29,10 @@ __all__ = ['VisionPECLI', 'DetectionCLI', 'main', 'command_line_args', 'DEFAULT_
 SUBCOMMANDS = ('fit', 'validate', 'test', 'predict')
 TASKS = ('cls', 'det')
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / 'configs' / 'fmnist_vit_tiny.yaml'
+# Configs may refer to other settings, resolved after the command line is merged in: the loggers' save_dir and
+# the checkpoint dirpath are written '${trainer.default_root_dir}' so one override moves the whole run folder.
+PARSER_MODE = 'omegaconf+'
+PARSER_KWARGS = {'parser_mode': PARSER_MODE, **{s: {'parser_mode': PARSER_MODE} for s in SUBCOMMANDS}}
 
 
 class VisionPECLI(LightningCLI):
@@ -112,6 +120,9 @@ def main(args: Optional[List[str]] = None, run: bool = True) -> LightningCLI:
     ``run=False`` only instantiates (a leading subcommand in ``args`` is then ignored)."""
     if args is None:
         args = command_line_args(sys.argv[1:])
+    # '${trainer.default_root_dir}' is written from a config's root; under a subcommand the config sits at
+    # 'fit.', so the interpolations are made relative to where they appear when a config file is loaded
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     if not run and args and args[0] in SUBCOMMANDS:
         args = args[1:]  # without running, LightningCLI parses no subcommand
     arg_list = list(args)
@@ -119,8 +130,10 @@ def main(args: Optional[List[str]] = None, run: bool = True) -> LightningCLI:
         from ..det.module import DetectionData, ObjectDetector
         return DetectionCLI(ObjectDetector, DetectionData, args=_strip_task(arg_list), run=run,
                             seed_everything_default=0, save_config_kwargs={'overwrite': True},
+                            parser_kwargs=PARSER_KWARGS,
                             auto_configure_optimizers=False)
     if _strip_task(arg_list) != arg_list:  # an explicit --task cls
         args = _strip_task(arg_list)
     return VisionPECLI(VisionClassifier, ImageClassificationData, args=args, run=run, seed_everything_default=0,
-                       save_config_kwargs={'overwrite': True}, auto_configure_optimizers=False)
+                       save_config_kwargs={'overwrite': True}, parser_kwargs=PARSER_KWARGS,
+                       auto_configure_optimizers=False)
