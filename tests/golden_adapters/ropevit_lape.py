@@ -37,7 +37,7 @@ def lape(gs: GoldenSet):
 
     def extra(m, grid, s, out):
         out[f'pos_embed_{s}'] = m.pe._p0(grid)
-        out[f'lape_pe_{s}'] = torch.cat(m.pe.prepare(grid), dim=0)
+        out[f'lape_pe_{s}'] = torch.cat(list(m.pe.prepare(grid)), dim=0)
     return _run(model, gs, extra)
 
 

@@ -7,7 +7,8 @@ through one LayerNorm per block and added to each attention input (SPECS.md sect
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Set, Tuple
+from collections.abc import Sequence
+from typing import Any, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,7 +18,7 @@ from ..grid import Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
 from .base import EncodingContext, PosEncoding
 
-__all__ = ['sincos_2d', 'resample_table', 'LaPE']
+__all__ = ['sincos_2d', 'resample_table', 'LaPE', 'LaPEChain']
 
 
 def sincos_2d(
@@ -60,6 +61,28 @@ def resample_table(
     return resample_abs_pos_embed(table, new_size=list(new_hw), old_size=list(old_hw),
                                   num_prefix_tokens=num_prefix, interpolation=interpolation,
                                   antialias=antialias)
+
+
+class LaPEChain(Sequence):
+    """``p_l = LN_l(p_(l-1))`` computed on demand, keeping only the last one: blocks ask for ``p_0, p_1, ...``
+    in order, so each costs one LayerNorm; any other index is recomputed from ``p_0``."""
+
+    def __init__(self, p0: torch.Tensor, norms: nn.ModuleList):
+        self.p0, self.norms = p0, norms
+        self._layer, self._p = -1, p0
+
+    def __len__(self) -> int:
+        return len(self.norms)
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if not 0 <= layer < len(self.norms):
+            raise IndexError(f'LaPE layer {layer} out of range for depth {len(self.norms)}')
+        if layer < self._layer:
+            self._layer, self._p = -1, self.p0
+        while self._layer < layer:
+            self._layer += 1
+            self._p = self.norms[self._layer](self._p)
+        return self._p
 
 
 @register_encoding('lape')
@@ -110,15 +133,14 @@ class LaPE(PosEncoding):
             return torch.cat([t.new_zeros(1, self.num_prefix, t.shape[-1]), t], dim=1)
         return self._cache.get(grid.hw, device, build)
 
-    def prepare(self, grid: Grid) -> List[torch.Tensor]:
+    def prepare(self, grid: Grid) -> Sequence[torch.Tensor]:
+        """``[p_1, ..., p_depth]``: a list when gradients are on (backward keeps every ``p_l`` anyway), else a
+        :class:`LaPEChain` that holds one ``p_l`` at a time (inference memory does not grow with depth)."""
         p = self._p0(grid)
         if self.num_prefix < grid.num_prefix:  # prefix tokens without a table row get no PE
             p = torch.cat([p.new_zeros(1, grid.num_prefix - self.num_prefix, p.shape[-1]), p], dim=1)
-        chain = []
-        for norm in self.norms:
-            p = norm(p)
-            chain.append(p)
-        return chain
+        chain = LaPEChain(p, self.norms)
+        return chain if not torch.is_grad_enabled() else list(chain)
 
     def attn_input(self, x: torch.Tensor, layer: int, state: Any) -> torch.Tensor:
         return x + state[layer]
