@@ -42,7 +42,7 @@ def lape(gs: GoldenSet):
 
 
 def _rope_tables(m, grid, s, out):
-    sin, cos = m.pe.prepare(grid)
+    sin, cos = m.pe.tables(grid)
     out[f'rope_cos_{s}'] = cos[..., grid.num_prefix:, 0::2]
     out[f'rope_sin_{s}'] = sin[..., grid.num_prefix:, 0::2]
 

@@ -28,7 +28,7 @@ from ..grid import Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
 from .base import EncodingContext, PosEncoding
 
-__all__ = ['RoPE2D', 'axial_frequencies', 'rope_tables', 'apply_rope']
+__all__ = ['RoPE2D', 'MixedRoPEState', 'axial_frequencies', 'rope_tables', 'apply_rope']
 
 
 def axial_frequencies(head_dim: int, theta: float) -> torch.Tensor:
@@ -55,6 +55,26 @@ def rope_tables(angles: torch.Tensor, num_prefix: int) -> Tuple[torch.Tensor, to
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of ``x`` (..., N, d); result in x's dtype (timm's apply_rot_embed)."""
     return apply_rot_embed(x, sin, cos)
+
+
+class MixedRoPEState:
+    """RoPE-Mixed rotations of one grid, layer by layer: ``state[l]`` is ``(sin, cos)`` of shape
+    ``(heads, P + N, d)`` from ``phi = x F_x[l] + y F_y[l]`` (float32, also under autocast). Each block
+    computes only its own layer, so no ``(depth, heads, N, d)`` stack is ever held (at 1024 px, ViT-S:
+    ~150 MiB of tables that way, ~13 MiB per layer this way)."""
+
+    def __init__(self, xy: torch.Tensor, freqs: torch.Tensor, num_prefix: int):
+        self.xy, self.freqs, self.num_prefix = xy, freqs, num_prefix
+
+    def __len__(self) -> int:
+        return self.freqs.shape[1]
+
+    def __getitem__(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=self.freqs.device.type, enabled=False):
+            f = self.freqs[:, layer].float()  # (2, heads, d/2)
+            # (heads, N, d/2): x F_x + y F_y, elementwise (no matmul downcast under autocast)
+            angles = self.xy[:, 0, None] * f[0].unsqueeze(-2) + self.xy[:, 1, None] * f[1].unsqueeze(-2)
+            return rope_tables(angles, self.num_prefix)
 
 
 @register_encoding('rope2d')
@@ -110,23 +130,28 @@ class RoPE2D(PosEncoding):
         xy = self._coords(grid)
         return torch.cat([torch.outer(xy[:, 0], mag_x), torch.outer(xy[:, 1], mag_y)], dim=-1)  # (N, d/2)
 
-    def prepare(self, grid: Grid) -> Tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, grid: Grid) -> Any:
+        """Axial: the ``(sin, cos)`` tables ``(P + N, d)``, cached per grid. Mixed: a
+        :class:`MixedRoPEState` that gives each layer its ``(heads, P + N, d)`` tables when asked."""
         if self.rope_type == 'axial':
             device = self.device
             key = (grid, self.coord_mode, self.ref_hw, self.pos_scale, self.ntk_scale, self.theta)
             return self._cache.get(key, device, lambda: rope_tables(self._axial_angles(grid), grid.num_prefix))
-        with torch.autocast(device_type=self.freqs.device.type, enabled=False):
-            key = (grid.hw, self.coord_mode, self.ref_hw, self.pos_scale, 'xy')
-            xy = self._cache.get(key, self.freqs.device, lambda: self._coords(grid))
-            f = self.freqs.float()
-            # (depth, heads, N, d/2): x F_x + y F_y, elementwise (no matmul downcast under autocast)
-            angles = xy[:, 0, None] * f[0].unsqueeze(-2) + xy[:, 1, None] * f[1].unsqueeze(-2)
-            return rope_tables(angles, grid.num_prefix)
+        key = (grid.hw, self.coord_mode, self.ref_hw, self.pos_scale, 'xy')
+        xy = self._cache.get(key, self.freqs.device, lambda: self._coords(grid))
+        return MixedRoPEState(xy, self.freqs, grid.num_prefix)
+
+    def tables(self, grid: Grid) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Every rotation at once: ``(P + N, d)`` axial, ``(depth, heads, P + N, d)`` mixed (for inspection;
+        the forward pass never builds the mixed stack)."""
+        state = self.prepare(grid)
+        if self.rope_type == 'axial':
+            return state
+        sin, cos = zip(*(state[layer] for layer in range(len(state))))
+        return torch.stack(sin), torch.stack(cos)
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, layer: int, state: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-        sin, cos = state
-        if self.rope_type == 'mixed':
-            sin, cos = sin[layer], cos[layer]
+        sin, cos = state[layer] if self.rope_type == 'mixed' else state
         return apply_rope(q, sin, cos), apply_rope(k, sin, cos)
 
     def no_weight_decay(self) -> Set[str]:

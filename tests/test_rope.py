@@ -1,0 +1,51 @@
+"""2-D RoPE-Mixed (SPECS.md section 7): per-layer rotations computed when each block asks for them."""
+from __future__ import annotations
+
+import timm
+import torch
+
+import visionpe  # noqa: F401  (registers the models)
+from visionpe.benchmark import peak_memory
+from visionpe.grid import Grid, grid_coords
+from visionpe.pos.rope import MixedRoPEState
+
+SMALL = dict(embed_dim=32, depth=12, num_heads=2, patch_size=8, img_size=256, num_classes=5, dynamic_img_size=True)
+
+
+def test_mixed_state_gives_each_layer_its_own_rotation():
+    torch.manual_seed(0)
+    model = timm.create_model('vit_rope2d_mixed_tiny', **SMALL)
+    grid = Grid(5, 7, model.num_prefix_tokens)
+    state = model.pe.prepare(grid)
+    assert isinstance(state, MixedRoPEState) and len(state) == SMALL['depth']
+    sin_all, cos_all = model.pe.tables(grid)
+    heads, d = SMALL['num_heads'], SMALL['embed_dim'] // SMALL['num_heads']
+    assert sin_all.shape == (SMALL['depth'], heads, grid.num_prefix + 35, d)
+    xy = grid_coords(5, 7, 'index')
+    for layer in (0, 5, 11):
+        sin, cos = state[layer]
+        torch.testing.assert_close(sin, sin_all[layer], rtol=0, atol=0)
+        f = model.pe.freqs[:, layer].detach()  # (2, heads, d/2): phi = x F_x + y F_y, pairs interleaved
+        phi = (xy[:, 0, None, None] * f[0] + xy[:, 1, None, None] * f[1]).transpose(0, 1).repeat_interleave(2, -1)
+        torch.testing.assert_close(cos[:, grid.num_prefix:], phi.cos(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(cos[:, :grid.num_prefix], torch.ones_like(cos[:, :grid.num_prefix]))
+    assert not torch.equal(state[0][0], state[1][0])
+    # gradients reach the frequencies through the per-layer tables
+    model(torch.randn(1, 3, 40, 56)).sum().backward()
+    assert model.pe.freqs.grad is not None and model.pe.freqs.grad.abs().sum() > 0
+
+
+def test_mixed_inference_memory_does_not_grow_with_depth():
+    """The stacked (depth, heads, N, d) sin/cos held 2 x depth per-layer tables above the axial RoPE ViT."""
+    x = torch.randn(1, 3, 256, 256)
+    peaks = {}
+    for name in ('vit_rope2d_tiny', 'vit_rope2d_mixed_tiny'):
+        torch.manual_seed(0)
+        model = timm.create_model(name, **SMALL).eval()
+        with torch.inference_mode(), peak_memory('cpu') as mem:
+            model(x)
+        peaks[name] = mem.bytes
+    tokens = (256 // 8) ** 2 + model.num_prefix_tokens
+    layer_table = SMALL['num_heads'] * tokens * (SMALL['embed_dim'] // SMALL['num_heads']) * 4  # one of sin / cos
+    extra = peaks['vit_rope2d_mixed_tiny'] - peaks['vit_rope2d_tiny']
+    assert extra <= 6 * layer_table, (extra / layer_table, peaks)
