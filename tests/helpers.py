@@ -20,6 +20,18 @@ FAMILY_TINY: Dict[str, Dict[str, Any]] = {
 }
 
 
+# Deep and narrow ViT with many tokens (1024 at 256 px): per-layer state that grows with depth shows in memory.
+DEEP_VIT = dict(embed_dim=32, depth=12, num_heads=2, patch_size=8, img_size=256, num_classes=5, dynamic_img_size=True)
+
+
+def inference_peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Peak live tensor storage of one ``model(x)`` under ``torch.inference_mode`` (exact, CPU)."""
+    from visionpe.benchmark import peak_memory
+    with torch.inference_mode(), peak_memory('cpu') as mem:
+        model(x)
+    return mem.bytes
+
+
 def family(name: str) -> str:
     return visionpe.models._registry._MODELS[name]
 

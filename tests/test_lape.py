@@ -6,11 +6,11 @@ import timm
 import torch
 
 import visionpe  # noqa: F401  (registers the models)
-from visionpe.benchmark import peak_memory
 from visionpe.grid import Grid
 from visionpe.pos.absolute import LaPEChain
 
-SMALL = dict(embed_dim=32, depth=12, num_heads=2, patch_size=8, img_size=256, num_classes=5, dynamic_img_size=True)
+from helpers import DEEP_VIT as SMALL
+from helpers import inference_peak_bytes
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -49,13 +49,9 @@ def test_inference_output_is_the_same_with_and_without_gradients():
 def test_inference_memory_does_not_grow_with_depth():
     """At 1024 tokens the old eager chain held depth x (N, D) more than the learned-APE ViT."""
     x = torch.randn(1, 3, 256, 256)
-    peaks = {}
-    for name in ('vit_ape_tiny', 'vit_lape_tiny'):
-        model = _model(name)
-        with torch.inference_mode(), peak_memory('cpu') as mem:
-            model(x)
-        peaks[name] = mem.bytes
-    tokens = (256 // 8) ** 2 + model.num_prefix_tokens
+    models = {name: _model(name) for name in ('vit_ape_tiny', 'vit_lape_tiny')}
+    peaks = {name: inference_peak_bytes(model, x) for name, model in models.items()}
+    tokens = (256 // 8) ** 2 + models['vit_ape_tiny'].num_prefix_tokens
     pe_bytes = tokens * SMALL['embed_dim'] * 4
     extra = peaks['vit_lape_tiny'] - peaks['vit_ape_tiny']
     assert extra <= 3 * pe_bytes, (extra / pe_bytes, peaks)  # eager chain: 12 x pe_bytes

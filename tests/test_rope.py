@@ -5,11 +5,11 @@ import timm
 import torch
 
 import visionpe  # noqa: F401  (registers the models)
-from visionpe.benchmark import peak_memory
 from visionpe.grid import Grid, grid_coords
 from visionpe.pos.rope import MixedRoPEState
 
-SMALL = dict(embed_dim=32, depth=12, num_heads=2, patch_size=8, img_size=256, num_classes=5, dynamic_img_size=True)
+from helpers import DEEP_VIT as SMALL
+from helpers import inference_peak_bytes
 
 
 def test_mixed_state_gives_each_layer_its_own_rotation():
@@ -38,14 +38,9 @@ def test_mixed_state_gives_each_layer_its_own_rotation():
 def test_mixed_inference_memory_does_not_grow_with_depth():
     """The stacked (depth, heads, N, d) sin/cos held 2 x depth per-layer tables above the axial RoPE ViT."""
     x = torch.randn(1, 3, 256, 256)
-    peaks = {}
-    for name in ('vit_rope2d_tiny', 'vit_rope2d_mixed_tiny'):
-        torch.manual_seed(0)
-        model = timm.create_model(name, **SMALL).eval()
-        with torch.inference_mode(), peak_memory('cpu') as mem:
-            model(x)
-        peaks[name] = mem.bytes
-    tokens = (256 // 8) ** 2 + model.num_prefix_tokens
+    models = {name: timm.create_model(name, **SMALL).eval() for name in ('vit_rope2d_tiny', 'vit_rope2d_mixed_tiny')}
+    peaks = {name: inference_peak_bytes(model, x) for name, model in models.items()}
+    tokens = (256 // 8) ** 2 + models['vit_rope2d_tiny'].num_prefix_tokens
     layer_table = SMALL['num_heads'] * tokens * (SMALL['embed_dim'] // SMALL['num_heads']) * 4  # one of sin / cos
     extra = peaks['vit_rope2d_mixed_tiny'] - peaks['vit_rope2d_tiny']
     assert extra <= 6 * layer_table, (extra / layer_table, peaks)

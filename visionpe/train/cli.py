@@ -126,14 +126,9 @@ def main(args: Optional[List[str]] = None, run: bool = True) -> LightningCLI:
     if not run and args and args[0] in SUBCOMMANDS:
         args = args[1:]  # without running, LightningCLI parses no subcommand
     arg_list = list(args)
+    common = dict(args=_strip_task(arg_list), run=run, seed_everything_default=0,
+                  save_config_kwargs={'overwrite': True}, parser_kwargs=PARSER_KWARGS, auto_configure_optimizers=False)
     if _task(arg_list) == 'det':
         from ..det.module import DetectionData, ObjectDetector
-        return DetectionCLI(ObjectDetector, DetectionData, args=_strip_task(arg_list), run=run,
-                            seed_everything_default=0, save_config_kwargs={'overwrite': True},
-                            parser_kwargs=PARSER_KWARGS,
-                            auto_configure_optimizers=False)
-    if _strip_task(arg_list) != arg_list:  # an explicit --task cls
-        args = _strip_task(arg_list)
-    return VisionPECLI(VisionClassifier, ImageClassificationData, args=args, run=run, seed_everything_default=0,
-                       save_config_kwargs={'overwrite': True}, parser_kwargs=PARSER_KWARGS,
-                       auto_configure_optimizers=False)
+        return DetectionCLI(ObjectDetector, DetectionData, **common)
+    return VisionPECLI(VisionClassifier, ImageClassificationData, **common)
