@@ -312,3 +312,24 @@ def test_fmnist_benchmark_two_encodings_cached(tmp_path, monkeypatch):
     assert {pe: p.stat().st_mtime_ns for pe, p in ckpts.items()} == stamp
     js = json.loads((bench / 'report' / 'results.json').read_text())
     assert all(t['cached'] for t in js['meta']['benchmark']['trained'].values())
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_fmnist_benchmark_resumes_an_unfinished_training(tmp_path, monkeypatch):
+    """``last.ckpt`` without the finished marker (a killed run, or one still running elsewhere) is resumed
+    from, never taken for a trained model."""
+    from visionpe.eval.fmnist_bench import train_encoding
+    monkeypatch.chdir(tmp_path)
+    kw = {k: v for k, v in TINY.items() if k != 'img_size'}
+    args = ['--model.model_kwargs', json.dumps(kw), '--data.img_size', '16', '--data.batch_size', '16',
+            '--data.train_subset', '64', '--data.val_subset', '16', '--trainer.enable_progress_bar', 'false']
+    last, seconds = train_encoding('ape', train_args=[*args, '--trainer.max_steps', '2'])
+    assert seconds is not None and torch.load(last, weights_only=False)['global_step'] == 2
+    done = tmp_path / 'runs' / 'fmnist_bench' / 'ape' / 'train_time.json'
+    done.unlink()  # as if the run had been killed after its last checkpoint
+    last, seconds = train_encoding('ape', train_args=[*args, '--trainer.max_steps', '4'])
+    assert seconds is not None, 'an unfinished training was taken as cached'
+    assert torch.load(last, weights_only=False)['global_step'] == 4
+    assert json.loads(done.read_text())['resumed'] is True
+    assert train_encoding('ape', train_args=args)[1] is None  # finished: cached now

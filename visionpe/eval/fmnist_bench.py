@@ -1,6 +1,7 @@
 """The Fashion-MNIST resolution benchmark: train every ``vit_<pe>_tiny`` with one tiny recipe at 32 px
 (patch 4, ``configs/fmnist_vit_tiny.yaml``) through ``train.py``'s code, cache the checkpoints in
-``<bench_dir>/<pe>/checkpoints/last.ckpt`` (training is skipped when one exists), then sweep the
+``<bench_dir>/<pe>/checkpoints/last.ckpt`` (training is skipped once it has finished; an
+unfinished one resumes from its last checkpoint), then sweep the
 resolutions (default 32, 48, 64, 96, 128) under every coordinate mode an encoding supports.
 """
 from __future__ import annotations
@@ -48,24 +49,36 @@ def bench_config(pe: str, run_dir: Path, epochs: Optional[int]) -> Dict[str, Any
 
 def train_encoding(pe: str, bench_dir: Path = BENCH_DIR, epochs: Optional[int] = None,
                    train_args: Sequence[str] = (), retrain: bool = False) -> Tuple[Path, Optional[float]]:
-    """Train ``vit_<pe>_tiny`` unless its checkpoint exists; ``(last.ckpt, training seconds or None if cached)``."""
+    """Train ``vit_<pe>_tiny`` unless it finished before; ``(last.ckpt, training seconds or None if cached)``.
+
+    A finished training is marked by ``train_time.json`` (written after ``fit`` returns). ``last.ckpt`` alone
+    is not: the periodic checkpoint rewrites it every 200 steps, so a run that was killed or is still running
+    in another process also has one. Such a run is resumed from it (``--ckpt_path``, exact resume), never
+    taken for a finished model."""
     run_dir = Path(bench_dir) / pe
     last = run_dir / 'checkpoints' / 'last.ckpt'
-    if last.is_file() and not retrain:
+    done = run_dir / 'train_time.json'
+    if done.is_file() and last.is_file() and not retrain:
         log.info('vit_%s_tiny: using the cached checkpoint %s', pe, last)
         return last, None
     from ..train.cli import main
     run_dir.mkdir(parents=True, exist_ok=True)
+    done.unlink(missing_ok=True)
+    resume: List[str] = []
     if last.is_file():
-        last.unlink()
+        if retrain:
+            last.unlink()
+        else:
+            log.info('vit_%s_tiny: resuming the unfinished training from %s', pe, last)
+            resume = ['--ckpt_path', str(last)]
     config = run_dir / 'config.yaml'
     config.write_text(yaml.safe_dump(bench_config(pe, run_dir, epochs), sort_keys=False))
     t0 = time.perf_counter()
-    main(['fit', '--config', str(config), *train_args])
+    main(['fit', '--config', str(config), *train_args, *resume])
     seconds = time.perf_counter() - t0
     if not last.is_file():
         raise RuntimeError(f'training vit_{pe}_tiny wrote no {last} (check the ModelCheckpoint callbacks in {config})')
-    (run_dir / 'train_time.json').write_text(json.dumps(dict(seconds=seconds, args=list(train_args))))
+    done.write_text(json.dumps(dict(seconds=seconds, args=list(train_args), resumed=bool(resume))))
     return last, seconds
 
 
