@@ -5,6 +5,8 @@ forward-only on CPU) must match in eval; xformers needs CUDA and runs only there
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import timm
 import torch
@@ -199,3 +201,20 @@ def test_max_bias_setting_errors(monkeypatch):
     monkeypatch.setenv(MAX_BIAS_ENV_VAR, '0')
     with pytest.raises(ValueError, match='positive'):
         max_bias_bytes()
+
+
+def test_bias_budget_context_overrides_the_environment(monkeypatch):
+    from visionpe.attention import MAX_BIAS_ENV_VAR, bias_budget, bias_block_rows, max_bias_bytes
+    monkeypatch.setenv(MAX_BIAS_ENV_VAR, '2')
+    pos = SimpleNamespace(row_bias='per_sample')
+    q = k = torch.zeros(8, 4, 256, 16)  # a (8, 4, 256, 256) fp32 bias: 8 MiB, 32 KiB per query row
+    assert max_bias_bytes() == 2 * 2 ** 20 and bias_block_rows(pos, q, k) == 16  # a quarter of 2 MiB
+    with bias_budget(64):
+        assert max_bias_bytes() == 64 * 2 ** 20 and bias_block_rows(pos, q, k) is None  # whole
+        with bias_budget(4):
+            assert bias_block_rows(pos, q, k) == 32
+        assert max_bias_bytes() == 64 * 2 ** 20
+    assert max_bias_bytes() == 2 * 2 ** 20  # restored
+    with pytest.raises(ValueError, match='positive'):
+        with bias_budget(0):
+            pass

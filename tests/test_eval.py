@@ -115,6 +115,9 @@ def test_outputs_exist_and_agree(folder, rope_file, tmp_path, capsys):
     with open(out / 'results.csv') as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(rows)
+    partial = [json.loads(ln) for ln in (out / 'rows.partial.jsonl').read_text().splitlines()]
+    assert [(p['label'], p['resolution'], p['top1']) for p in partial] == \
+        [(r['label'], r['resolution'], r['top1']) for r in rows]  # each row as it was measured
     md = (out / 'results.md').read_text()
     for c, r in zip(csv_rows, rows):
         assert c['label'] == r['label'] and int(c['resolution']) == r['resolution']

@@ -13,10 +13,11 @@ all equal to fp32 rounding:
               inside the kernel instead of materialising it (forward-only on CPU).
 
 Bias memory: an additive bias is ``(B or 1, heads, N, N)``, 384 MiB per sample for a ViT-S at
-1024 px. When no gradient is needed and the whole bias would exceed ``VISIONPE_MAX_BIAS_MB``
-(default 16), encodings that can build it by query rows (``PosEncoding.row_bias``) get SDPA (or
-the math path, when they need the probabilities) called one block of rows at a time (blocks of at
-most a quarter of that budget); the result is the same, the peak memory is not.
+1024 px. When no gradient is needed and the whole bias would exceed the bias budget
+(``VISIONPE_MAX_BIAS_MB``, default 16, or :func:`bias_budget` in a ``with`` block), encodings that
+can build it by query rows (``PosEncoding.row_bias``) get SDPA (or the math path, when they need the
+probabilities) called one block of rows at a time (blocks of at most a quarter of that budget); the
+result is the same, the peak memory is not. The evaluator sets a 1 GiB budget (``--max-bias-mb``).
 
 ``auto`` picks xformers on CUDA when it is installed, else SDPA, and the math path whenever an
 encoding needs the attention probabilities. The backend is a setting, never a code edit: the
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     'BACKENDS', 'Attention', 'attend', 'run_backend', 'resolve_backend', 'use_backend', 'set_attn_backend',
-    'xformers_available', 'flex_available', 'max_bias_bytes', 'bias_block_rows', 'attend_by_row_blocks',
+    'xformers_available', 'flex_available', 'bias_budget', 'max_bias_bytes', 'bias_block_rows', 'attend_by_row_blocks',
 ]
 
 BACKENDS = ('auto', 'math', 'sdpa', 'xformers', 'flex')
@@ -236,8 +237,28 @@ def run_backend(
     return _flex(q, k, v, scale, bias, score_mod), None
 
 
+@contextlib.contextmanager
+def bias_budget(mb: float) -> Iterator[None]:
+    """Set the bias budget (MiB, see :func:`max_bias_bytes`) inside the ``with`` block (this thread),
+    over ``VISIONPE_MAX_BIAS_MB``. Large batches want a larger one: a block is at most a quarter of
+    the budget across the whole batch, so batch 256 at 1,024 tokens gets one query row per call with
+    the 16 MiB default (4x slower than 64-row blocks, measured)."""
+    if not mb > 0:
+        raise ValueError(f'the bias budget must be a positive number of MiB, got {mb!r}')
+    prev = getattr(_override, 'bias_mb', None)
+    _override.bias_mb = float(mb)
+    try:
+        yield
+    finally:
+        _override.bias_mb = prev
+
+
 def max_bias_bytes() -> int:
-    """Largest bias SDPA gets whole when no gradient is needed (``VISIONPE_MAX_BIAS_MB``, MiB)."""
+    """Largest bias SDPA gets whole when no gradient is needed: :func:`bias_budget` if set, else
+    ``VISIONPE_MAX_BIAS_MB`` (MiB, default 16)."""
+    override = getattr(_override, 'bias_mb', None)
+    if override is not None:
+        return int(override * 2 ** 20)
     raw = os.environ.get(MAX_BIAS_ENV_VAR)
     try:
         mb = DEFAULT_MAX_BIAS_MB if raw is None else float(raw)

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--workers', type=int, default=2, help='image-folder DataLoader workers')
     p.add_argument('--train-res', type=int, default=None,
                    help='training resolution (default: from the checkpoint or the model config)')
+    p.add_argument('--max-bias-mb', type=float, default=1024.0,
+                   help='attention bias budget in MiB (over VISIONPE_MAX_BIAS_MB): biases above it are built '
+                        'by blocks of query rows; the 16 MiB library default makes batch-256 blocks a row or two')
     p.add_argument('--no-ema', action='store_true', help='train.py checkpoints: the raw weights, not the EMA ones')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     k = p.add_argument_group('test-time knobs (each is swept like a resolution)')
@@ -169,7 +172,8 @@ def config_from_args(args: argparse.Namespace, models: List[ModelSource]) -> Eva
     return EvalConfig(models=models, data=args.data, resolutions=args.resolutions or DEFAULT_RESOLUTIONS,
                       task=args.task, crop_ratio=args.crop_ratio, batch_size=args.batch_size,
                       max_images=args.max_images, device=args.device, knobs=knob_space(args),
-                      train_res=args.train_res, workers=args.workers, progress=not args.no_progress)
+                      train_res=args.train_res, workers=args.workers, progress=not args.no_progress,
+                      max_bias_mb=args.max_bias_mb)
 
 
 def _benchmark(args: argparse.Namespace) -> tuple:
@@ -196,6 +200,23 @@ def _benchmark(args: argparse.Namespace) -> tuple:
     return models, extra, bench_dir / 'report'
 
 
+PARTIAL_ROWS = 'rows.partial.jsonl'
+
+
+class RowLog:
+    """Appends each result row to a JSON-lines file as soon as it is measured, so a sweep that is
+    cut off keeps what it measured (the full reports are written at the end)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text('')
+
+    def __call__(self, row: Dict[str, Any]) -> None:
+        with self.path.open('a') as f:
+            f.write(json.dumps(row, default=str) + '\n')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the evaluator; bad input ends with ``error: ...`` on stderr and exit status 2."""
     parser = build_parser()
@@ -219,10 +240,10 @@ def run_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None
     else:
         models = model_sources(args)
     cfg = config_from_args(args, models)
-    t0 = time.perf_counter()
-    result: EvalResult = run_eval(cfg)
-    extra['eval_wall_s'] = time.perf_counter() - t0
     out = out or Path('runs') / 'eval' / time.strftime('%Y%m%d-%H%M%S')
+    t0 = time.perf_counter()
+    result: EvalResult = run_eval(cfg, on_row=RowLog(out / PARTIAL_ROWS))
+    extra['eval_wall_s'] = time.perf_counter() - t0
     cmd = ['eval_resolution.py', *(sys.argv[1:] if argv is None else argv)]
     paths = write_reports(result, out, cmd, extra)
     result.meta.update(extra)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..attention import bias_budget
 from ..benchmark import peak_memory
 from .data import FMNIST, DataSpec, eval_batches, num_classes_of, parse_data
 from .models import (Knobs, KnobSpace, ModelSource, apply_knobs, build_overrides, expand_knobs, knob_support,
@@ -49,6 +50,7 @@ class EvalConfig:
     train_res: Optional[int] = None        # overrides the training resolution found in the checkpoint
     workers: int = 2
     progress: bool = True
+    max_bias_mb: float = 1024.0            # attention bias budget (visionpe.attention.bias_budget)
 
 
 @dataclass
@@ -225,8 +227,7 @@ def run_eval(cfg: EvalConfig, on_row: Optional[Callable[[Dict[str, Any]], None]]
                 batches, _ = eval_batches(spec, r, cfg.batch_size, max_images, mean, std,
                                           crop_ratio=cfg.crop_ratio or 1.0, interpolation=interp,
                                           workers=cfg.workers)
-                ctx = _backend_ctx(backend)
-                with ctx:
+                with _backend_ctx(backend), bias_budget(cfg.max_bias_mb):
                     m = evaluate_classifier(model, batches, device)
                 row = dict(label=label, model=src.name, checkpoint=src.checkpoint, **knobs.as_dict(),
                            resolution=r, train_res=train_hw[0] if train_hw else None, **m)
@@ -322,7 +323,7 @@ def _run_coco(cfg: EvalConfig, spec: DataSpec, device: torch.device, max_images:
             for r in cfg.resolutions:
                 bar.set_postfix_str(f'{label} @ {r}px')
                 apply_knobs(model, knobs, (r, r), train_hw)
-                with _backend_ctx(knobs.backend):
+                with _backend_ctx(knobs.backend), bias_budget(cfg.max_bias_mb):
                     m = evaluate_detection(model, spec.root, r, cfg.batch_size, device, max_images)
                 missing = [k for k in COCO_METRICS if k not in m]
                 if missing:
