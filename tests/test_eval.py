@@ -293,6 +293,45 @@ def test_coco_dispatch_with_a_fake_detector(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- benchmark
 @needs_fmnist
 @pytest.mark.slow
+def test_coordinate_modes_stay_in_the_training_frame(folder):
+    """Only modes that give the training coordinates at the training size are swept: index / ref for an
+    index-trained RoPE, normalized / normalized_ref for ComRoPE, polar alone for polar RoPE."""
+    space = KnobSpace(coord_mode=['index', 'ref', 'normalized', 'normalized_ref', 'polar'])
+    srcs = [ModelSource('vit_rope2d_tiny', 'random', dict(TINY)),
+            ModelSource('vit_comrope_ap_tiny', 'random', dict(TINY)),
+            ModelSource('vit_rope2d_polar_tiny', 'random', dict(TINY))]
+    res = run_eval(cfg(folder, srcs[0], models=srcs, resolutions=[16], knobs=space))
+    modes = {m: sorted(r['coord_mode'] for r in res.rows if r['model'] == m) for m in (s.name for s in srcs)}
+    assert modes == {'vit_rope2d_tiny': ['index', 'ref'], 'vit_comrope_ap_tiny': ['normalized', 'normalized_ref'],
+                     'vit_rope2d_polar_tiny': ['polar']}
+    polar_notes = next(m['notes'] for m in res.meta['models'] if m['name'] == 'vit_rope2d_polar_tiny')
+    assert any("trained with 'polar'" in n for n in polar_notes)
+    # at the training size a mode of the family gives the same logits as the training mode
+    train = by(res.rows, model='vit_rope2d_tiny', coord_mode='index')[16]
+    assert by(res.rows, model='vit_rope2d_tiny', coord_mode='ref')[16]['loss'] == pytest.approx(train['loss'], abs=1e-6)
+
+
+def test_resume_reuses_measured_rows(folder, rope_file, tmp_path, monkeypatch):
+    out = tmp_path / 'run'
+    argv = ['--models', 'vit_rope2d_tiny', '--checkpoints', str(rope_file), '--model-kwargs', json.dumps(TINY),
+            '--data', str(folder), '--output', str(out), '--batch-size', '4', '--workers', '0', '--no-progress',
+            '--coord-modes', 'index']
+    assert main([*argv, '--resolutions', '16', '24']) == 0
+    first = {r['resolution']: r for r in json.loads((out / 'results.json').read_text())['rows']}
+    import visionpe.eval.runner as runner
+    calls = []
+    real = runner.evaluate_classifier
+    monkeypatch.setattr(runner, 'evaluate_classifier', lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main([*argv, '--resolutions', '16', '24', '32', '--resume']) == 0
+    assert len(calls) == 1  # only 32 px is measured again
+    rows = {r['resolution']: r for r in json.loads((out / 'results.json').read_text())['rows']}
+    for r in (16, 24):
+        assert rows[r]['images_per_s'] == first[r]['images_per_s'] and rows[r]['top1'] == first[r]['top1']
+    assert len((out / 'rows.partial.jsonl').read_text().splitlines()) == 3
+    calls.clear()
+    assert main([*argv, '--resolutions', '16']) == 0 and len(calls) == 1  # without --resume: measured anew
+
+
 def test_fmnist_benchmark_two_encodings_cached(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     kw = {k: v for k, v in TINY.items() if k != 'img_size'}
@@ -307,8 +346,9 @@ def test_fmnist_benchmark_two_encodings_cached(tmp_path, monkeypatch):
     stamp = {pe: p.stat().st_mtime_ns for pe, p in ckpts.items()}
     js = json.loads((bench / 'report' / 'results.json').read_text())
     labels = {r['label'] for r in js['rows']}
-    assert labels == {'vit_ape_tiny', 'vit_rope2d_tiny [coord=index]', 'vit_rope2d_tiny [coord=ref]',
-                      'vit_rope2d_tiny [coord=normalized]'}
+    assert labels == {'vit_ape_tiny', 'vit_rope2d_tiny [coord=index]', 'vit_rope2d_tiny [coord=ref]'}
+    rope_notes = next(m['notes'] for m in js['meta']['models'] if m['name'] == 'vit_rope2d_tiny')
+    assert any("trained with 'index' coordinates" in n for n in rope_notes)  # normalized* and polar dropped
     assert {r['train_res'] for r in js['rows']} == {16}
     assert all(not t['cached'] and t['train_s'] > 0 for t in js['meta']['benchmark']['trained'].values())
     assert main(argv) == 0  # second run: checkpoints reused, no training

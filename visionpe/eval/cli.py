@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--max-bias-mb', type=float, default=1024.0,
                    help='attention bias budget in MiB (over VISIONPE_MAX_BIAS_MB): biases above it are built '
                         'by blocks of query rows; the 16 MiB library default makes batch-256 blocks a row or two')
+    p.add_argument('--resume', action='store_true',
+                   help=f'reuse the rows of an earlier run into the same --output ({PARTIAL_ROWS}) that have the '
+                        'same label, checkpoint, resolution and image count; measure only the rest')
     p.add_argument('--no-ema', action='store_true', help='train.py checkpoints: the raw weights, not the EMA ones')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     k = p.add_argument_group('test-time knobs (each is swept like a resolution)')
@@ -217,6 +220,19 @@ class RowLog:
             f.write(json.dumps(row, default=str) + '\n')
 
 
+def read_rows(path: Path) -> List[Dict[str, Any]]:
+    """The rows of a ``rows.partial.jsonl`` (none if it does not exist; a torn last line is dropped)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            logging.getLogger(__name__).warning('--resume: skipping an unreadable line of %s', path)
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the evaluator; bad input ends with ``error: ...`` on stderr and exit status 2."""
     parser = build_parser()
@@ -241,8 +257,11 @@ def run_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None
         models = model_sources(args)
     cfg = config_from_args(args, models)
     out = out or Path('runs') / 'eval' / time.strftime('%Y%m%d-%H%M%S')
+    reuse = read_rows(out / PARTIAL_ROWS) if args.resume else []
+    if reuse:
+        logging.getLogger(__name__).info('--resume: %d earlier rows in %s', len(reuse), out / PARTIAL_ROWS)
     t0 = time.perf_counter()
-    result: EvalResult = run_eval(cfg, on_row=RowLog(out / PARTIAL_ROWS))
+    result: EvalResult = run_eval(cfg, on_row=RowLog(out / PARTIAL_ROWS), reuse=reuse)
     extra['eval_wall_s'] = time.perf_counter() - t0
     cmd = ['eval_resolution.py', *(sys.argv[1:] if argv is None else argv)]
     paths = write_reports(result, out, cmd, extra)

@@ -221,10 +221,13 @@ def knob_support(model: nn.Module) -> Dict[str, Any]:
     """Which knobs ``model`` has: ``{knob: how it is set}`` (missing key: not applicable)."""
     encs = _encodings(model)
     out: Dict[str, Any] = {}
-    if any(hasattr(e, 'coord_mode') for e in encs):
+    with_mode = [e for e in encs if hasattr(e, 'coord_mode')]
+    if with_mode:
         out['coord_mode'] = 'coord_mode'
+        out['coord_native'] = with_mode[0].coord_mode
     elif getattr(model, 'pos_embed_type', None) == 'sincos':
         out['coord_mode'] = 'pos_embed_coord_mode'
+        out['coord_native'] = model.pos_embed_coord_mode
     rope = [e for e in encs if hasattr(e, 'pos_scale') and hasattr(e, 'ntk_scale')]
     if rope:
         out['rope_scaling'] = ['pi'] + (['ntk'] if any(getattr(e, 'rope_type', 'axial') == 'axial' for e in rope)
@@ -251,6 +254,8 @@ def expand_knobs(space: KnobSpace, support: Dict[str, Any]) -> Tuple[List[Knobs]
             if wanted:
                 notes.append(f'{f.name} {wanted} not applicable')
             axes[f.name] = [getattr(default, f.name)]
+        elif f.name == 'coord_mode':
+            axes[f.name] = _coord_modes(values, support.get('coord_native'), notes)
         elif f.name == 'rope_scaling':
             ok = [v for v in values if parse_rope_scaling(v)[0] in ('none', *support['rope_scaling'])]
             if len(ok) < len(values):
@@ -260,6 +265,30 @@ def expand_knobs(space: KnobSpace, support: Dict[str, Any]) -> Tuple[List[Knobs]
             axes[f.name] = values
     combos = [Knobs(**dict(zip(axes, vals))) for vals in itertools.product(*axes.values())]
     return combos, notes
+
+
+#: coordinate modes that give the training coordinates at the training resolution, by training mode:
+#: only these are test-time alternatives (e.g. ``ref`` for an ``index`` model = position interpolation);
+#: another frame (``normalized`` positions in (0, 1) for a model trained on 0..w-1) is not a knob setting
+COORD_FAMILIES: Dict[str, Tuple[str, ...]] = {
+    'index': ('index', 'ref'), 'ref': ('index', 'ref'),
+    'normalized': ('normalized', 'normalized_ref'), 'normalized_ref': ('normalized', 'normalized_ref'),
+    'centered': ('centered',), 'polar': ('polar',),
+}
+
+
+def _coord_modes(values: List[Optional[str]], native: Optional[str], notes: List[str]) -> List[Optional[str]]:
+    """The requested coordinate modes that agree with the model's own (``native``) mode at the training
+    resolution; the rest are noted as not applicable. None of them left: the model's own mode."""
+    wanted = [v for v in values if v is not None]
+    if native is None or not wanted:
+        return values
+    family = COORD_FAMILIES.get(native, (native,))
+    ok = [v for v in values if v is None or v in family]
+    if len(ok) < len(values):
+        notes.append(f'coord_mode {[v for v in values if v not in ok]} not applicable: trained with '
+                     f'{native!r} coordinates (test-time alternatives: {", ".join(family)})')
+    return ok or [native]
 
 
 def build_overrides(knobs: Knobs, support: Dict[str, Any]) -> Dict[str, Any]:

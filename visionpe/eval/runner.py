@@ -176,8 +176,18 @@ def _prepare(cfg: EvalConfig) -> Tuple[DataSpec, torch.device, Optional[int]]:
     return spec, device, max_images
 
 
-def run_eval(cfg: EvalConfig, on_row: Optional[Callable[[Dict[str, Any]], None]] = None) -> EvalResult:
-    """Evaluate every model x knob setting x resolution; the rows and the run's metadata."""
+def row_key(row: Dict[str, Any]) -> Tuple[str, str, int, int]:
+    """What identifies a measured row for reuse: label, checkpoint, resolution, number of images."""
+    return row['label'], str(row['checkpoint']), int(row['resolution']), int(row['n_images'])
+
+
+def run_eval(cfg: EvalConfig, on_row: Optional[Callable[[Dict[str, Any]], None]] = None,
+             reuse: Sequence[Dict[str, Any]] = ()) -> EvalResult:
+    """Evaluate every model x knob setting x resolution; the rows and the run's metadata.
+
+    ``reuse``: rows of an earlier run of the same sweep (``rows.partial.jsonl``); a (model, setting,
+    resolution) with a row of the same label, checkpoint and image count is taken from it, not re-measured.
+    """
     spec, device, max_images = _prepare(cfg)
     if cfg.task == 'coco':
         return _run_coco(cfg, spec, device, max_images, on_row)
@@ -199,11 +209,12 @@ def run_eval(cfg: EvalConfig, on_row: Optional[Callable[[Dict[str, Any]], None]]
     skipped: List[Dict[str, Any]] = []
     models_meta = []
     bar = tqdm(total=total, desc='eval', unit='run', disable=not cfg.progress, dynamic_ncols=True)
+    earlier = {row_key(r): r for r in reuse}
     for src, base, info, support, combos, train_hw, notes in plans:
         mean, std = _norm_stats(info, spec)
         interp = info.get('interpolation') or 'bicubic'
         models_meta.append(dict(name=src.name, checkpoint=src.checkpoint, kwargs=src.kwargs,
-                                train_res=list(train_hw) if train_hw else None, knobs=sorted(support),
+                                train_res=list(train_hw) if train_hw else None, knobs=sorted(k for k in support if k != 'coord_native'),
                                 notes=notes, mean=list(mean), std=list(std),
                                 epoch=info.get('epoch'), global_step=info.get('global_step')))
         for knobs in combos:
@@ -223,12 +234,16 @@ def run_eval(cfg: EvalConfig, on_row: Optional[Callable[[Dict[str, Any]], None]]
             backend = knobs.backend
             for r in cfg.resolutions:
                 bar.set_postfix_str(f'{label} @ {r}px')
-                apply_knobs(model, knobs, (r, r), train_hw, ref_tokens)
-                batches, _ = eval_batches(spec, r, cfg.batch_size, max_images, mean, std,
-                                          crop_ratio=cfg.crop_ratio or 1.0, interpolation=interp,
-                                          workers=cfg.workers)
-                with _backend_ctx(backend), bias_budget(cfg.max_bias_mb):
-                    m = evaluate_classifier(model, batches, device)
+                batches, n_images = eval_batches(spec, r, cfg.batch_size, max_images, mean, std,
+                                                 crop_ratio=cfg.crop_ratio or 1.0, interpolation=interp,
+                                                 workers=cfg.workers)
+                old = earlier.get((label, str(src.checkpoint), r, n_images))
+                if old is not None:
+                    m = {k: old[k] for k in CLS_METRICS + ('n_images',) if k in old}
+                else:
+                    apply_knobs(model, knobs, (r, r), train_hw, ref_tokens)
+                    with _backend_ctx(backend), bias_budget(cfg.max_bias_mb):
+                        m = evaluate_classifier(model, batches, device)
                 row = dict(label=label, model=src.name, checkpoint=src.checkpoint, **knobs.as_dict(),
                            resolution=r, train_res=train_hw[0] if train_hw else None, **m)
                 rows.append(row)
@@ -304,7 +319,7 @@ def _run_coco(cfg: EvalConfig, spec: DataSpec, device: torch.device, max_images:
         train_hw = (cfg.train_res, cfg.train_res) if cfg.train_res else None
         plans.append((src, det, support, combos, train_hw, notes))
         models_meta.append(dict(name=src.name, checkpoint=src.checkpoint, kwargs=src.kwargs,
-                                train_res=list(train_hw) if train_hw else None, knobs=sorted(support), notes=notes))
+                                train_res=list(train_hw) if train_hw else None, knobs=sorted(k for k in support if k != 'coord_native'), notes=notes))
     bar = tqdm(total=sum(len(p[3]) for p in plans) * len(cfg.resolutions), desc='eval coco', unit='run',
                disable=not cfg.progress, dynamic_ncols=True)
     for src, det, support, combos, train_hw, notes in plans:
