@@ -131,19 +131,27 @@ def write_reports(result: EvalResult, out_dir: Path, argv: Optional[Sequence[str
 
 def plot(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Sequence[int], path: Path,
          title: str = '') -> None:
-    """Metric vs resolution, one line per label; each line's training resolution marked by a star and the
-    training resolutions by dotted vertical lines."""
+    """Metric vs resolution, one line per label: one colour per model, one line style per knob setting of
+    that model; each line's training resolution marked by a star and the training resolutions by dotted
+    vertical lines."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     many = len(_labels(rows)) > 8
     fig, ax = plt.subplots(figsize=(11 if many else 7.5, 5.5 if many else 4.8), dpi=120)
+    model_of = {r['label']: r.get('model', r['label']) for r in rows}
+    models = list(dict.fromkeys(model_of[lab] for lab in _labels(rows)))
+    palette = plt.get_cmap('tab20' if len(models) > 10 else 'tab10').colors
+    settings: Dict[str, int] = {}  # labels drawn so far per model
     train_sizes = set()
     for lab in _labels(rows):
         pts = sorted((r['resolution'], r[metric]) for r in rows if r['label'] == lab and r.get(metric) is not None)
         if not pts:
             continue
-        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', ms=3, label=lab)
+        i = models.index(model_of[lab])
+        k = settings[model_of[lab]] = settings.get(model_of[lab], -1) + 1
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=lab, color=palette[i % len(palette)],
+                        ls=('-', '--', ':', '-.')[k % 4], marker='osD^v'[i // len(palette) % 5], ms=3)
         tr = next((r.get('train_res') for r in rows if r['label'] == lab), None)
         if tr is not None:
             train_sizes.add(tr)
