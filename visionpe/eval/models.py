@@ -218,16 +218,15 @@ def _encodings(model: nn.Module) -> List[nn.Module]:
 
 
 def knob_support(model: nn.Module) -> Dict[str, Any]:
-    """Which knobs ``model`` has: ``{knob: how it is set}`` (missing key: not applicable)."""
+    """Which knobs ``model`` has: ``{knob: how it is set}`` (missing key: not applicable); for
+    ``coord_mode``: ``(construction keyword, the model's own mode)``."""
     encs = _encodings(model)
     out: Dict[str, Any] = {}
     with_mode = [e for e in encs if hasattr(e, 'coord_mode')]
-    if with_mode:
-        out['coord_mode'] = 'coord_mode'
-        out['coord_native'] = with_mode[0].coord_mode
+    if with_mode:  # (construction keyword, the mode the model was built with)
+        out['coord_mode'] = ('coord_mode', with_mode[0].coord_mode)
     elif getattr(model, 'pos_embed_type', None) == 'sincos':
-        out['coord_mode'] = 'pos_embed_coord_mode'
-        out['coord_native'] = model.pos_embed_coord_mode
+        out['coord_mode'] = ('pos_embed_coord_mode', model.pos_embed_coord_mode)
     rope = [e for e in encs if hasattr(e, 'pos_scale') and hasattr(e, 'ntk_scale')]
     if rope:
         out['rope_scaling'] = ['pi'] + (['ntk'] if any(getattr(e, 'rope_type', 'axial') == 'axial' for e in rope)
@@ -255,7 +254,7 @@ def expand_knobs(space: KnobSpace, support: Dict[str, Any]) -> Tuple[List[Knobs]
                 notes.append(f'{f.name} {wanted} not applicable')
             axes[f.name] = [getattr(default, f.name)]
         elif f.name == 'coord_mode':
-            axes[f.name] = _coord_modes(values, support.get('coord_native'), notes)
+            axes[f.name] = _coord_modes(values, support['coord_mode'][1], notes)
         elif f.name == 'rope_scaling':
             ok = [v for v in values if parse_rope_scaling(v)[0] in ('none', *support['rope_scaling'])]
             if len(ok) < len(values):
@@ -295,7 +294,7 @@ def build_overrides(knobs: Knobs, support: Dict[str, Any]) -> Dict[str, Any]:
     """Construction keywords of a knob setting (only the coordinate mode is one)."""
     if knobs.coord_mode is None:
         return {}
-    return {support['coord_mode']: knobs.coord_mode}
+    return {support['coord_mode'][0]: knobs.coord_mode}
 
 
 @torch.no_grad()

@@ -190,6 +190,8 @@ def run_eval(cfg: EvalConfig, on_row: Optional[Callable[[Dict[str, Any]], None]]
     """
     spec, device, max_images = _prepare(cfg)
     if cfg.task == 'coco':
+        if reuse:
+            raise ValueError('--resume reuses classification rows only; rerun the COCO sweep without it')
         return _run_coco(cfg, spec, device, max_images, on_row)
     from tqdm.auto import tqdm
     n_classes = num_classes_of(spec)
@@ -214,7 +216,7 @@ def run_eval(cfg: EvalConfig, on_row: Optional[Callable[[Dict[str, Any]], None]]
         mean, std = _norm_stats(info, spec)
         interp = info.get('interpolation') or 'bicubic'
         models_meta.append(dict(name=src.name, checkpoint=src.checkpoint, kwargs=src.kwargs,
-                                train_res=list(train_hw) if train_hw else None, knobs=sorted(k for k in support if k != 'coord_native'),
+                                train_res=list(train_hw) if train_hw else None, knobs=sorted(support),
                                 notes=notes, mean=list(mean), std=list(std),
                                 epoch=info.get('epoch'), global_step=info.get('global_step')))
         for knobs in combos:
@@ -319,7 +321,7 @@ def _run_coco(cfg: EvalConfig, spec: DataSpec, device: torch.device, max_images:
         train_hw = (cfg.train_res, cfg.train_res) if cfg.train_res else None
         plans.append((src, det, support, combos, train_hw, notes))
         models_meta.append(dict(name=src.name, checkpoint=src.checkpoint, kwargs=src.kwargs,
-                                train_res=list(train_hw) if train_hw else None, knobs=sorted(k for k in support if k != 'coord_native'), notes=notes))
+                                train_res=list(train_hw) if train_hw else None, knobs=sorted(support), notes=notes))
     bar = tqdm(total=sum(len(p[3]) for p in plans) * len(cfg.resolutions), desc='eval coco', unit='run',
                disable=not cfg.progress, dynamic_ncols=True)
     for src, det, support, combos, train_hw, notes in plans:
