@@ -239,7 +239,7 @@ def test_errors(folder, rope_file, tmp_path, capsys):
     ckpt = lightning_ckpt(tmp_path / 'ten.ckpt', num_classes=10)
     assert 'trained with 10 classes but the data has 2' in err('--checkpoints', str(ckpt))
     assert 'one per model' in err('--models', 'vit_rope2d_tiny', 'vit_ape_tiny', '--checkpoints', str(rope_file))
-    assert '--rope-scaling' in err('--models', 'vit_rope2d_tiny', '--checkpoints', 'random', '--rope-scaling', 'yarn')
+    assert '--rope-scaling' in err('--models', 'vit_rope2d_tiny', '--checkpoints', 'random', '--rope-scaling', 'bogus')
     assert 'unknown coordinate mode' in err('--models', 'vit_rope2d_tiny', '--checkpoints', 'random',
                                             '--coord-modes', 'diagonal')
 

@@ -20,7 +20,7 @@ __all__ = ['BENCH_DIR', 'BENCH_RESOLUTIONS', 'BENCH_COORD_MODES', 'bench_encodin
 log = logging.getLogger(__name__)
 BENCH_DIR = Path('runs') / 'fmnist_bench'
 BENCH_RESOLUTIONS = (32, 48, 64, 96, 128)
-#: swept as a knob; each model keeps those of its own coordinate family (visionpe.eval.models.COORD_FAMILIES):
+#: swept as a knob; each model keeps those of its own coordinate family (visionpe.grid.COORD_FAMILIES):
 #: index-trained models index and ref, ComRoPE normalized and normalized_ref, polar RoPE polar
 BENCH_COORD_MODES = ('index', 'ref', 'normalized', 'normalized_ref', 'polar')
 

@@ -5,15 +5,17 @@ resolution, best value per column in bold; the numbers are the JSON / CSV ones r
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import os
 import platform
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .runner import EvalResult
+from .engine import EvalResult
 
 __all__ = ['write_reports', 'markdown_table', 'format_value', 'FORMATS', 'run_metadata']
 
@@ -27,6 +29,18 @@ FORMATS: Dict[str, tuple] = {
     'AP': ('COCO AP', '{:.4f}', True), 'AP50': ('AP50', '{:.4f}', True), 'AP75': ('AP75', '{:.4f}', True),
     'APs': ('AP small', '{:.4f}', True), 'APm': ('AP medium', '{:.4f}', True), 'APl': ('AP large', '{:.4f}', True),
 }
+
+
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """Write to a temporary file beside ``path`` and rename it over ``path`` once complete (an interrupted
+    write leaves the old file as it was)."""
+    tmp = path.with_name(f'.{path.stem}.tmp{path.suffix}')
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def format_value(metric: str, value: Optional[float]) -> str:
@@ -97,13 +111,13 @@ def write_reports(result: EvalResult, out_dir: Path, argv: Optional[Sequence[str
     paths = {k: out_dir / f'results.{k}' for k in ('csv', 'json', 'md', 'png')}
 
     keys = list(dict.fromkeys(k for r in rows for k in r)) or ['label', 'resolution', *result.metrics]
-    with open(paths['csv'], 'w', newline='') as f:
+    with _replacing(paths['csv']) as tmp, open(tmp, 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in rows:
             w.writerow({k: ('' if r.get(k) is None else r.get(k)) for k in keys})
 
-    with open(paths['json'], 'w') as f:
+    with _replacing(paths['json']) as tmp, open(tmp, 'w') as f:
         json.dump(dict(meta=meta, headline=result.headline, metrics=list(result.metrics), rows=rows), f, indent=1,
                   default=str)
 
@@ -123,7 +137,8 @@ def write_reports(result: EvalResult, out_dir: Path, argv: Optional[Sequence[str
     if notes:
         md += ['', '## Knobs not applicable', ''] + notes
     md += ['', f"Metrics: {meta.get('metrics_note', '')}", '']
-    paths['md'].write_text('\n'.join(md))
+    with _replacing(paths['md']) as tmp:
+        tmp.write_text('\n'.join(md))
 
     plot(rows, result.headline, resolutions, paths['png'], title=f"{meta['data']}: {FORMATS[result.headline][0]}")
     return paths
@@ -171,5 +186,6 @@ def plot(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Sequence[int]
     else:
         ax.legend(fontsize=7, loc='best')
     fig.tight_layout()
-    fig.savefig(path)
+    with _replacing(Path(path)) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)

@@ -24,7 +24,7 @@ from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_tim
 from ..attention import Attention
 from ..grid import Grid, GridCache, check_coord_mode
 from ..pos import EncodingContext, build_encoding
-from ..pos.absolute import resample_table, sincos_2d
+from ..pos.absolute import SINCOS_COORD_MODE, resample_table, sincos_2d
 from ..pos.base import LayerPos, PosEncoding
 from ._registry import default_cfg, model_builder, register_presets
 
@@ -98,6 +98,8 @@ class VisionTransformer(nn.Module):
         head: ``'linear'`` or ``'mlp_tanh'`` (hidden size ``head_hidden_dim``).
         attn_backend: ``auto | math | sdpa | xformers | flex`` (see :mod:`visionpe.attention`).
     """
+
+    test_knobs = (SINCOS_COORD_MODE,)  # the sin-cos table's coordinate mode (pos_embed='sincos')
 
     def __init__(
             self,

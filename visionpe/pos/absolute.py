@@ -16,9 +16,9 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 
 from ..grid import Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
-from .base import EncodingContext, PosEncoding
+from .base import COORD_MODE, EncodingContext, PosEncoding, coord_mode_knob, register_knob
 
-__all__ = ['sincos_2d', 'resample_table', 'LaPE', 'LaPEChain']
+__all__ = ['sincos_2d', 'resample_table', 'LaPE', 'LaPEChain', 'SINCOS_COORD_MODE']
 
 
 def sincos_2d(
@@ -41,6 +41,13 @@ def sincos_2d(
     ox, oy = xy[:, :1] * omega, xy[:, 1:] * omega
     out = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1)
     return out.float().unsqueeze(0)
+
+
+#: the coordinate mode of a model's fixed sin-cos table (``pos_embed='sincos'``, a construction keyword);
+#: declared by the model class (``test_knobs``)
+SINCOS_COORD_MODE = coord_mode_knob('pos_embed_coord_mode',
+                                    applies=lambda model: getattr(model, 'pos_embed_type', None) == 'sincos')
+register_knob(SINCOS_COORD_MODE)
 
 
 def resample_table(
@@ -94,6 +101,7 @@ class LaPE(PosEncoding):
     ``x = x + Attn(LN1_l(x) + p_l)``. Prefix tokens get their own table rows (``with_prefix``).
     """
     hooks = frozenset({'tokens'})
+    test_knobs = (COORD_MODE,)
 
     def __init__(
             self,

@@ -14,7 +14,8 @@ Angles and sin/cos are computed in float32, also under autocast. Positions come 
 integer frequencies ``1 .. d/4`` on the angle axis, so that its phases stay 2 pi periodic
 ("rope2d_polar"). Test-time knobs: ``pos_scale`` multiplies positions (linear position
 interpolation with ``train / test``), ``ntk_scale`` raises theta to ``theta * s^(d'/(d'-2))``
-with ``d' = d/2`` channels per axis (NTK-aware scaling, axial only).
+with ``d' = d/2`` channels per axis (NTK-aware scaling, axial only); the evaluator sweeps both as the
+``rope_scaling`` knob (:data:`ROPE_SCALING`).
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from timm.layers.pos_embed_sincos import apply_rot_embed, init_random_2d_freqs
 
 from ..grid import Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
-from .base import EncodingContext, PosEncoding
+from .base import COORD_MODE, EncodingContext, Knob, KnobContext, PosEncoding
 
-__all__ = ['RoPE2D', 'MixedRoPEState', 'axial_frequencies', 'rope_tables', 'apply_rope']
+__all__ = ['RoPE2D', 'MixedRoPEState', 'axial_frequencies', 'rope_tables', 'apply_rope', 'parse_rope_scaling',
+           'ROPE_SCALING']
 
 
 def axial_frequencies(head_dim: int, theta: float) -> torch.Tensor:
@@ -77,10 +79,65 @@ class MixedRoPEState:
             return rope_tables(angles, self.num_prefix)
 
 
+# ------------------------------------------------------------------------------ test-time knob
+ROPE_SCALING_MODES = ('none', 'pi', 'ntk')
+
+
+def parse_rope_scaling(spec: str) -> str:
+    """Check ``none`` | ``pi`` | ``ntk`` | ``pi:F`` | ``ntk:F``; returns ``spec``."""
+    _rope_scaling(spec)
+    return spec
+
+
+def _rope_scaling(spec: str) -> tuple[str, float | None]:
+    """``spec`` -> ``(mode, factor or None for per-resolution)``."""
+    mode, _, value = str(spec).partition(':')
+    if mode not in ROPE_SCALING_MODES or (mode == 'none' and value):
+        raise ValueError(f"bad --rope-scaling {spec!r}: use none, pi, ntk (factor from the resolution) or "
+                         f"pi:F / ntk:F (fixed factor, e.g. ntk:2)")
+    if not value:
+        return mode, None
+    try:
+        f = float(value)
+    except ValueError:
+        raise ValueError(f'bad --rope-scaling {spec!r}: {value!r} is not a number') from None
+    if f <= 0:
+        raise ValueError(f'bad --rope-scaling {spec!r}: the factor must be positive')
+    return mode, f
+
+
+def _set_rope_scaling(enc: 'RoPE2D', spec: str, ctx: KnobContext) -> None:
+    """``pi``: positions times ``1 / s`` (Chen et al. 2023); ``ntk``: theta times ``s^(d'/(d'-2))`` (bloc97
+    2023); ``s = max(1, test / train)`` (larger ratio of the two axes) unless fixed by ``:F``."""
+    mode, factor = _rope_scaling(spec)
+    if factor is None:
+        (h, w), (th, tw) = ctx.size, ctx.train_size
+        factor = max(1.0, h / th, w / tw)
+    if mode == 'pi':
+        enc.pos_scale = 1.0 / factor
+    elif mode == 'ntk':
+        enc.ntk_scale = factor
+
+
+def _rope_accepts(enc: 'RoPE2D', spec: str) -> str | None:
+    if _rope_scaling(spec)[0] == 'ntk' and enc.rope_type != 'axial':
+        return 'NTK scaling changes the axial frequencies; RoPE-Mixed learns its own'
+    return None
+
+
+#: RoPE frequency scaling at test time (position interpolation / NTK-aware)
+ROPE_SCALING = Knob(
+    'rope_scaling', 'RoPE frequency scaling: none | pi | ntk (factor max(1, test/train) per resolution) | '
+    'pi:F | ntk:F (fixed factor)', parse_rope_scaling, default='none', words=(), check=parse_rope_scaling,
+    label=lambda s: f'rope={s}', rank=20, attrs=('pos_scale', 'ntk_scale'), set=_set_rope_scaling,
+    accepts=_rope_accepts, needs_train_size=lambda s: _rope_scaling(s)[0] != 'none' and _rope_scaling(s)[1] is None)
+
+
 @register_encoding('rope2d')
 class RoPE2D(PosEncoding):
     """Axial or mixed 2-D RoPE on q and k (see module docstring)."""
     hooks = frozenset({'rotate'})
+    test_knobs = (COORD_MODE, ROPE_SCALING)
 
     def __init__(
             self,
