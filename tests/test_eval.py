@@ -245,7 +245,9 @@ def test_errors(folder, rope_file, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- COCO
-def test_coco_dispatch_with_a_fake_detector(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_detector(tmp_path, monkeypatch):
+    """A COCO root and a fake ``visionpe.det.evaluate`` that records its calls: ``(root, calls)``."""
     root = tmp_path / 'coco'
     (root / 'annotations').mkdir(parents=True)
     calls = []
@@ -267,6 +269,11 @@ def test_coco_dispatch_with_a_fake_detector(tmp_path, monkeypatch):
         except ImportError:
             monkeypatch.setitem(sys.modules, 'visionpe.det', types.ModuleType('visionpe.det'))
     monkeypatch.setitem(sys.modules, 'visionpe.det.evaluate', fake)
+    return root, calls
+
+
+def test_coco_dispatch_with_a_fake_detector(tmp_path, fake_detector):
+    root, calls = fake_detector
     out = tmp_path / 'run'
     with pytest.raises(SystemExit):
         main(['--task', 'coco', '--models', 'vit_rope2d_tiny', '--checkpoints', str(tmp_path / 'det.ckpt'),
