@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_eval import TINY, fake_detector, folder, lightning_ckpt, save_tiny  # noqa: F401  (fixtures)
+from test_eval import fake_detector, folder, lightning_ckpt  # noqa: F401  (fixtures)
 from visionpe.eval.cli import PARTIAL_ROWS, main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import timm
 import visionpe  # noqa: F401
 import visionpe.pos as pos_registry
 import visionpe.pos.base as base
-from test_eval import RES, TINY, by, cfg, folder  # noqa: F401  (fixture)
+from test_eval import TINY, by, cfg, folder  # noqa: F401  (fixture)
 from visionpe.eval import KnobSpace, Knobs, ModelSource, apply_knobs, knob_support, known_knobs, run_eval
 from visionpe.eval.cli import build_parser, main
 from visionpe.grid import COORD_FAMILIES, Grid, grid_coords

@@ -27,10 +27,10 @@ from .engine import Case, EvalResult, Plan, Task, sweep
 from .models import KnobSpace, ModelSource, patch_size_of, train_resolution
 
 __all__ = ['EvalConfig', 'EvalResult', 'run_eval', 'evaluate_classifier', 'check_resolutions', 'TASKS',
-           'CLS_METRICS', 'COCO_METRICS', 'CPU_FMNIST_SUBSET', 'ClassificationTask', 'DetectionTask']
+           'CLS_METRICS', 'COCO_METRICS', 'CPU_FMNIST_SUBSET', 'ClassificationTask', 'DetectionTask',
+           'TASK_TYPES']
 
 log = logging.getLogger(__name__)
-TASKS = ('cls', 'coco')
 CLS_METRICS = ('top1', 'top5', 'loss', 'images_per_s', 'peak_mem_mb')
 COCO_METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'images_per_s', 'peak_mem_mb')
 CPU_FMNIST_SUBSET = 2000  # Fashion-MNIST on a CPU: a fixed 2,000-image test subset (full 10k on a GPU)
@@ -162,7 +162,7 @@ def run_eval(cfg: EvalConfig, on_row: Optional[Callable[[Dict[str, Any]], None]]
     """Evaluate every model x knob setting x resolution (:func:`visionpe.eval.engine.sweep` with the task of
     ``cfg.task``); ``reuse``: rows of an earlier run of the same sweep, taken instead of measured again."""
     spec = _check_common(cfg)
-    task = (ClassificationTask if cfg.task == 'cls' else DetectionTask)(cfg, spec)
+    task = TASK_TYPES[cfg.task](cfg, spec)
     return sweep(task, cfg.models, cfg.resolutions, cfg.knobs, train_res=cfg.train_res, max_bias_mb=cfg.max_bias_mb,
                  progress=cfg.progress, on_row=on_row, reuse=reuse, device=task.model_device)
 
@@ -260,6 +260,11 @@ class DetectionTask(Task):
                     batch_size=self.cfg.batch_size,
                     metrics_note='COCO AP (pycocotools COCOeval); resolutions are the shorter side',
                     device=device_description(self.device))
+
+
+#: ``--task`` name -> its :class:`Task` (a new task: a subclass and one entry here)
+TASK_TYPES: Dict[str, type] = {'cls': ClassificationTask, 'coco': DetectionTask}
+TASKS = tuple(TASK_TYPES)
 
 
 def _subset_note(spec: DataSpec, max_images: Optional[int], device: torch.device) -> str:
