@@ -20,7 +20,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Sequence
 
 from .engine import row_key
 from .models import RANDOM, KnobSpace, ModelSource, known_knobs
@@ -124,7 +124,7 @@ def knob_space(args: argparse.Namespace) -> KnobSpace:
     return KnobSpace(**axes).validate()
 
 
-def model_sources(args: argparse.Namespace) -> List[ModelSource]:
+def model_sources(args: argparse.Namespace) -> list[ModelSource]:
     """``--models`` / ``--checkpoints`` / ``--model-kwargs`` as sources (the train.py default when none given)."""
     names, ckpts = args.models, args.checkpoints
     if not names and not ckpts:
@@ -135,7 +135,7 @@ def model_sources(args: argparse.Namespace) -> List[ModelSource]:
     if not names:
         names = [_ckpt_model_name(c, args.trust_checkpoint) for c in ckpts]
     ckpts = [None if c in (None, 'none') else c for c in (ckpts or [None] * len(names))]
-    kw_list: List[Dict[str, Any]] = [{}] * len(names)
+    kw_list: list[dict[str, Any]] = [{}] * len(names)
     if args.model_kwargs:
         try:
             parsed = [json.loads(s) for s in args.model_kwargs]
@@ -150,7 +150,7 @@ def model_sources(args: argparse.Namespace) -> List[ModelSource]:
             for n, c, kw in zip(names, ckpts, kw_list)]
 
 
-def config_from_args(args: argparse.Namespace, models: List[ModelSource]) -> EvalConfig:
+def config_from_args(args: argparse.Namespace, models: list[ModelSource]) -> EvalConfig:
     return EvalConfig(models=models, data=args.data, resolutions=args.resolutions or DEFAULT_RESOLUTIONS,
                       task=args.task, crop_ratio=args.crop_ratio, batch_size=args.batch_size,
                       max_images=args.max_images, device=args.device, knobs=knob_space(args),
@@ -192,12 +192,12 @@ class RowLog:
     (never truncated or rewritten), and created by the first row, so a run that fails its checks touches
     nothing; rows already in it (``existing``, the ones ``--resume`` reuses) are not written again."""
 
-    def __init__(self, path: Path, existing: Sequence[Dict[str, Any]] = ()):
+    def __init__(self, path: Path, existing: Sequence[dict[str, Any]] = ()):
         self.path = path
         self.existing = {row_key(r) for r in existing}
         self.written = 0
 
-    def __call__(self, row: Dict[str, Any]) -> None:
+    def __call__(self, row: dict[str, Any]) -> None:
         if row_key(row) in self.existing:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,7 +207,7 @@ class RowLog:
         self.written += 1
 
 
-def read_rows(path: Path) -> List[Dict[str, Any]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a ``rows.partial.jsonl`` (none if it does not exist; a torn last line is dropped)."""
     if not path.exists():
         return []
@@ -220,7 +220,7 @@ def read_rows(path: Path) -> List[Dict[str, Any]]:
     return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the evaluator; bad input ends with ``error: ...`` on stderr and exit status 2."""
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -230,16 +230,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, TypeError, KeyError, RuntimeError) as e:
         parser.exit(2, f'{parser.prog}: error: {e}\n')
     except KeyboardInterrupt:
-        where = Path(args.output) / PARTIAL_ROWS if args.output else PARTIAL_ROWS
+        where = Path(args.output or '.') / PARTIAL_ROWS
         parser.exit(130, f'{parser.prog}: interrupted; the rows measured so far are in {where} (rerun with --resume '
                          f'to measure only the rest)\n')
     return 1 if result.meta.get('benchmark', {}).get('failed') else 0  # an encoding failed to train
 
 
-def run_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None):
+def run_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None):
     """Parse-level work of :func:`main` (raises instead of exiting): ``(EvalResult, out dir)``."""
     from .report import markdown_table, write_reports
-    extra: Dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     out = Path(args.output) if args.output else None
     if args.benchmark:
         models, extra, bench_out = _benchmark(args)
@@ -248,6 +248,7 @@ def run_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None
         models = model_sources(args)
     cfg = config_from_args(args, models)
     out = out or Path('runs') / 'eval' / time.strftime('%Y%m%d-%H%M%S')
+    args.output = str(out)  # where an interrupted run's rows are
     reuse = read_rows(out / PARTIAL_ROWS) if args.resume else []
     if args.resume:
         log.info('--resume: %d earlier rows in %s', len(reuse), out / PARTIAL_ROWS)

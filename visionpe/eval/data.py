@@ -18,11 +18,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Iterator, Sequence
 
 import torch
 
-__all__ = ['DataSpec', 'parse_data', 'FMNIST', 'num_classes_of', 'eval_batches', 'EvalImages']
+__all__ = ['DataSpec', 'parse_data', 'FMNIST', 'num_classes_of', 'EvalImages']
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _PREFIXES = ('imagenet', 'folder', 'imagefolder', 'coco')
 @dataclass(frozen=True)
 class DataSpec:
     kind: str            # 'fmnist' | 'folder' | 'coco'
-    root: Optional[str]  # folder (None: Fashion-MNIST's default location)
+    root: str | None  # folder (None: Fashion-MNIST's default location)
 
     def describe(self) -> str:
         return 'Fashion-MNIST test set' if self.kind == FMNIST else f'{self.kind} {self.root}'
@@ -102,7 +102,7 @@ class EvalImages:
     skipped (each read once: later passes leave them out), counted and listed (:meth:`report`), and more
     than ``max_bad_fraction`` of them is an error."""
 
-    def __init__(self, spec: DataSpec, max_images: Optional[int], batch_size: int, crop_ratio: float = 1.0,
+    def __init__(self, spec: DataSpec, max_images: int | None, batch_size: int, crop_ratio: float = 1.0,
                  workers: int = 0, max_bad_fraction: float = 0.001):
         from ..data.fashion_mnist import subset_indices
         if not 0 < crop_ratio <= 1:
@@ -124,10 +124,12 @@ class EvalImages:
         return len(self.unreadable)
 
     def batches(self, size: int, mean: Sequence[float], std: Sequence[float],
-                interpolation: str = 'bicubic') -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+                interpolation: str = 'bicubic') -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(images (B, 3, size, size), labels)`` of the readable images."""
         if self.folder is None:
-            yield from eval_batches(self.spec, size, self.batch_size, self.max_images, mean, std)[0]
+            from ..data.fashion_mnist import FashionMNISTTest
+            yield from FashionMNISTTest(size, batch_size=self.batch_size, subset=self.max_images, root=self.spec.root,
+                                        mean=mean, std=std)
             return
         from ..data.transforms import create_imagenet_transform
         tf = create_imagenet_transform(False, size, mean, std, interpolation=interpolation, crop_pct=self.crop_ratio)
@@ -157,25 +159,3 @@ class EvalImages:
         return dict(count=self.n_unreadable, fraction=self.n_unreadable / n if n else 0.0,
                     max_fraction=self.max_bad_fraction,
                     images=[dict(path=self.folder.samples[i][0], error=e) for i, e in sorted(self.unreadable.items())])
-
-
-def eval_batches(spec: DataSpec, size: int, batch_size: int, max_images: Optional[int],
-                 mean: Sequence[float], std: Sequence[float], crop_ratio: float = 1.0,
-                 interpolation: str = 'bicubic', workers: int = 0) -> Tuple[Iterable, int]:
-    """``(iterable of (images (B, 3, size, size), labels), number of images)``."""
-    from ..data.fashion_mnist import subset_indices
-    if spec.kind == FMNIST:
-        from ..data.fashion_mnist import FashionMNISTTest
-        ds = FashionMNISTTest(size, batch_size=batch_size, subset=max_images, root=spec.root, mean=mean, std=std)
-        return ds, int(ds.images.shape[0])
-    from torchvision.datasets import ImageFolder
-
-    from ..data.transforms import create_imagenet_transform
-    if not 0 < crop_ratio <= 1:
-        raise ValueError(f'--crop-ratio must be in (0, 1], got {crop_ratio}')
-    tf = create_imagenet_transform(False, size, mean, std, interpolation=interpolation, crop_pct=crop_ratio)
-    folder = ImageFolder(spec.root, transform=tf)
-    idx = subset_indices(len(folder), max_images)
-    ds = torch.utils.data.Subset(folder, idx.tolist())
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
-    return loader, len(ds)

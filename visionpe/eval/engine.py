@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -39,11 +39,11 @@ class EvalResult:
 class Plan:
     """One model source, built once, and the knob settings to measure it with."""
     source: ModelSource
-    model: Optional[nn.Module]   # the first build: used by the first setting that needs no rebuild
+    model: nn.Module | None   # the first build: used by the first setting that needs no rebuild
     info: dict[str, Any]
     support: dict[str, Any]      # :func:`knob_support`
     settings: list[Knobs]
-    train_size: Optional[Size]
+    train_size: Size | None
     notes: list[str]
     label: str = ''              # the model's part of the row labels
 
@@ -71,13 +71,13 @@ class Task:
         """The model of ``source`` (eval mode) and info (``img_size``, ...); ``overrides``: construction knobs."""
         raise NotImplementedError
 
-    def train_size(self, model: nn.Module, info: dict[str, Any]) -> Optional[Size]:
+    def train_size(self, model: nn.Module, info: dict[str, Any]) -> Size | None:
         return None
 
     def check(self, plan: Plan) -> None:
         """Fail before any long work (e.g. a resolution the model cannot take)."""
 
-    def expected_images(self) -> Optional[int]:
+    def expected_images(self) -> int | None:
         """How many images a case will use (part of the key of a reusable row)."""
         return None
 
@@ -100,7 +100,7 @@ def row_key(row: dict[str, Any]) -> tuple:
     return row['label'], str(row['checkpoint']), row.get('checkpoint_sha256'), int(row['resolution']), n
 
 
-def _plan(task: Task, source: ModelSource, space: KnobSpace, train_res: Optional[int], label: str) -> Plan:
+def _plan(task: Task, source: ModelSource, space: KnobSpace, train_res: int | None, label: str) -> Plan:
     model, info = task.build(source)
     train = (train_res, train_res) if train_res else task.train_size(model, info)
     support = knob_support(model)
@@ -117,9 +117,9 @@ def _plan(task: Task, source: ModelSource, space: KnobSpace, train_res: Optional
 
 
 def sweep(task: Task, models: Sequence[ModelSource], resolutions: Sequence[int], space: KnobSpace,
-          *, train_res: Optional[int] = None, max_bias_mb: float = 1024.0, progress: bool = True,
-          on_row: Optional[Callable[[dict[str, Any]], None]] = None, reuse: Sequence[dict[str, Any]] = (),
-          device: Optional[torch.device] = None) -> EvalResult:
+          *, train_res: int | None = None, max_bias_mb: float = 1024.0, progress: bool = True,
+          on_row: Callable[[dict[str, Any]], None] | None = None, reuse: Sequence[dict[str, Any]] = (),
+          device: torch.device | None = None) -> EvalResult:
     """Measure every model x knob setting x resolution with ``task``; the rows and the run's metadata.
 
     ``reuse``: rows of an earlier run (``rows.partial.jsonl``); a case with a row of the same label,

@@ -28,7 +28,7 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -39,7 +39,7 @@ __all__ = ['ModelSource', 'Knobs', 'KnobSpace', 'known_knobs', 'knob_support', '
 
 log = logging.getLogger(__name__)
 RANDOM = 'random'
-Size = Tuple[int, int]
+Size = tuple[int, int]
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -48,8 +48,8 @@ class ModelSource:
     """A model to evaluate: ``name`` (timm / visionpe), ``checkpoint`` (path, None or ``'random'``),
     extra ``kwargs`` for ``timm.create_model`` (e.g. the architecture of a bare safetensors file)."""
     name: str
-    checkpoint: Optional[str] = None
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
     use_ema: bool = True
     trust: bool = False  # unpickle a .ckpt that asks for code (only for files the user vouches for)
 
@@ -57,7 +57,7 @@ class ModelSource:
     def is_lightning(self) -> bool:
         return self.checkpoint is not None and Path(self.checkpoint).suffix == '.ckpt'
 
-    def hparams(self) -> Dict[str, Any]:
+    def hparams(self) -> dict[str, Any]:
         """The ``hyper_parameters`` of a ``train.py`` checkpoint (read once)."""
         if '_hparams' not in self.__dict__:
             from ..train.ckpt_io import checkpoint_hparams
@@ -85,7 +85,7 @@ class ModelSource:
                                  f'says {self.name}: pass --models {hp["model_name"]}, or leave --models out '
                                  f'(the name is in the checkpoint)')
 
-    def fingerprint(self) -> Optional[str]:
+    def fingerprint(self) -> str | None:
         """What the weights are, beyond the path: a digest of the checkpoint file (None without a file)."""
         if self.checkpoint in (None, RANDOM):
             return None
@@ -93,7 +93,7 @@ class ModelSource:
             self.__dict__['_digest'] = file_digest(self.checkpoint)
         return self.__dict__['_digest']
 
-    def build(self, num_classes: Optional[int] = None, **overrides: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+    def build(self, num_classes: int | None = None, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
         """The model in eval mode with its weights, and info (``img_size``, ``mean``, ``std``, ...)."""
         self.check()
         kwargs = {**self.kwargs, **overrides}
@@ -107,7 +107,7 @@ class ModelSource:
                                  f'the data has {num_classes}; evaluate it on data with the same classes')
             return model, info
         import timm
-        create: Dict[str, Any] = dict(kwargs)
+        create: dict[str, Any] = dict(kwargs)
         if num_classes is not None:
             create['num_classes'] = num_classes
         pretrained = self.checkpoint != RANDOM
@@ -129,7 +129,7 @@ class ModelSource:
         return model, info
 
 
-def is_detection_hparams(hp: Dict[str, Any]) -> bool:
+def is_detection_hparams(hp: dict[str, Any]) -> bool:
     """Whether ``train.py`` hyper-parameters are those of a detector (its feature pyramid)."""
     return 'fpn_channels' in hp
 
@@ -143,7 +143,7 @@ def file_digest(path: str, chars: int = 16) -> str:
     return h.hexdigest()[:chars]
 
 
-def _with_dynamic_size(fn, kwargs: Dict[str, Any]):
+def _with_dynamic_size(fn, kwargs: dict[str, Any]):
     """Call ``fn(dynamic_img_size=True, **kwargs)``; models without that option are built without it."""
     if 'dynamic_img_size' in kwargs:
         return fn(**kwargs)
@@ -155,7 +155,7 @@ def _with_dynamic_size(fn, kwargs: Dict[str, Any]):
         return fn(**kwargs)
 
 
-def patch_size_of(model: nn.Module) -> Optional[Size]:
+def patch_size_of(model: nn.Module) -> Size | None:
     pe = getattr(model, 'patch_embed', None)
     p = getattr(pe, 'patch_size', None)
     if p is None:
@@ -163,7 +163,7 @@ def patch_size_of(model: nn.Module) -> Optional[Size]:
     return (int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1]))
 
 
-def train_resolution(model: nn.Module, info: Dict[str, Any]) -> Optional[Size]:
+def train_resolution(model: nn.Module, info: dict[str, Any]) -> Size | None:
     """The training resolution: the checkpoint's ``img_size`` (``train.py``), else the size the model was
     built for (``patch_embed.img_size``), else timm's ``pretrained_cfg['input_size']``."""
     size = info.get('img_size')
@@ -178,20 +178,20 @@ def train_resolution(model: nn.Module, info: Dict[str, Any]) -> Optional[Size]:
 
 
 # ------------------------------------------------------------------------------------------ knobs
-def known_knobs() -> Dict[str, Any]:
+def known_knobs() -> dict[str, Any]:
     """Every declared knob by name (rank order): the first declaration of each name (those sharing a name share
     its flag, default and parsing). Imports every model and encoding first, so all declarations are seen."""
     import visionpe  # noqa: F401  (models and attention)
     from ..pos import list_encodings
     from ..pos.base import registered_knobs
     list_encodings()
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for k in registered_knobs():
         out.setdefault(k.name, k)
     return out
 
 
-def _variants(name: str) -> List[Any]:
+def _variants(name: str) -> list[Any]:
     from ..pos.base import registered_knobs
     return [k for k in registered_knobs() if k.name == name]
 
@@ -213,7 +213,7 @@ class Knobs:
     def items(self):
         return self._values.items()
 
-    def changed(self) -> Dict[str, Any]:
+    def changed(self) -> dict[str, Any]:
         """The knobs set to something else than their default."""
         known = known_knobs()
         return {n: v for n, v in self._values.items() if v != known[n].default}
@@ -222,7 +222,7 @@ class Knobs:
         known = known_knobs()
         return ', '.join(t for t in (known[n].text(v) for n, v in self._values.items()) if t)
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
     def __eq__(self, other: object) -> bool:
@@ -244,9 +244,9 @@ class KnobSpace:
         unknown = sorted(set(axes) - set(known))
         if unknown:
             raise TypeError(f"unknown knob(s) {unknown}; declared knobs: {', '.join(known)}")
-        self.axes: Dict[str, List[Any]] = {n: list(axes.get(n, [k.default])) for n, k in known.items()}
+        self.axes: dict[str, list[Any]] = {n: list(axes.get(n, [k.default])) for n, k in known.items()}
 
-    def __getitem__(self, name: str) -> List[Any]:
+    def __getitem__(self, name: str) -> list[Any]:
         return self.axes[name]
 
     def validate(self) -> 'KnobSpace':
@@ -261,13 +261,13 @@ class KnobSpace:
         known = known_knobs()
         return all(v == [known[n].default] for n, v in self.axes.items())
 
-    def as_dict(self) -> Dict[str, List[Any]]:
+    def as_dict(self) -> dict[str, list[Any]]:
         return {n: list(v) for n, v in self.axes.items()}
 
 
-def knob_support(model: nn.Module) -> Dict[str, List[Tuple[Any, nn.Module]]]:
+def knob_support(model: nn.Module) -> dict[str, list[tuple[Any, nn.Module]]]:
     """The knobs ``model`` has: ``{knob name: [(declaration, module), ...]}`` (missing key: not applicable)."""
-    out: Dict[str, List[Tuple[Any, nn.Module]]] = {}
+    out: dict[str, list[tuple[Any, nn.Module]]] = {}
     for name in known_knobs():
         pairs = [(k, m) for k in _variants(name) for m in k.targets(model)]
         if pairs:
@@ -275,19 +275,19 @@ def knob_support(model: nn.Module) -> Dict[str, List[Tuple[Any, nn.Module]]]:
     return out
 
 
-def _accepted(pairs: List[Tuple[Any, nn.Module]], value: Any) -> Optional[str]:
+def _accepted(pairs: list[tuple[Any, nn.Module]], value: Any) -> str | None:
     """None if some module takes ``value``, else why not (the first reason)."""
     reasons = [k.accepts(m, value) if k.accepts is not None else None for k, m in pairs]
     return None if any(r is None for r in reasons) else reasons[0]
 
 
-def expand_knobs(space: KnobSpace, support: Dict[str, Any]) -> Tuple[List[Knobs], List[str]]:
+def expand_knobs(space: KnobSpace, support: dict[str, Any]) -> tuple[list[Knobs], list[str]]:
     """Every knob setting of ``space`` that applies to a model with ``support`` (knobs it lacks collapse to
     the model's own setting), and notes on what was not applicable. A value no module of the model takes
     (e.g. a coordinate mode of another family) is dropped; if none is left, the model runs at its own
     value (the knob's ``own``, else its default)."""
-    axes: Dict[str, List[Any]] = {}
-    notes: List[str] = []
+    axes: dict[str, list[Any]] = {}
+    notes: list[str] = []
     for name, knob in known_knobs().items():
         values = list(dict.fromkeys(space[name]))
         wanted = [v for v in values if v != knob.default]
@@ -308,9 +308,9 @@ def expand_knobs(space: KnobSpace, support: Dict[str, Any]) -> Tuple[List[Knobs]
     return combos, notes
 
 
-def build_overrides(knobs: Knobs, support: Dict[str, Any]) -> Dict[str, Any]:
+def build_overrides(knobs: Knobs, support: dict[str, Any]) -> dict[str, Any]:
     """Construction keywords of a knob setting (knobs applied by rebuilding the model)."""
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for name, value in knobs.changed().items():
         for k, _ in support.get(name, ()):
             if k.build is not None:
@@ -318,14 +318,14 @@ def build_overrides(knobs: Knobs, support: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def measure_tokens(model: nn.Module, hw: Size, device: Optional[torch.device] = None) -> Dict[nn.Module, int]:
+def measure_tokens(model: nn.Module, hw: Size, device: torch.device | None = None) -> dict[nn.Module, int]:
     """Sequence length seen by every attention module at ``hw`` (:func:`visionpe.attention.attention_lengths`)."""
     from ..attention import attention_lengths
     return attention_lengths(model, hw)
 
 
-def apply_knobs(model: nn.Module, knobs: Knobs, hw: Size, train_hw: Optional[Size],
-                memo: Optional[Dict[str, Any]] = None) -> Callable[[], None]:
+def apply_knobs(model: nn.Module, knobs: Knobs, hw: Size, train_hw: Size | None,
+                memo: dict[str, Any] | None = None) -> Callable[[], None]:
     """Set the knobs of ``knobs`` that act on modules, for evaluation at ``hw`` (training size ``train_hw``);
     returns the function that undoes it. ``memo``: shared by every call on the same model (measurements
     made once per model, e.g. the training sequence lengths of the temperature knob). Construction knobs

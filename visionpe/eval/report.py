@@ -13,14 +13,14 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Sequence
 
 from .engine import EvalResult
 
 __all__ = ['write_reports', 'markdown_table', 'format_value', 'FORMATS', 'run_metadata']
 
 # metric -> (title, format, higher is better)
-FORMATS: Dict[str, tuple] = {
+FORMATS: dict[str, tuple] = {
     'top1': ('top-1 accuracy (%)', '{:.2f}', True),
     'top5': ('top-5 accuracy (%)', '{:.2f}', True),
     'loss': ('cross-entropy', '{:.4f}', False),
@@ -43,23 +43,23 @@ def _replacing(path: Path):
         tmp.unlink(missing_ok=True)
 
 
-def format_value(metric: str, value: Optional[float]) -> str:
+def format_value(metric: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return '-'
     return FORMATS.get(metric, (metric, '{:.4g}', True))[1].format(value)
 
 
-def _labels(rows: Sequence[Dict[str, Any]]) -> List[str]:
+def _labels(rows: Sequence[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r['label'] for r in rows))
 
 
-def markdown_table(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Sequence[int],
+def markdown_table(rows: Sequence[dict[str, Any]], metric: str, resolutions: Sequence[int],
                    unit: str = 'px') -> str:
     """Rows: labels; columns: resolutions (training resolution marked with †); best per column in bold."""
     labels = _labels(rows)
     cell = {(r['label'], r['resolution']): r.get(metric) for r in rows}
     higher = FORMATS.get(metric, ('', '', True))[2]
-    best: Dict[int, str] = {}
+    best: dict[int, str] = {}
     for res in resolutions:
         vals = [cell[(lab, res)] for lab in labels if cell.get((lab, res)) is not None]
         if vals:
@@ -80,7 +80,7 @@ def markdown_table(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Seq
     return '\n'.join(out)
 
 
-def run_metadata(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def run_metadata(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The exact command and the versions of everything that decides the numbers."""
     import shlex
 
@@ -101,8 +101,8 @@ def run_metadata(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 platform=platform.platform())
 
 
-def write_reports(result: EvalResult, out_dir: Path, argv: Optional[Sequence[str]] = None,
-                  extra_meta: Optional[Dict[str, Any]] = None) -> Dict[str, Path]:
+def write_reports(result: EvalResult, out_dir: Path, argv: Sequence[str] | None = None,
+                  extra_meta: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write CSV, JSON, Markdown and PNG into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ def write_reports(result: EvalResult, out_dir: Path, argv: Optional[Sequence[str
     return paths
 
 
-def plot(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Sequence[int], path: Path,
+def plot(rows: Sequence[dict[str, Any]], metric: str, resolutions: Sequence[int], path: Path,
          title: str = '') -> None:
     """Metric vs resolution, one line per label: one colour per model, one line style per knob setting of
     that model; each line's training resolution marked by a star and the training resolutions by dotted
@@ -157,7 +157,7 @@ def plot(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Sequence[int]
     model_of = {r['label']: r.get('model', r['label']) for r in rows}
     models = list(dict.fromkeys(model_of[lab] for lab in _labels(rows)))
     palette = plt.get_cmap('tab20' if len(models) > 10 else 'tab10').colors
-    settings: Dict[str, int] = {}  # labels drawn so far per model
+    settings: dict[str, int] = {}  # labels drawn so far per model
     train_sizes = set()
     for lab in _labels(rows):
         pts = sorted((r['resolution'], r[metric]) for r in rows if r['label'] == lab and r.get(metric) is not None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -39,16 +39,16 @@ MAX_BAD_FRACTION = 0.001  # as training (--data.max_bad_fraction)
 
 @dataclass
 class EvalConfig:
-    models: List[ModelSource]
+    models: list[ModelSource]
     data: str = FMNIST
     resolutions: Sequence[int] = (32, 48, 64, 96, 128)
     task: str = 'cls'
-    crop_ratio: Optional[float] = None     # image folders: default 1.0 (RoPE-ViT); must stay unset for fmnist
+    crop_ratio: float | None = None     # image folders: default 1.0 (RoPE-ViT); must stay unset for fmnist
     batch_size: int = 256
-    max_images: Optional[int] = None       # None: all (Fashion-MNIST on CPU: CPU_FMNIST_SUBSET)
+    max_images: int | None = None       # None: all (Fashion-MNIST on CPU: CPU_FMNIST_SUBSET)
     device: str = 'auto'
     knobs: KnobSpace = field(default_factory=KnobSpace)
-    train_res: Optional[int] = None        # overrides the training resolution found in the checkpoint
+    train_res: int | None = None        # overrides the training resolution found in the checkpoint
     workers: int = 2
     progress: bool = True
     max_bias_mb: float = 1024.0            # attention bias budget (visionpe.attention.bias_budget)
@@ -70,13 +70,13 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def evaluate_classifier(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-                        device: torch.device, topk: int = 5) -> Dict[str, float]:
+def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                        device: torch.device, topk: int = 5) -> dict[str, float]:
     """Top-1 / top-k accuracy (%), mean cross-entropy, images/s and peak memory of ``model`` on ``batches``."""
     n = c1 = ck = 0
     loss = 0.0
-    times: List[Tuple[int, float]] = []
-    first: Optional[torch.Tensor] = None
+    times: list[tuple[int, float]] = []
+    first: torch.Tensor | None = None
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         _sync(device)
@@ -103,11 +103,11 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, 
                 peak_mem_mb=pm.mib, n_images=n)
 
 
-def _near(v: int, p: int) -> List[int]:
+def _near(v: int, p: int) -> list[int]:
     return sorted({max(p, v // p * p), -(-v // p) * p})
 
 
-def check_resolutions(resolutions: Sequence[int], patch: Optional[Tuple[int, int]], who: str) -> None:
+def check_resolutions(resolutions: Sequence[int], patch: tuple[int, int] | None, who: str) -> None:
     """Every resolution must be a multiple of the patch size (else the patch grid would drop pixels)."""
     for r in resolutions:
         if r <= 0:
@@ -121,7 +121,7 @@ def check_resolutions(resolutions: Sequence[int], patch: Optional[Tuple[int, int
                          f'nearest valid sizes: {sugg}')
 
 
-def _norm_stats(info: Dict[str, Any], spec: DataSpec) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+def _norm_stats(info: dict[str, Any], spec: DataSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Normalisation: the checkpoint's training statistics (``train.py``), else Fashion-MNIST's for
     ``fmnist``, else the model's ``pretrained_cfg``, else ImageNet's."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -157,8 +157,8 @@ def _check_common(cfg: EvalConfig) -> DataSpec:
     return spec
 
 
-def run_eval(cfg: EvalConfig, on_row: Optional[Callable[[Dict[str, Any]], None]] = None,
-             reuse: Sequence[Dict[str, Any]] = ()) -> EvalResult:
+def run_eval(cfg: EvalConfig, on_row: Callable[[dict[str, Any]], None] | None = None,
+             reuse: Sequence[dict[str, Any]] = ()) -> EvalResult:
     """Evaluate every model x knob setting x resolution (:func:`visionpe.eval.engine.sweep` with the task of
     ``cfg.task``); ``reuse``: rows of an earlier run of the same sweep, taken instead of measured again."""
     spec = _check_common(cfg)
@@ -185,30 +185,30 @@ class ClassificationTask(Task):
         self.images = EvalImages(spec, self.max_images, cfg.batch_size, crop_ratio=cfg.crop_ratio or 1.0,
                                  workers=cfg.workers, max_bad_fraction=cfg.max_bad_fraction)
 
-    def build(self, source: ModelSource, **overrides: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+    def build(self, source: ModelSource, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
         return source.build(self.n_classes, **overrides)
 
-    def train_size(self, model: nn.Module, info: Dict[str, Any]) -> Optional[Tuple[int, int]]:
+    def train_size(self, model: nn.Module, info: dict[str, Any]) -> tuple[int, int] | None:
         return train_resolution(model, info)
 
     def check(self, plan: Plan) -> None:
         check_resolutions(self.cfg.resolutions, patch_size_of(plan.model), plan.source.name)
 
-    def expected_images(self) -> Optional[int]:
+    def expected_images(self) -> int | None:
         return self.images.n_requested
 
-    def measure(self, model: nn.Module, case: Case) -> Dict[str, Any]:
+    def measure(self, model: nn.Module, case: Case) -> dict[str, Any]:
         mean, std = _norm_stats(case.plan.info, self.spec)
         batches = self.images.batches(case.resolution, mean, std, case.plan.info.get('interpolation') or 'bicubic')
         m = evaluate_classifier(model, batches, self.device)
         return {**m, 'n_unreadable': self.images.n_unreadable}
 
-    def model_meta(self, plan: Plan) -> Dict[str, Any]:
+    def model_meta(self, plan: Plan) -> dict[str, Any]:
         mean, std = _norm_stats(plan.info, self.spec)
         return dict(mean=list(mean), std=list(std), epoch=plan.info.get('epoch'),
                     global_step=plan.info.get('global_step'))
 
-    def meta(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    def meta(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         where = 'CUDA max allocated' if self.device.type == 'cuda' else 'peak live tensor storage, CPU'
         return dict(data=self.spec.describe(), data_root=self.spec.root,
                     n_images=rows[0]['n_images'] if rows else 0, max_images=self.max_images,
@@ -236,15 +236,15 @@ class DetectionTask(Task):
         self.cfg, self.spec = cfg, spec
         self.device = resolve_device(cfg.device)
 
-    def build(self, source: ModelSource, **overrides: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+    def build(self, source: ModelSource, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
         from ..det.evaluate import load_detector  # lazy: the detection stack is optional here
         ckpt = source.checkpoint if source.checkpoint != 'random' else None
         return load_detector(source.name, ckpt, **{**source.kwargs, **overrides}), {}
 
-    def expected_images(self) -> Optional[int]:
+    def expected_images(self) -> int | None:
         return self.cfg.max_images
 
-    def measure(self, model: nn.Module, case: Case) -> Dict[str, Any]:
+    def measure(self, model: nn.Module, case: Case) -> dict[str, Any]:
         from ..det.evaluate import evaluate_detection
         m = evaluate_detection(model, self.spec.root, case.resolution, self.cfg.batch_size, self.device,
                                self.cfg.max_images)
@@ -253,7 +253,7 @@ class DetectionTask(Task):
             raise KeyError(f'evaluate_detection returned no {missing} (got {sorted(m)})')
         return {**{k: float(m[k]) for k in COCO_METRICS}, 'n_images': m.get('n_images', self.cfg.max_images)}
 
-    def meta(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    def meta(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return dict(data=self.spec.describe(), data_root=self.spec.root, max_images=self.cfg.max_images,
                     subset_note=_subset_note(self.spec, self.cfg.max_images, self.device),
                     preprocessing='resize the shorter side to r (the detector\'s own transform)',
@@ -263,11 +263,11 @@ class DetectionTask(Task):
 
 
 #: ``--task`` name -> its :class:`Task` (a new task: a subclass and one entry here)
-TASK_TYPES: Dict[str, type] = {'cls': ClassificationTask, 'coco': DetectionTask}
+TASK_TYPES: dict[str, type] = {'cls': ClassificationTask, 'coco': DetectionTask}
 TASKS = tuple(TASK_TYPES)
 
 
-def _subset_note(spec: DataSpec, max_images: Optional[int], device: torch.device) -> str:
+def _subset_note(spec: DataSpec, max_images: int | None, device: torch.device) -> str:
     if max_images is None:
         return 'all images'
     why = ' (default for Fashion-MNIST on a CPU; --max-images to change)' if (

@@ -41,7 +41,7 @@ HOOKS = frozenset({'tokens', 'rotate', 'bias', 'value'})
 
 
 # ------------------------------------------------------------------------------------------------ knobs
-Size = Tuple[int, int]
+Size = tuple[int, int]
 
 
 @dataclass
@@ -50,7 +50,7 @@ class KnobContext:
     None when unknown), the whole ``model``, and a ``memo`` shared by every application to that model
     (e.g. a measurement made once per model)."""
     size: Size
-    train_size: Optional[Size]
+    train_size: Size | None
     model: nn.Module
     memo: dict = field(default_factory=dict)
 
@@ -81,18 +81,18 @@ class Knob:
     flag: str = ''                             # command-line option (default: --<name with dashes>)
     words: tuple = (('default', None),)        # command-line words with a fixed value
     bare: Any = None                           # value of the flag given alone (None: it needs a value)
-    check: Optional[Callable[[Any], Any]] = None  # a value given in Python -> the value (ValueError if bad)
-    label: Optional[Callable[[Any], str]] = None  # value -> text in a row label (default name=value)
+    check: Callable[[Any], Any] | None = None  # a value given in Python -> the value (ValueError if bad)
+    label: Callable[[Any], str] | None = None  # value -> text in a row label (default name=value)
     rank: int = 50                             # order in labels, rows and --help (lower first)
-    build: Optional[str] = None
-    attrs: Tuple[str, ...] = ()
-    set: Optional[Callable[[nn.Module, Any, KnobContext], None]] = None
-    context: Optional[Callable[[Any], ContextManager]] = None
-    own: Optional[Callable[[nn.Module], Any]] = None      # a module's own value (its native setting)
-    accepts: Optional[Callable[[nn.Module, Any], Optional[str]]] = None  # None, or why not for that module
-    applies: Optional[Callable[[nn.Module], bool]] = None  # whether a module of a declaring class has it
-    find: Optional[Callable[[nn.Module], list]] = None    # the modules of a model that have it (default:
-    needs_train_size: Callable[[Any], bool] = _never      # those whose class declares it)
+    build: str | None = None
+    attrs: tuple[str, ...] = ()
+    set: Callable[[nn.Module, Any, KnobContext], None] | None = None
+    context: Callable[[Any], ContextManager] | None = None
+    own: Callable[[nn.Module], Any] | None = None      # a module's own value (its native setting)
+    accepts: Callable[[nn.Module, Any], str | None] | None = None  # None, or why not for that module
+    applies: Callable[[nn.Module], bool] | None = None  # whether a module of a declaring class has it
+    find: Callable[[nn.Module], list] | None = None    # a model's modules that have it (default: declarers)
+    needs_train_size: Callable[[Any], bool] = _never   # the value needs the training size
 
     def __post_init__(self):
         if sum(x is not None for x in (self.build, self.set, self.context)) != 1:
@@ -124,8 +124,7 @@ class Knob:
         """The modules of ``model`` that have this knob."""
         if self.find is not None:
             return list(self.find(model))
-        return [m for m in model.modules()
-                if self in getattr(type(m), 'test_knobs', ()) and (self.applies is None or self.applies(m))]
+        return [m for m in model.modules() if self in module_knobs(m)]
 
     def apply(self, module: nn.Module, value: Any, ctx: KnobContext) -> dict:
         """Set ``value`` on ``module`` (a ``set`` knob); returns what :meth:`undo` restores."""
@@ -165,11 +164,11 @@ def module_knobs(module: nn.Module) -> tuple:
     return tuple(k for k in getattr(type(module), 'test_knobs', ()) if k.applies is None or k.applies(module))
 
 
-def coord_mode_knob(attr: str, applies: Optional[Callable[[nn.Module], bool]] = None) -> Knob:
+def coord_mode_knob(attr: str, applies: Callable[[nn.Module], bool] | None = None) -> Knob:
     """The coordinate mode (:mod:`visionpe.grid`) of a module that reads coordinates in ``attr``, set at
     construction by the keyword of the same name. Only modes of the module's own family
     (:data:`visionpe.grid.COORD_FAMILIES`) are test-time alternatives."""
-    def accepts(module: nn.Module, mode: str) -> Optional[str]:
+    def accepts(module: nn.Module, mode: str) -> str | None:
         own = getattr(module, attr)
         family = COORD_FAMILIES.get(own, (own,))
         if mode in family:
@@ -204,7 +203,7 @@ class PosEncoding(nn.Module):
     #: True when the value hook needs the attention probabilities (forces the math backend).
     needs_probs: bool = False
     #: test-time knobs of this encoding (:class:`Knob`), registered with the evaluator at class creation
-    test_knobs: ClassVar[Tuple[Knob, ...]] = ()
+    test_knobs: ClassVar[tuple[Knob, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
