@@ -190,6 +190,8 @@ def test_unreadable_images_are_skipped_counted_and_listed(folder_with_bad_images
     assert info['count'] == 3 and sorted(i['path'] for i in info['images']) == bad
     assert all(i['error'] for i in info['images'])
     assert [(r['n_images'], r['n_unreadable']) for r in js['rows']] == [(8, 3), (8, 3)]
+    md = (out / 'results.md').read_text()
+    assert '## Unreadable images (3, skipped)' in md and all(p in md for p in bad)
     # past the limit (the default is training's 0.1%): an error that lists them
     assert exit_code(argv_for(root, ckpt, tmp_path / 'run2', '--resolutions', '16')) == 2
     err = capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -129,8 +130,8 @@ def sweep(task: Task, models: Sequence[ModelSource], resolutions: Sequence[int],
     from tqdm.auto import tqdm
     space.validate()
     names = [s.name for s in models]
-    labels = [f'{s.name} ({s.checkpoint.rsplit("/", 1)[-1].rsplit(".", 1)[0]})'
-              if names.count(s.name) > 1 and s.checkpoint else s.name for s in models]
+    labels = [f'{s.name} ({Path(s.checkpoint).stem})' if names.count(s.name) > 1 and s.checkpoint else s.name
+              for s in models]  # one name twice: told apart by the checkpoint
     plans = [_plan(task, s, space, train_res, lab) for s, lab in zip(models, labels)]  # every check first
     earlier = {row_key(r): r for r in reuse}
     n_expected = task.expected_images()

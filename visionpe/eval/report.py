@@ -133,6 +133,10 @@ def write_reports(result: EvalResult, out_dir: Path, argv: Sequence[str] | None 
         md += ['', f'## {FORMATS[metric][0]}', '', markdown_table(rows, metric, resolutions, unit)]
     if meta.get('skipped'):
         md += ['', '## Skipped', ''] + [f"- {s['label']}: {s['reason']}" for s in meta['skipped']]
+    bad = meta.get('unreadable_images') or {}
+    if bad.get('count'):
+        md += ['', f"## Unreadable images ({bad['count']}, skipped)", ''] + [f"- {i['path']}: {i['error']}"
+                                                                             for i in bad['images']]
     notes = [f"- {m['name']}: {'; '.join(m['notes'])}" for m in meta.get('models', []) if m.get('notes')]
     if notes:
         md += ['', '## Knobs not applicable', ''] + notes
