@@ -196,3 +196,9 @@ def test_unreadable_images_are_skipped_counted_and_listed(folder_with_bad_images
     assert exit_code(argv_for(root, ckpt, tmp_path / 'run2', '--resolutions', '16')) == 2
     err = capsys.readouterr().err
     assert 'could not be read' in err and '--max-bad-fraction' in err and bad[0] in err
+
+
+def test_no_abbreviated_options(capsys):
+    """A misspelt or shortened option is an error, not silently taken for another one."""
+    assert exit_code(['--max-image', '10']) == 2 and 'unrecognized arguments: --max-image' in capsys.readouterr().err
+    assert exit_code(['--temp']) == 2

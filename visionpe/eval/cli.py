@@ -35,7 +35,7 @@ DEFAULT_RESOLUTIONS = (32, 48, 64, 96, 128)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog='eval_resolution.py', formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog='eval_resolution.py', formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         description='Evaluate models at many resolutions (train at one, test at many) and write CSV, JSON, '
                     'Markdown and a PNG plot into a run folder.',
         epilog='With no arguments: the model trained by `python train.py` '
