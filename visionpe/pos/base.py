@@ -119,9 +119,6 @@ class PosEncoding(nn.Module):
         """Names (relative to this module) of parameters that take no weight decay."""
         return set()
 
-    def uses(self, hook: str) -> bool:
-        return hook in self.hooks
-
 
 class LayerPos:
     """An encoding bound to one layer and one forward's state: what attention modules call."""
