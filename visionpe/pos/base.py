@@ -1,4 +1,4 @@
-"""The one small interface every position encoding implements (DESIGN.md, "The encoding interface").
+"""The one small interface every position encoding implements (docs/architecture.md, "The encoding interface").
 
 An encoding may act at four points and says which in ``hooks``:
 
