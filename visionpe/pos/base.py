@@ -51,6 +51,10 @@ class PosEncoding(nn.Module):
     hooks: ClassVar[FrozenSet[str]] = frozenset()
     #: True when the value hook needs the attention probabilities (forces the math backend).
     needs_probs: bool = False
+    #: How the encoding takes coordinate augmentation (``grid.aug``, see :class:`visionpe.grid.CoordAug`):
+    #: None (it reads no continuous coordinates), ``'batch'`` (one draw per batch) or ``'sample'`` (also
+    #: one draw per image).
+    coord_aug_support: ClassVar[Optional[str]] = None
 
     def __init__(self, ctx: EncodingContext):
         super().__init__()

@@ -111,6 +111,7 @@ def widen_for_prefix(q: torch.Tensor, k: torch.Tensor, q_pope: torch.Tensor, k_p
 class PoPE2D(PosEncoding):
     """Axial 2-D PoPE on q and k (see module docstring)."""
     hooks = frozenset({'rotate'})
+    coord_aug_support = 'batch'
 
     def __init__(
             self,
@@ -140,7 +141,7 @@ class PoPE2D(PosEncoding):
         self._cache = GridCache()
 
     def phases(self, grid: Grid) -> torch.Tensor:
-        xy = grid_coords(grid.h, grid.w, self.coord_mode, ref_hw=self.ref_hw, polar_eps=self.polar_eps)
+        xy = grid_coords(grid.h, grid.w, self.coord_mode, ref_hw=self.ref_hw, polar_eps=self.polar_eps, aug=grid.aug)
         return pope_phases(xy, self.ctx.head_dim, self.theta)
 
     def state_for_phases(self, phases: torch.Tensor, num_prefix: int = 0) -> PoPEState:
