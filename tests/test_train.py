@@ -283,3 +283,25 @@ def test_ddp_two_cpu_processes(tmp_path):
     # 64 samples over 2 ranks at batch 16: 2 batches per rank and epoch, so step 3 is epoch 1, batch 1
     assert loader_state['world_size'] == 2 and (loader_state['epoch'], loader_state['batches']) == (1, 1)
     assert 'test/acc' in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize('stop,every', [('max_steps', 4), ('max_steps', 5), ('max_epochs', 3), ('max_epochs', 4)],
+                         ids=['steps-saved-at-end', 'steps-saved-before', 'epochs-saved-before', 'epochs-saved-at-end'])
+def test_last_ckpt_holds_the_final_step(tmp_path, stop, every):
+    """issue 17 defect 3: Lightning skips its end-of-fit ``last.ckpt`` once a periodic save wrote one, so a run
+    of 10 steps with ``every_n_train_steps=4`` left ``last.ckpt`` at step 8. After ``fit``, ``last.ckpt`` must hold
+    the final weights, whether the run ends on max_steps or max_epochs, with or without a save at the last step."""
+    pl.seed_everything(0, verbose=False)
+    dm = tiny_data(train_subset=128, batch_size=32)  # 4 batches per epoch
+    module = tiny_module(dm, kwargs=dict(VIT_TINY, depth=1), mixup=0.0, cutmix=0.0, ema_decay=0.0, sched='none')
+    periodic = ModelCheckpoint(dirpath=str(tmp_path / 'ckpt'), filename='step{step:03d}', every_n_train_steps=every,
+                               save_top_k=1, save_last=True)
+    limits = dict(max_steps=8 if every == 4 else 7) if stop == 'max_steps' else dict(max_steps=-1, max_epochs=2)
+    tr = trainer(tmp_path, callbacks=[periodic], limit_val_batches=1, **limits)
+    tr.fit(module, dm)
+    final = tr.global_step
+    assert final == (8 if every == 4 else 7 if stop == 'max_steps' else 8)
+    ckpt = torch.load(tmp_path / 'ckpt' / 'last.ckpt', weights_only=True)
+    assert ckpt['global_step'] == final
+    assert max_diff({k[len('model.'):]: v for k, v in ckpt['state_dict'].items()},
+                    {k: v for k, v in module.model.state_dict().items()}) == 0

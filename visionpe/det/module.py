@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..train.callbacks import save_final_last_checkpoints
 from .data import CocoDetectionSet, coco_num_classes, detection_collate, eval_transform, train_transform
 from .detector import build_detector
 
@@ -109,6 +110,9 @@ class ObjectDetector(pl.LightningModule):
         for k, v in losses.items():
             self.log(f'train/{k}', v, on_step=False, on_epoch=True, batch_size=n)
         return loss
+
+    def on_train_end(self) -> None:
+        save_final_last_checkpoints(self.trainer)
 
     # ------------------------------------------------------------------ validation: COCO AP
     def on_validation_epoch_start(self) -> None:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..data.sampling import mix_seed, seed_everything_from
+from .callbacks import save_final_last_checkpoints
 
 __all__ = ['VisionClassifier', 'build_model']
 
@@ -230,6 +231,9 @@ class VisionClassifier(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._check_data()
+
+    def on_train_end(self) -> None:
+        save_final_last_checkpoints(self.trainer)
 
     def _check_data(self) -> None:
         dm = getattr(self.trainer, 'datamodule', None)
