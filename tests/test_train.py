@@ -305,3 +305,71 @@ def test_last_ckpt_holds_the_final_step(tmp_path, stop, every):
     assert ckpt['global_step'] == final
     assert max_diff({k[len('model.'):]: v for k, v in ckpt['state_dict'].items()},
                     {k: v for k, v in module.model.state_dict().items()}) == 0
+
+
+@pytest.fixture(scope='module')
+def cli_ckpt(tmp_path_factory):
+    """A 2-step train.py run of the default config (tiny data): its last.ckpt, for the resume tests."""
+    tmp = tmp_path_factory.mktemp('cli_ckpt')
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        cli = main(_cli_args(tmp, '--trainer.limit_val_batches', '0', '--trainer.default_root_dir', str(tmp / 'run')),
+                   run=False)
+        cli.trainer.fit(cli.model, cli.datamodule)
+    finally:
+        os.chdir(cwd)
+    return tmp / 'run' / 'checkpoints' / 'last.ckpt'
+
+
+def _resume(tmp: Path, ckpt, *extra: str):
+    return main(_cli_args(tmp, '--trainer.limit_val_batches', '0', '--trainer.max_steps', '3', '--test_after_fit',
+                          'false', '--trainer.default_root_dir', str(tmp / 'resumed'), '--ckpt_path', str(ckpt), *extra))
+
+
+@pytest.mark.parametrize('option,value,key', [('--model.lr', '0.1', 'lr'),
+                                              ('--model.model_name', 'vit_rope2d_tiny', 'model_name')])
+def test_resume_with_other_model_options_fails(cli_ckpt, tmp_path, monkeypatch, option, value, key):
+    """issue 17 defect 5: resuming with --model.* values other than the checkpoint's trained the checkpoint's
+    (Lightning's CLI replaced them silently); it must fail and name the differing keys."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf'differ.*\b{key}\b') as e:
+        _resume(tmp_path, cli_ckpt, option, value)
+    assert value in str(e.value) and '--allow_changed' in str(e.value)
+    assert not (tmp_path / 'resumed' / 'checkpoints' / 'last.ckpt').exists()
+
+
+def test_resume_same_options_and_allowed_change(cli_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = _resume(tmp_path, cli_ckpt)  # the same options: resumes
+    assert cli.trainer.global_step == 3
+    # an option that takes effect on resume may change when named in --allow_changed; the run then uses it
+    cli = _resume(tmp_path, cli_ckpt, '--model.smoothing', '0.2', '--allow_changed', '[smoothing]')
+    assert cli.model.hparams.smoothing == 0.2 and cli.trainer.global_step == 3
+    # one that the checkpoint's optimizer state overrides (the lr) cannot be opted in: it would not take effect
+    with pytest.raises(ValueError, match=r"\['lr'\].*cannot change on resume"):
+        _resume(tmp_path, cli_ckpt, '--model.lr', '0.1', '--allow_changed', '[lr]')
+
+
+def test_resume_refuses_a_code_running_checkpoint(cli_ckpt, tmp_path, monkeypatch):
+    """issue 17 defect 8: a checkpoint whose pickle would run code is refused by train.py without running it."""
+    from test_ckpt_io import _RunsCode
+    from visionpe.train.ckpt_io import UnsafeCheckpointError
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / 'ran'
+    evil = tmp_path / 'evil.ckpt'
+    ckpt = torch.load(cli_ckpt, weights_only=False)
+    ckpt['payload'] = _RunsCode(marker)
+    torch.save(ckpt, evil)
+    with pytest.raises(UnsafeCheckpointError, match='trust-checkpoint'):
+        _resume(tmp_path, evil)
+    with pytest.raises(UnsafeCheckpointError, match='trust-checkpoint'):  # the test subcommand reads its hparams
+        main(['test', '--config', str(DEFAULT_CONFIG), '--ckpt_path', str(evil)], run=True)
+    assert not marker.exists(), 'the pickle ran code'
+
+
+def test_cli_rejects_abbreviated_options(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(_cli_args(tmp_path, '--trainer.max_epoch', '1'), run=False)
+    assert 'max_epoch' in capsys.readouterr().err

@@ -17,6 +17,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..train.callbacks import save_final_last_checkpoints
+from ..train.resume import ResumeCheck
 from .data import CocoDetectionSet, coco_num_classes, detection_collate, eval_transform, train_transform
 from .detector import build_detector
 
@@ -46,7 +47,7 @@ def detector_param_groups(detector: nn.Module, weight_decay: float, layer_decay:
     return [g for g in groups if g['params']]
 
 
-class ObjectDetector(pl.LightningModule):
+class ObjectDetector(ResumeCheck, pl.LightningModule):
     """FCOS on a zoo backbone (see :func:`visionpe.det.detector.build_detector`).
 
     Args:
@@ -56,7 +57,13 @@ class ObjectDetector(pl.LightningModule):
             shorter side; validation runs at the same size).
         fpn_channels, strides, out_indices, abs_pos, head_convs: detector options.
         opt, lr, weight_decay, layer_decay, warmup_epochs, warmup_lr, min_lr, sched: the optimizer recipe.
+
+    Resuming checks the options against the checkpoint's as :class:`visionpe.train.VisionClassifier` does;
+    only ``score_thresh`` (evaluation) may differ.
     """
+
+    RESUME_FREE = ('score_thresh',)
+    RESUME_OPT_IN: tuple[str, ...] = ()
 
     def __init__(
             self,

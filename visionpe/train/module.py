@@ -32,6 +32,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..data.sampling import mix_seed, seed_everything_from
 from .callbacks import save_final_last_checkpoints
+from .resume import ResumeCheck
 
 __all__ = ['VisionClassifier', 'build_model']
 
@@ -62,7 +63,7 @@ def build_model(model_name: str, num_classes: int, img_size: Optional[int] = Non
         raise TypeError(f'{model_name}: bad model_kwargs {kwargs}: {e}') from e
 
 
-class VisionClassifier(pl.LightningModule):
+class VisionClassifier(ResumeCheck, pl.LightningModule):
     """Image classifier wrapping ``timm.create_model(model_name, **model_kwargs)``.
 
     Hyper-parameters (all saved in the checkpoint; ``visionpe.train.load_model_from_checkpoint``
@@ -80,7 +81,15 @@ class VisionClassifier(pl.LightningModule):
         compile: ``torch.compile`` the model in place (``nn.Module.compile``: state-dict keys unchanged).
         grad_checkpointing: activation checkpointing through timm's ``set_grad_checkpointing``.
         seed: seed of the per-step RNG streams (dropout, drop-path, mixup).
+
+    Resuming (``--ckpt_path``) checks the options against the checkpoint's
+    (:func:`visionpe.train.resume.check_resume_hparams`): ``RESUME_FREE`` may differ, ``RESUME_OPT_IN`` may
+    differ when named in ``allow_changed`` (``--allow_changed``), any other difference is an error.
     """
+
+    RESUME_FREE = ('compile', 'grad_checkpointing', 'ema_eval')
+    RESUME_OPT_IN = ('smoothing', 'bce_loss', 'bce_target_thresh', 'mixup', 'cutmix', 'mixup_prob',
+                     'mixup_switch_prob', 'mixup_mode', 'seed')
 
     def __init__(
             self,
@@ -143,6 +152,7 @@ class VisionClassifier(pl.LightningModule):
                                   num_classes=num_classes)
         self.train_loss = self._train_loss()
         self._stats: Dict[str, torch.Tensor] = {}
+
 
     # ------------------------------------------------------------------ setup
     def _train_loss(self) -> nn.Module:
