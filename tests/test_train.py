@@ -373,3 +373,18 @@ def test_cli_rejects_abbreviated_options(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(_cli_args(tmp_path, '--trainer.max_epoch', '1'), run=False)
     assert 'max_epoch' in capsys.readouterr().err
+
+
+def test_warmup_longer_than_a_short_run_is_clamped(tmp_path, caplog):
+    """A smoke test (``--trainer.max_steps 20`` with the default recipe's 86 warm-up steps) was a ValueError; the
+    warm-up is now clamped to half the run with a warning, and the schedule still warms up then decays."""
+    pl.seed_everything(0, verbose=False)
+    dm = tiny_data()  # 8 batches per epoch: warmup_epochs=2 is 16 steps
+    module = tiny_module(dm, kwargs=dict(VIT_TINY, depth=1), mixup=0.0, cutmix=0.0, ema_decay=0.0, warmup_epochs=2.0)
+    rec = RecordLR()
+    caplog.set_level('WARNING')
+    tr = trainer(tmp_path, 6, callbacks=[rec], limit_val_batches=0)
+    tr.fit(module, dm)
+    assert 'warm-up of 16 steps' in caplog.text and '3 steps' in caplog.text
+    lr = [rec.lr[s] for s in range(1, 7)]
+    assert lr[0] < lr[1] < lr[2] and lr[2] > lr[3] > lr[4] > lr[5], lr  # warm-up over 3 steps, then cosine

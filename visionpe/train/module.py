@@ -34,7 +34,7 @@ from ..data.sampling import mix_seed, seed_everything_from
 from .callbacks import save_final_last_checkpoints
 from .resume import ResumeCheck
 
-__all__ = ['VisionClassifier', 'build_model']
+__all__ = ['VisionClassifier', 'build_model', 'with_warmup_cosine']
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,36 @@ def build_model(model_name: str, num_classes: int, img_size: Optional[int] = Non
             kwargs.pop('img_size')
             return timm.create_model(model_name, num_classes=num_classes, **kwargs)
         raise TypeError(f'{model_name}: bad model_kwargs {kwargs}: {e}') from e
+
+
+def with_warmup_cosine(module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> Any:
+    """``configure_optimizers``' return value for ``module.hparams.sched``: the optimizer alone (``'none'``) or
+    with timm's ``CosineLRScheduler`` stepped per optimizer step: linear warm-up over ``warmup_epochs`` (from
+    ``warmup_lr``), then cosine to ``min_lr`` over the rest of the run. A warm-up that is not shorter than the
+    run (a smoke test with a few ``max_steps``) is clamped to half the run, with a warning."""
+    from timm.scheduler import CosineLRScheduler
+    hp = module.hparams
+    if hp.sched == 'none':
+        return optimizer
+    trainer = module.trainer
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise ValueError('a cosine schedule needs a finite run: set --trainer.max_epochs or --trainer.max_steps')
+    total = int(total)
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()  # the epoch length (not loaded when only max_steps is set)
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        raise ValueError('the training loader has no length: cannot convert warmup_epochs into steps')
+    warmup = int(round(hp.warmup_epochs * math.ceil(batches / trainer.accumulate_grad_batches)))
+    if total <= warmup:
+        log.warning('the warm-up of %d steps (%s epochs) is not shorter than the run of %d optimizer steps: warming '
+                    'up over %d steps (half the run) instead; lower --model.warmup_epochs to choose', warmup,
+                    hp.warmup_epochs, total, total // 2)
+        warmup = total // 2
+    scheduler = CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=hp.min_lr, warmup_t=warmup,
+                                  warmup_lr_init=hp.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+    return {'optimizer': optimizer, 'lr_scheduler': {'scheduler': scheduler, 'interval': 'step'}}
 
 
 class VisionClassifier(ResumeCheck, pl.LightningModule):
@@ -175,7 +205,6 @@ class VisionClassifier(ResumeCheck, pl.LightningModule):
 
     def configure_optimizers(self):
         from timm.optim import create_optimizer_v2
-        from timm.scheduler import CosineLRScheduler
         hp = self.hparams
         kwargs: Dict[str, Any] = {}
         if hp.opt_eps is not None:
@@ -184,25 +213,7 @@ class VisionClassifier(ResumeCheck, pl.LightningModule):
             kwargs['betas'] = tuple(hp.opt_betas)
         optimizer = create_optimizer_v2(self.model, opt=hp.opt, lr=hp.lr, weight_decay=hp.weight_decay,
                                         momentum=hp.momentum, layer_decay=hp.layer_decay, **kwargs)
-        if hp.sched == 'none':
-            return optimizer
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError('a cosine schedule needs a finite run: set --trainer.max_epochs or --trainer.max_steps')
-        total = int(total)
-        if self.trainer.train_dataloader is None:
-            self.trainer.fit_loop.setup_data()  # the epoch length (not loaded when only max_steps is set)
-        batches = self.trainer.num_training_batches
-        if not math.isfinite(batches):
-            raise ValueError('the training loader has no length: cannot convert warmup_epochs into steps')
-        steps_per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches)
-        warmup = int(round(hp.warmup_epochs * steps_per_epoch))
-        if total <= warmup:
-            raise ValueError(f'the run has {total} optimizer steps, not more than the {warmup} warmup steps '
-                             f'({hp.warmup_epochs} epochs): lower --model.warmup_epochs or train longer')
-        scheduler = CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=hp.min_lr, warmup_t=warmup,
-                                      warmup_lr_init=hp.warmup_lr, warmup_prefix=True, t_in_epochs=False)
-        return {'optimizer': optimizer, 'lr_scheduler': {'scheduler': scheduler, 'interval': 'step'}}
+        return with_warmup_cosine(self, optimizer)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         scheduler.step_update(num_updates=self.global_step)
