@@ -309,17 +309,24 @@ def test_last_ckpt_holds_the_final_step(tmp_path, stop, every):
 
 @pytest.fixture(scope='module')
 def cli_ckpt(tmp_path_factory):
-    """A 2-step train.py run of the default config (tiny data): its last.ckpt, for the resume tests."""
+    """A 2-step run of the default config (tiny data) through the public ``visionpe.train.fit``: its last.ckpt,
+    for the resume tests."""
     tmp = tmp_path_factory.mktemp('cli_ckpt')
     cwd = os.getcwd()
     os.chdir(tmp)
     try:
-        cli = main(_cli_args(tmp, '--trainer.limit_val_batches', '0', '--trainer.default_root_dir', str(tmp / 'run')),
-                   run=False)
-        cli.trainer.fit(cli.model, cli.datamodule)
+        res = visionpe.train.fit(DEFAULT_CONFIG, model=dict(model_kwargs=VIT_TINY, warmup_epochs=0.25),
+                                 data=dict(img_size=16, batch_size=16, train_subset=64, val_subset=32, test_subset=32),
+                                 trainer=dict(max_steps=2, max_epochs=100, limit_val_batches=0, log_every_n_steps=1,
+                                              enable_progress_bar=False, default_root_dir=str(tmp / 'run')),
+                                 test_after_fit=False)
     finally:
         os.chdir(cwd)
-    return tmp / 'run' / 'checkpoints' / 'last.ckpt'
+    assert res.global_step == 2 and res.run_dir == tmp / 'run' and res.seconds > 0
+    assert res.last_checkpoint == tmp / 'run' / 'checkpoints' / 'last.ckpt'
+    assert res.best_checkpoint is None and 'train/loss_step' in res.metrics  # no validation ran: no best
+    assert torch.load(res.last_checkpoint, weights_only=True)['global_step'] == 2
+    return res.last_checkpoint
 
 
 def _resume(tmp: Path, ckpt, *extra: str):
