@@ -62,7 +62,8 @@ def unsafe_checkpoint_error(path: str | Path, error: pickle.UnpicklingError) -> 
     return UnsafeCheckpointError(
         f'{path}: refused to load: its pickle asks for {_blocked_global(str(error))}, which a visionpe checkpoint '
         f'never holds (only tensors and plain values), and unpickling it could run code. If you made this file or '
-        f'trust its source, pass --trust-checkpoint (trust=True in Python)')
+        f'trust its source, pass --trust-checkpoint (in Python: trust=True, or a `with visionpe.train.ckpt_io.'
+        f'trusting():` block)')
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu', *, trust: bool | None = None
