@@ -121,9 +121,9 @@ def test_width_mismatch_is_not_called_another_number_of_classes(tmp_path, caplog
     in-features differ); only the class dimension of the head may differ."""
     src = timm.create_model('vit_ape_tiny', **{**TINY, 'embed_dim': 32})
     save_file(src.state_dict(), str(tmp_path / 'narrow.safetensors'))
-    own = timm.create_model('vit_ape_tiny', **TINY).state_dict()
-    n = sum(v.shape != own[k].shape for k, v in src.state_dict().items())  # head.weight among them
     for kw in ({}, {'num_classes': 10}):
+        own = timm.create_model('vit_ape_tiny', **kw, **TINY).state_dict()
+        n = sum(v.shape != own[k].shape for k, v in src.state_dict().items())  # the head among them
         with pytest.raises(CheckpointMismatchError, match=rf'shape mismatches: .*\({n} in all\)'):
             _load('vit_ape_tiny', tmp_path / 'narrow.safetensors', **kw, **TINY)
         assert 'number of classes' not in caplog.text
