@@ -252,6 +252,10 @@ class VisionClassifier(ResumeCheck, pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._check_data()
+        dm = getattr(self.trainer, 'datamodule', None)
+        if dm is not None and hasattr(dm, 'monitor'):  # unreadable images skipped so far (image folders, shards)
+            self.log('data/skipped_images', float(dm.monitor.bad), on_step=False, on_epoch=True, reduce_fx='sum',
+                     sync_dist=True)
 
     def on_train_end(self) -> None:
         save_final_last_checkpoints(self.trainer)
