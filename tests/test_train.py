@@ -242,6 +242,8 @@ def test_cli_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match='unknown model'):
         main(_cli_args(tmp_path, '--model.model_name', 'vit_nonexistent_tiny'), run=False)
+    with pytest.raises(ValueError, match="unknown model 'vit_rope2d_tiy'.*Did you mean.*vit_rope2d_tiny"):
+        main(_cli_args(tmp_path, '--model.model_name', 'vit_rope2d_tiy'), run=False)  # near names suggested
     with pytest.raises(SystemExit):
         main(_cli_args(tmp_path, '--model.no_such_option', '1'), run=False)
     assert 'no_such_option' in capsys.readouterr().err
@@ -373,6 +375,8 @@ def test_resume_refuses_a_code_running_checkpoint(cli_ckpt, tmp_path, monkeypatc
     with pytest.raises(UnsafeCheckpointError, match='trust-checkpoint'):  # the test subcommand reads its hparams
         main(['test', '--config', str(DEFAULT_CONFIG), '--ckpt_path', str(evil)], run=True)
     assert not marker.exists(), 'the pickle ran code'
+    cli = _resume(tmp_path, evil, '--trust-checkpoint', 'true')  # the explicit opt-in loads it (and runs it)
+    assert cli.trainer.global_step == 3 and marker.exists()
 
 
 def test_cli_rejects_abbreviated_options(tmp_path, monkeypatch, capsys):
