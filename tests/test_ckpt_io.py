@@ -102,3 +102,12 @@ def test_evaluator_rejects_abbreviated_options(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(['--resolution', '32'])
     assert 'unrecognized arguments' in capsys.readouterr().err
+
+
+def test_detection_checkpoint_is_named_by_the_classifier_loader(tmp_path):
+    from visionpe.train import load_model_from_checkpoint
+    path = tmp_path / 'det.ckpt'
+    torch.save({'hyper_parameters': {'model_name': 'vit_ape_tiny', 'num_classes': 11, 'fpn_channels': 64},
+                'state_dict': {}}, path)
+    with pytest.raises(ValueError, match='detection checkpoint.*--task coco'):
+        load_model_from_checkpoint(path)

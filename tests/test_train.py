@@ -375,7 +375,7 @@ def test_resume_refuses_a_code_running_checkpoint(cli_ckpt, tmp_path, monkeypatc
     with pytest.raises(UnsafeCheckpointError, match='trust-checkpoint'):  # the test subcommand reads its hparams
         main(['test', '--config', str(DEFAULT_CONFIG), '--ckpt_path', str(evil)], run=True)
     assert not marker.exists(), 'the pickle ran code'
-    cli = _resume(tmp_path, evil, '--trust-checkpoint', 'true')  # the explicit opt-in loads it (and runs it)
+    cli = _resume(tmp_path, evil, '--trust-checkpoint')  # the explicit opt-in loads it (and runs it)
     assert cli.trainer.global_step == 3 and marker.exists()
 
 

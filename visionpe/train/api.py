@@ -59,7 +59,7 @@ def fit(config: str | Path, *, args: Sequence[str] = (), ckpt_path: str | Path |
     if ckpt_path is not None:
         argv += ['--ckpt_path', str(ckpt_path)]
     if trust_checkpoint:
-        argv += ['--trust-checkpoint', 'true']
+        argv.append('--trust-checkpoint')
     t0 = time.perf_counter()
     cli = main(argv)
     seconds = time.perf_counter() - t0

@@ -45,6 +45,9 @@ def load_model_from_checkpoint(path: Union[str, Path], map_location: Union[str, 
     hp = ckpt.get('hyper_parameters')
     if not isinstance(hp, dict) or 'model_name' not in hp or 'state_dict' not in ckpt:
         raise ValueError(f'{path} is not a visionpe train.py checkpoint (no hyper_parameters.model_name / state_dict)')
+    if 'fpn_channels' in hp:  # ObjectDetector's hyper-parameters
+        raise ValueError(f'{path} is a detection checkpoint (train.py --task det): evaluate it with --task coco '
+                         f'(visionpe.det.load_detector)')
     kwargs = dict(hp.get('model_kwargs') or {})
     model = build_model(hp['model_name'], hp['num_classes'], hp.get('img_size'), {**kwargs, **model_overrides})
     state = ckpt['state_dict']

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from jsonargparse import set_parsing_settings
+from jsonargparse import ActionYesNo, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from .ckpt_io import SAFE_GLOBALS, checkpoint_hparams, trusting, unsafe_checkpoint_error
@@ -52,12 +52,12 @@ class _CheckpointOptions(LightningCLI):
     keeps the given model options (the module compares them with the checkpoint's)."""
 
     def _add_checkpoint_arguments(self, parser) -> None:
-        parser.add_argument('--trust-checkpoint', '--trust_checkpoint', dest='trust_checkpoint', type=bool,
+        parser.add_argument('--trust-checkpoint', '--trust_checkpoint', dest='trust_checkpoint', action=ActionYesNo,
                             default=False, help='load --ckpt_path even if its pickle asks for more than tensors and '
                             'plain values (it could run code): only for files you made or trust')
         parser.add_argument('--allow_changed', type=List[str], default=[],
                             help='resuming: model options that may differ from the checkpoint\'s '
-                                 f'(of {list(VisionClassifier.RESUME_OPT_IN)})')
+                                 f'(of {list(getattr(self.model_class, "RESUME_OPT_IN", ()))})')
 
     def _parse_ckpt_path(self) -> None:
         sub = self.config.get('subcommand')
