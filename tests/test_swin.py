@@ -399,3 +399,11 @@ def test_axial_theta_inference():
     from visionpe.convert.swin import axial_theta
     assert math.isclose(axial_theta(_axial_freqs(3, 32, 50.)), 50.)
     assert axial_theta(torch.randn(2, 3, 16)) is None
+
+
+def test_num_heads_must_divide_each_stage_width():
+    """issue 17: (3, 2) heads on stage widths (16, 32) built a head dim of 5 (16 // 3) silently; rejected now."""
+    with pytest.raises(ValueError, match=r'stage 0: width 16 is not divisible by num_heads 3'):
+        timm.create_model('swin_tiny', embed_dim=16, depths=(1, 1), num_heads=(3, 2), window_size=4, img_size=32)
+    timm.create_model('swin_tiny', embed_dim=16, depths=(1, 1), num_heads=(3, 2), head_dim=4, window_size=4,
+                      img_size=32)  # an explicit head_dim sets the attention width itself

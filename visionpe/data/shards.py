@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .imagefolder import READ_ERRORS, collate_skip_bad
+from .imagefolder import READ_ERRORS, Unreadable, collate_skip_bad
 from .sampling import mix_seed, seed_everything_from
 
 __all__ = ['ShardStream', 'ShardEvalStream', 'expand_shards', 'IMAGE_KEYS']
@@ -141,8 +141,8 @@ class ShardStream(IterableDataset):
 
 
 
-def decode_sample(raw: dict[str, Any], transform: Callable | None, seed: int | None) -> Any | None:
-    """``(transform(image), label)`` of a raw shard sample, or None (logged) if it cannot be read."""
+def decode_sample(raw: dict[str, Any], transform: Callable | None, seed: int | None) -> Any:
+    """``(transform(image), label)`` of a raw shard sample, or :class:`Unreadable` (logged) if it cannot be read."""
     from PIL import Image
     key = next((k for k in IMAGE_KEYS if k in raw), None)
     where = f"{raw.get('__url__')}:{raw.get('__key__')}"
@@ -160,7 +160,7 @@ def decode_sample(raw: dict[str, Any], transform: Callable | None, seed: int | N
             img = transform(img)
     except READ_ERRORS as e:
         log.warning('skipping unreadable sample %s: %s: %s', where, type(e).__name__, e)
-        return None
+        return Unreadable(where, f'{type(e).__name__}: {e}')
     return img, label
 
 

@@ -34,7 +34,7 @@ DEFAULT_RESOLUTIONS = (32, 48, 64, 96, 128)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog='eval_resolution.py', formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog='eval_resolution.py', allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Evaluate models at many resolutions (train at one, test at many) and write CSV, JSON, '
                     'Markdown and a PNG plot into a run folder.',
         epilog='With no arguments: the model trained by `python train.py` '
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--resume', action='store_true',
                    help=f'reuse the rows of an earlier run into the same --output ({PARTIAL_ROWS}) that have the '
                         'same label, checkpoint, resolution and image count; measure only the rest')
+    p.add_argument('--trust-checkpoint', action='store_true',
+                   help='load .ckpt files even if their pickle asks for more than tensors and plain values (it could '
+                        'run code): only for files you made or trust')
     p.add_argument('--no-ema', action='store_true', help='train.py checkpoints: the raw weights, not the EMA ones')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     k = p.add_argument_group('test-time knobs (each is swept like a resolution)')
@@ -107,10 +110,8 @@ def default_checkpoint(run_dir: Path = DEFAULT_RUN) -> Path:
 
 
 def _ckpt_model_name(path: str) -> str:
-    import torch
-    if not Path(path).is_file():
-        raise FileNotFoundError(f'checkpoint {path} does not exist')
-    hp = torch.load(path, map_location='cpu', weights_only=False).get('hyper_parameters') or {}
+    from ..train.ckpt_io import read_checkpoint
+    hp = read_checkpoint(path).get('hyper_parameters') or {}
     if 'model_name' not in hp:
         raise ValueError(f'{path} is not a train.py checkpoint; pass --models NAME for it')
     return hp['model_name']
@@ -238,8 +239,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    from ..train.ckpt_io import trusting
     try:
-        result, out = run_from_args(args, argv)
+        with trusting(args.trust_checkpoint):  # every checkpoint read below: ckpt_io.read_checkpoint(trust=None)
+            result, out = run_from_args(args, argv)
     except (ValueError, FileNotFoundError, TypeError, KeyError, RuntimeError) as e:
         parser.exit(2, f'{parser.prog}: error: {e}\n')
     return 1 if result.meta.get('benchmark', {}).get('failed') else 0  # an encoding failed to train

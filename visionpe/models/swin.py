@@ -503,6 +503,10 @@ class SwinTransformer(ClassifierHeadMixin, nn.Module):
         self._ref_window_sizes = windows  # set_input_size / window_policy='scale' scale these with the grid
         self._ref_grid_size = patch_grid
         head_dim = to_ntuple(self.num_layers)(head_dim)
+        for i, (width, heads) in enumerate(zip(embed_dim, num_heads)):  # as ViT: no silently truncated head dim
+            if head_dim[i] is None and width % heads:
+                raise ValueError(f'stage {i}: width {width} is not divisible by num_heads {heads}; choose num_heads '
+                                 f'that divide embed_dim * 2**stage, or set head_dim')
         mlp_ratio = to_ntuple(self.num_layers)(mlp_ratio)
         dpr = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)
         attn_kwargs = dict(rel_pos_bias=rel_pos_bias, rpb_resize=rpb_resize, cpb_hidden=cpb_hidden,

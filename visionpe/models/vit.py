@@ -570,8 +570,15 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 }
 
 
+# (encoding, size) -> keywords where a size's defaults do not suit an encoding. LH-45 is two families of four
+# cone heads: on ViT-Tiny's 3 heads one family would get none (a warning); 8 heads of 24 dims keep the parameters.
+VIT_SIZE_OVERRIDES: Dict[Tuple[str, str], Dict[str, Any]] = {
+    ('lookhere45', 'tiny'): dict(num_heads=8),
+}
+
 VIT_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
-    f'vit_{pe}_{size}': (f'ViT-{size} with {desc}', {**VIT_DEFAULTS, **dims, **enc})
+    f'vit_{pe}_{size}': (f'ViT-{size} with {desc}',
+                         {**VIT_DEFAULTS, **dims, **enc, **VIT_SIZE_OVERRIDES.get((pe, size), {})})
     for pe, (desc, enc) in VIT_ENCODINGS.items() for size, dims in VIT_SIZES.items()
 }
 

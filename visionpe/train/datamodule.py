@@ -335,7 +335,8 @@ class ImageClassificationData(pl.LightningDataModule):
         if not isinstance(batch, dict):
             return batch
         if 'n_bad' in batch:
-            self.monitor.update(int(batch['n_bad']), int(batch['n']))
+            if not (self.trainer is not None and self.trainer.sanity_checking):  # seen again by validation
+                self.monitor.update(int(batch['n_bad']), int(batch['n']), batch.get('bad_paths', ()))
             if batch['image'] is None:
                 return None
             return batch['image'], batch['label']
