@@ -12,7 +12,7 @@ import visionpe
 from visionpe.attention import attend, use_backend
 from visionpe.convert import CheckpointMismatchError
 from visionpe.models.swin import (PAD_MASK_VALUE, SwinTransformerStage, window_attention_mask)
-from visionpe.pos.rpb import log_spaced_coords, relative_position_index, resize_rpb_table
+from visionpe.models._window import log_spaced_coords, relative_position_index, resize_rpb_table
 
 TINY = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), window_size=7)
 

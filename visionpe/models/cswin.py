@@ -29,12 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates
-from timm.models._manipulate import checkpoint
 
-from ..attention import _check as check_backend
-from ..attention import attend
+from ..attention import attend, check_backend
 from ..grid import GridCache
 from ..pos.lepe import LePE
+from ._base import maybe_checkpoint
 from ._hierarchical import ConvMerge, ConvStem, HierarchicalBase, IntOr4, to_4
 from ._registry import default_cfg, model_builder, register_presets
 
@@ -182,11 +181,9 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            for blk in self.blocks:
-                x = checkpoint(blk, x)
-            return x
-        return self.blocks(x)
+        for blk in self.blocks:
+            x = maybe_checkpoint(self.grad_checkpointing, blk, x)
+        return x
 
 
 class CSWinTransformer(HierarchicalBase):
@@ -276,8 +273,8 @@ CSWIN_DEFAULTS: Dict[str, Any] = dict(mlp_ratio=4., qkv_bias=True, norm_eps=1e-5
 
 def _cfg(size: int) -> Dict[str, Any]:
     return default_cfg(input_size=(3, size, size), pool_size=(size // 32, size // 32),
-                       crop_pct=0.9 if size == 224 else 1.0, fixed_input_size=False,
-                       first_conv='stem.conv', classifier='head.fc', license='mit')
+                       crop_pct=0.9 if size == 224 else 1.0, first_conv='stem.conv', classifier='head.fc',
+                       license='mit')
 
 
 CSWIN_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {

@@ -4,7 +4,7 @@ section 11), as a hierarchical classification / detection backbone ``rst_<size>`
 
 Four stages at strides 4, 8, 16, 32 (CSWin's conv stem and conv merges), each block
 ``x + StripAttention(LN(x))``, ``x + Mlp(LN(x))``. :class:`StripAttention` attends inside strips
-(:mod:`visionpe.pos.strips`):
+(:mod:`visionpe.models._strips`):
 
 ``strips='polar'`` (default of the backbones, the paper's idea): tokens binned by azimuth sector x
     radius ring about the map centre, odd blocks use the half-shifted partition; logit bias = angular
@@ -31,16 +31,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates
-from timm.models._manipulate import checkpoint
 
-from ..attention import _check as check_backend
-from ..attention import resolve_backend, run_backend
+from ..attention import check_backend, resolve_backend, run_backend
 from ..grid import Grid, GridCache
-from ..pos import EncodingContext, build_encoding
-from ..pos.rope import apply_rope
-from ..pos.strips import StripBias, StripLayout, StripSpec
-from ._registry import default_cfg, model_builder, register_presets
+from ..pos import EncodingContext, LayerPos, PosEncoding, build_encoding
+from ._base import maybe_checkpoint
 from ._hierarchical import ConvMerge, ConvStem, HierarchicalBase, to_4
+from ._registry import default_cfg, model_builder, register_presets
+from ._strips import StripBias, StripLayout, StripSpec
 
 __all__ = ['RadialStripTransformer', 'StripAttention', 'RSTBlock', 'RSASBlock', 'DFFN', 'RST_SIZES']
 
@@ -48,9 +46,10 @@ __all__ = ['RadialStripTransformer', 'StripAttention', 'RSTBlock', 'RSASBlock', 
 class StripAttention(nn.Module):
     """Multi-head attention inside strips (radial strip attention solver, RSAS).
 
-    ``forward(x, layout=None, rope=None)``: x (B, H, W, C) -> (B, H, W, C). ``layout`` is the strip
-    layout of this grid (built and cached per grid when not given), ``rope`` optional (sin, cos)
-    rotary tables of shape (H*W, head_dim) applied to q and k before partitioning. Key names follow
+    ``forward(x, layout=None, pos=None)``: x (B, H, W, C) -> (B, H, W, C). ``layout`` is the strip
+    layout of this grid (built and cached per grid when not given), ``pos`` an optional rotary
+    encoding bound to this block (:class:`~visionpe.pos.base.LayerPos`) that rotates q and k
+    before partitioning. Key names follow
     upstream ``WindowAttention``: ``qkv``, ``proj``; the bias tables live in ``rel_pos``
     (``a_p, b_p, a_r, b_r``).
     """
@@ -85,16 +84,16 @@ class StripAttention(nn.Module):
             return lay.mask[None].expand(self.num_heads, nW, L, L).reshape(1, self.num_heads * nW, L, L)
         return None
 
-    def forward(self, x: torch.Tensor, layout: Optional[StripLayout] = None,
-                rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: Optional[StripLayout] = None, pos: Optional[LayerPos] = None
+                ) -> torch.Tensor:
         B, H, W, C = x.shape
         lay = layout if layout is not None else self.layout(H, W, x.device)
         if lay.grid_hw != (H, W):
             raise ValueError(f'strip layout built for a {lay.grid_hw} grid used on {H}x{W}')
         qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, d)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if pos is not None:
+            q, k = pos.rotate(q, k)
         backend = resolve_backend(self.attn_backend, x.device, training=self.training)
         if backend == 'xformers' and self.rel_pos is None:
             out = self._packed_xformers(q, k, v, lay)
@@ -153,17 +152,17 @@ class RSTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
-    def forward(self, x: torch.Tensor, layout: StripLayout, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-                ) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), layout, rope))
+    def forward(self, x: torch.Tensor, layout: StripLayout, pos: Optional[LayerPos] = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), layout, pos))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class RSTStage(nn.Module):
-    """Downsampling, then blocks alternating plain / shifted strip layouts; shares layouts and RoPE tables."""
+    """Downsampling, then blocks alternating plain / shifted strip layouts; shares layouts and the state
+    of its rotary encoding (``rope``, a :class:`~visionpe.pos.base.PosEncoding` over the stage's grid)."""
 
     def __init__(self, downsample: Optional[nn.Module], blocks: List[RSTBlock], spec: StripSpec, shift: bool,
-                 rope: Optional[nn.Module]):
+                 rope: Optional[PosEncoding]):
         super().__init__()
         self.downsample = downsample if downsample is not None else nn.Identity()
         self.blocks = nn.ModuleList(blocks)
@@ -177,13 +176,10 @@ class RSTStage(nn.Module):
         B, H, W, C = x.shape
         layouts = [get_layout(self._layouts, self.spec, H, W, x.device, shifted=s)
                    for s in ((False, True) if self.shift and len(self.blocks) > 1 else (False,))]
-        rope = self.rope.prepare(Grid(H, W, 0)) if self.rope is not None else None
+        state = self.rope.prepare(Grid(H, W, 0)) if self.rope is not None else None
         for i, blk in enumerate(self.blocks):
-            lay = layouts[i % len(layouts)]
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, lay, rope)
-            else:
-                x = blk(x, lay, rope)
+            pos = LayerPos(self.rope, i, state) if self.rope is not None else None
+            x = maybe_checkpoint(self.grad_checkpointing, blk, x, layouts[i % len(layouts)], pos)
         return x
 
 
@@ -347,5 +343,5 @@ RST_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     f'rst_{size}': (desc, {**RST_DEFAULTS, **kw}) for size, (desc, kw) in RST_SIZES.items()}
 
 register_presets(__name__, RST_PRESETS, model_builder(RadialStripTransformer, (0, 1, 2, 3)), {
-    n: default_cfg(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, fixed_input_size=False,
-                   first_conv='stem.conv', classifier='head.fc') for n in RST_PRESETS})
+    n: default_cfg(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, first_conv='stem.conv',
+                   classifier='head.fc') for n in RST_PRESETS})

@@ -111,6 +111,7 @@ def widen_for_prefix(q: torch.Tensor, k: torch.Tensor, q_pope: torch.Tensor, k_p
 class PoPE2D(PosEncoding):
     """Axial 2-D PoPE on q and k (see module docstring)."""
     hooks = frozenset({'rotate'})
+    keeps_head_dim = False  # q~, k~ are (B, H, N, 2d)
 
     def __init__(
             self,
