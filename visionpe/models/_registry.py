@@ -16,10 +16,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-__all__ = ['register_presets', 'model_builder', 'list_models', 'check_model_name', 'default_cfg', 'local_weights',
-           'resolve_pretrained_kwargs']
+__all__ = ['register_presets', 'model_builder', 'list_models', 'check_model_name', 'preset_kwargs', 'default_cfg',
+           'local_weights', 'resolve_pretrained_kwargs']
 
 _MODELS: Dict[str, str] = {}  # name -> family (file) name
+_PRESETS: Dict[str, Dict[str, Any]] = {}  # name -> the preset's constructor keywords
 WEIGHTS_ENV = 'VISIONPE_WEIGHTS_DIR'
 
 
@@ -110,6 +111,7 @@ def register_presets(
         setattr(mod, name, entry)
         register_model(entry)
         _MODELS[name] = family
+        _PRESETS[name] = dict(preset)
     return list(table)
 
 
@@ -118,6 +120,13 @@ def list_models(pattern: str = '*', family: Optional[str] = None) -> List[str]:
     import fnmatch
     return sorted(n for n, f in _MODELS.items()
                   if fnmatch.fnmatch(n, pattern) and (family is None or f == family))
+
+
+def preset_kwargs(name: str) -> Dict[str, Any]:
+    """The constructor keywords of a registered preset (a copy)."""
+    if name not in _PRESETS:
+        raise ValueError(f'{name!r} is not a visionpe preset.{suggest(name)}')
+    return dict(_PRESETS[name])
 
 
 def suggest(name: str) -> str:
