@@ -63,6 +63,12 @@ def _finite(t):
     return bool(torch.isfinite(t).all())
 
 
+def _case(name: str, test: str, batch: int = 1, **kwargs):
+    """The tiny model of ``name`` (eval mode) and a random batch at the size timm's ``test`` would use."""
+    size = timm_input_size(name, TIMM_TARGETS[test])
+    return create_tiny(name, **kwargs).eval(), torch.randn(batch, *size)
+
+
 def test_cases_cover_every_preset():
     covered = [n for names in GROUPS.values() for n in names]
     assert sorted(covered) == sorted(all_models())
@@ -73,9 +79,7 @@ def test_cases_cover_every_preset():
 
 @pytest.mark.parametrize('name', CASES)
 def test_timm_forward_and_grad_checkpointing(name):
-    size = timm_input_size(name, TIMM_TARGETS['forward'])
-    model = create_tiny(name).eval()
-    x = torch.randn(1, *size)
+    model, x = _case(name, 'forward')
     with torch.no_grad():
         out = model(x)
         assert out.shape == (1, model.num_classes) and _finite(out)
@@ -85,9 +89,8 @@ def test_timm_forward_and_grad_checkpointing(name):
 
 @pytest.mark.parametrize('name', CASES)
 def test_timm_backward_every_parameter(name):
-    size = timm_input_size(name, TIMM_TARGETS['backward'])
-    model = create_tiny(name, num_classes=42).train()
-    out = model(torch.randn(2, *size))
+    model, x = _case(name, 'backward', batch=2, num_classes=42)
+    out = model.train()(x)
     assert out.shape == (2, 42) and _finite(out)
     (out.square().mean() + out.mean()).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -150,23 +153,20 @@ def _check_maps(model, outs, size, fmt='NCHW'):
 
 @pytest.mark.parametrize('name', CASES)
 def test_timm_features_only(name):
-    size = timm_input_size(name, TIMM_TARGETS['features'])
-    model = create_tiny(name, features_only=True).eval()
+    model, x = _case(name, 'features', features_only=True)
     with torch.no_grad():
-        outs = model(torch.randn(1, *size))
-    _check_maps(model, outs, size, getattr(model, 'output_fmt', 'NCHW'))
+        outs = model(x)
+    _check_maps(model, outs, x.shape, getattr(model, 'output_fmt', 'NCHW'))
     for o, r in zip(outs, model.feature_info.reduction()):  # exact strides at a multiple of every stride
-        assert o.shape[-2:] == (size[-2] // r, size[-1] // r)
+        assert o.shape[-2:] == (x.shape[-2] // r, x.shape[-1] // r)
 
 
 @pytest.mark.parametrize('name', CASES)
 def test_timm_forward_intermediates(name):
-    size = timm_input_size(name, TIMM_TARGETS['features'])
-    model = create_tiny(name).eval()
-    x = torch.randn(1, *size)
+    model, x = _case(name, 'features')
     with torch.no_grad():
         final, inter = model.forward_intermediates(x, output_fmt='NCHW')
-        _check_maps(model, inter, size)
+        _check_maps(model, inter, x.shape)
         assert torch.allclose(final, model.forward_features(x), atol=1e-6)
         only = model.forward_intermediates(x, indices=[0], intermediates_only=True)
         assert len(only) == 1 and torch.allclose(only[0], inter[0], atol=1e-6)
@@ -176,9 +176,7 @@ def test_timm_forward_intermediates(name):
 
 @pytest.mark.parametrize('name', CASES)
 def test_prune_intermediate_layers(name):
-    size = timm_input_size(name, TIMM_TARGETS['features'])
-    model = create_tiny(name).eval()
-    x = torch.randn(1, *size)
+    model, x = _case(name, 'features')
     with torch.no_grad():
         _, inter = model.forward_intermediates(x)
         kept = model.prune_intermediate_layers(indices=[1], prune_head=True)

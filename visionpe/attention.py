@@ -43,8 +43,9 @@ if TYPE_CHECKING:
     from .pos.base import LayerPos
 
 __all__ = [
-    'BACKENDS', 'Attention', 'attend', 'check_backend', 'run_backend', 'resolve_backend', 'use_backend', 'set_attn_backend',
-    'xformers_available', 'flex_available', 'bias_budget', 'max_bias_bytes', 'bias_block_rows', 'attend_by_row_blocks',
+    'BACKENDS', 'Attention', 'attend', 'check_backend', 'run_backend', 'resolve_backend', 'use_backend',
+    'set_attn_backend', 'xformers_available', 'flex_available', 'bias_budget', 'max_bias_bytes', 'bias_block_rows',
+    'attend_by_row_blocks',
 ]
 
 BACKENDS = ('auto', 'math', 'sdpa', 'xformers', 'flex')
@@ -195,18 +196,9 @@ def _flex(q, k, v, scale, bias, score_mod):
     return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
 
 
-def attend(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        scale: float,
-        bias: Optional[torch.Tensor] = None,
-        score_mod: Optional[ScoreMod] = None,
-        backend: str = 'auto',
-        dropout_p: float = 0.,
-        training: bool = False,
-        need_probs: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None,
+           score_mod: Optional[ScoreMod] = None, backend: str = 'auto', dropout_p: float = 0., training: bool = False,
+           need_probs: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``softmax(scale * q k^T + bias) v`` for q, k: (B, H, N, Dk), v: (B, H, M, Dv).
 
     ``bias`` broadcasts to (B, H, N, M). ``score_mod`` (flex only) is the in-kernel equivalent

@@ -57,6 +57,8 @@ class TimmBackbone(nn.Module):
     pad_hint: ClassVar[str] = ''
     #: single-scale trunk (every unit at the patch stride): detection uses ViTDet's simple pyramid
     plain_trunk: ClassVar[bool] = False
+    #: parameters before the first unit, for timm's layer-wise groups (``group_matcher``)
+    stem_pattern: ClassVar[str] = r'^stem'
     grad_checkpointing: bool = False
 
     # ------------------------------------------------------------------ the three model steps
@@ -171,6 +173,20 @@ class TimmBackbone(nn.Module):
 
     def _pruned(self, max_index: int) -> None:
         """Trim per-unit bookkeeping after ``prune_intermediate_layers`` (none by default)."""
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups (layer-wise lr decay): the stem, then one group per block (plain
+        trunks) or per stage / block with the stage's downsampling and encoding in its first group."""
+        u = self.units_attr
+        if self.plain_trunk:
+            return dict(stem=self.stem_pattern, blocks=[(rf'^{u}\.(\d+)', None), (r'^norm', (99999,))])
+        return dict(stem=self.stem_pattern, blocks=rf'^{u}\.(\d+)' if coarse else [
+            (rf'^{u}\.(\d+)\.downsample', (0,)),
+            (rf'^{u}\.(\d+)\.blocks\.(\d+)', None),
+            (rf'^{u}\.(\d+)\.pe\.', (0,)),
+            (r'^norm', (99999,)),
+        ])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

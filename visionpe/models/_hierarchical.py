@@ -8,12 +8,14 @@ info, weight init (skipped on the meta device). ``ConvStem`` and ``ConvMerge`` a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, to_2tuple, trunc_normal_
+from timm.layers import ClassifierHead, calculate_drop_path_rates, to_2tuple, trunc_normal_
 
+from ..attention import check_backend
 from ._base import TimmBackbone
 
 __all__ = ['HierarchicalBase', 'ClassifierHeadMixin', 'ConvNorm', 'ConvStem', 'ConvMerge', 'IntOr4', 'to_4']
@@ -80,17 +82,38 @@ class ClassifierHeadMixin:
 class HierarchicalBase(ClassifierHeadMixin, TimmBackbone):
     """The 4-stage NHWC backbones with a conv stem (CSWin, RST): ``stem``, then ``stages``.
 
-    Subclasses call :meth:`_setup` first and :meth:`_finish` last in ``__init__`` and set ``stem``,
-    ``stages`` and ``norm``; the timm contract comes from :class:`~visionpe.models._base.TimmBackbone`.
+    The constructor takes the arguments every such model shares and builds the stem; a subclass
+    passes them on (``**kwargs``), builds ``stages`` from the stored options (``dims``, ``mlp_ratio``,
+    ``qkv_bias``, ``proj_drop_rate``, ``attn_drop_rate``, ``drop_path_rate``, ``norm_layer``,
+    ``attn_backend``) and calls :meth:`_finish`. The timm contract comes from
+    :class:`~visionpe.models._base.TimmBackbone`.
+
+    Args:
+        img_size: default input size (strict unless ``dynamic_img_size``: any size per call).
+        embed_dim: stage-1 width; stage i has ``embed_dim * 2**i`` channels.
+        norm_eps: LayerNorm epsilon (upstream 1e-5).
+        attn_backend: ``auto | math | sdpa | xformers | flex`` (:mod:`visionpe.attention`).
     """
     output_fmt = 'NHWC'
     POOL_TYPES = ('', 'avg', 'max', 'avgmax', 'catavgmax')
     min_input_side = 3
     min_input_reason = 'the 7x7 stride-4 stem needs at least 3x3 pixels'
 
-    def _setup(self, in_chans: int, num_classes: int, global_pool: str, img_size: int | tuple[int, int],
-               dynamic_img_size: bool, embed_dim: int) -> None:
-        """The common constructor attributes (call first in __init__); stage widths double per stage."""
+    def __init__(
+            self,
+            img_size: int | tuple[int, int] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: int = 96,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            drop_rate: float = 0., proj_drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.,
+            norm_eps: float = 1e-5,
+            dynamic_img_size: bool = False,
+            attn_backend: str = 'auto',
+    ) -> None:
+        super().__init__()
         if global_pool not in self.POOL_TYPES:
             raise ValueError(f"global_pool must be one of {', '.join(map(repr, self.POOL_TYPES))}; got {global_pool!r}")
         self.num_classes = num_classes
@@ -100,16 +123,18 @@ class HierarchicalBase(ClassifierHeadMixin, TimmBackbone):
         self.dynamic_img_size = dynamic_img_size
         self.embed_dim = embed_dim
         self.dims = [embed_dim * 2 ** i for i in range(4)]
+        self.mlp_ratio, self.qkv_bias = mlp_ratio, qkv_bias
+        self.drop_rate, self.proj_drop_rate, self.attn_drop_rate = drop_rate, proj_drop_rate, attn_drop_rate
+        self.drop_path_rate = drop_path_rate
+        self.attn_backend = check_backend(attn_backend)
+        self.norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        self.stem = ConvStem(in_chans, embed_dim, self.norm_layer)
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ])
+    def drop_path_rates(self, depth: Sequence[int]) -> list[list[float]]:
+        """Stochastic depth per block, rising linearly over all blocks, grouped by stage."""
+        dpr = calculate_drop_path_rates(self.drop_path_rate, list(depth), stagewise=False)
+        starts = [sum(depth[:i]) for i in range(len(depth))]
+        return [dpr[a:a + d] for a, d in zip(starts, depth)]
 
     def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: Any = None) -> None:
         """Change the default input size. Nothing here depends on it except the strict size check."""
@@ -134,11 +159,12 @@ class HierarchicalBase(ClassifierHeadMixin, TimmBackbone):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def _finish(self, num_classes: int, global_pool: str, drop_rate: float) -> None:
-        """Head, feature info from ``self.dims`` and weight init (call at the end of __init__)."""
+    def _finish(self) -> None:
+        """Final norm, head, feature info from ``self.dims`` and weight init (call at the end of __init__)."""
         self.num_features = self.dims[-1]
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt=self.output_fmt)
+        self.norm = self.norm_layer(self.num_features)
+        self.head = ClassifierHead(self.num_features, self.num_classes, pool_type=self.global_pool,
+                                   drop_rate=self.drop_rate, input_fmt=self.output_fmt)
         self.head_hidden_size = self.head.num_features
         self.feature_info = [dict(num_chs=d, reduction=4 * 2 ** i, module=f'stages.{i}')
                              for i, d in enumerate(self.dims)]

@@ -24,19 +24,18 @@ with the golden sets.
 """
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates
+from timm.layers import DropPath, LayerNorm2d, Mlp
 
 from ..attention import check_backend, resolve_backend, run_backend
 from ..grid import Grid, GridCache
 from ..pos import EncodingContext, LayerPos, PosEncoding, build_encoding
 from ._base import maybe_checkpoint
-from ._hierarchical import ConvMerge, ConvStem, HierarchicalBase, to_4
+from ._hierarchical import ConvMerge, HierarchicalBase, IntOr4, to_4
 from ._registry import default_cfg, model_builder, register_presets
 from ._strips import StripBias, StripLayout, StripSpec
 
@@ -186,51 +185,36 @@ class RSTStage(nn.Module):
 class RadialStripTransformer(HierarchicalBase):
     """4-stage backbone with radial-strip attention (see module docstring).
 
-    Args (per-stage ones take 4 values or one for all):
+    Args (per-stage ones take 4 values or one for all; the others are
+    :class:`~visionpe.models._hierarchical.HierarchicalBase`'s, e.g. ``img_size``, ``dynamic_img_size``):
         strips: ``'polar'`` or ``'row'``.
         num_sectors, ring_width, azimuth_bins: polar strips (``azimuth_bins`` a multiple of ``num_sectors``;
             ``azimuth_bins / num_sectors`` azimuth offsets per strip; ring width in tokens).
         strip_len: row strips' ``Ww``.
         shift: alternate plain and half-shifted (polar) / transposed (row) strips between blocks.
         strip_bias: the Fourier bias tables; rope: 2-D RoPE over polar coordinates (theta ``rope_theta``).
-        img_size / dynamic_img_size: strict default size, or any size per call.
     """
 
     def __init__(
             self,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = 'avg',
             embed_dim: int = 96,
-            depth: Union[int, Sequence[int]] = (2, 2, 6, 2),
-            num_heads: Union[int, Sequence[int]] = (3, 6, 12, 24),
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
+            depth: IntOr4 = (2, 2, 6, 2),
+            num_heads: IntOr4 = (3, 6, 12, 24),
             strips: str = 'polar',
-            num_sectors: Union[int, Sequence[int]] = (16, 8, 4, 1),
-            ring_width: Union[int, Sequence[int]] = (4, 4, 4, 8),
-            azimuth_bins: Union[int, Sequence[int]] = (128, 64, 32, 16),
-            strip_len: Union[int, Sequence[int]] = (56, 28, 14, 7),
+            num_sectors: IntOr4 = (16, 8, 4, 1),
+            ring_width: IntOr4 = (4, 4, 4, 8),
+            azimuth_bins: IntOr4 = (128, 64, 32, 16),
+            strip_len: IntOr4 = (56, 28, 14, 7),
             shift: bool = True,
             strip_bias: bool = True,
             rope: bool = True,
             rope_theta: float = 100.,
-            drop_rate: float = 0.,
-            proj_drop_rate: float = 0.,
-            attn_drop_rate: float = 0.,
-            drop_path_rate: float = 0.,
-            norm_eps: float = 1e-5,
-            dynamic_img_size: bool = False,
-            attn_backend: str = 'auto',
+            **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(embed_dim=embed_dim, **kwargs)
         depth, num_heads = to_4(depth, 'depth'), to_4(num_heads, 'num_heads')
         sectors, rings = to_4(num_sectors, 'num_sectors'), to_4(ring_width, 'ring_width')
         bins, lens = to_4(azimuth_bins, 'azimuth_bins'), to_4(strip_len, 'strip_len')
-        check_backend(attn_backend)
-        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
-        self._setup(in_chans, num_classes, global_pool, img_size, dynamic_img_size, embed_dim)
         self.strips = strips
         for i, (d, h) in enumerate(zip(self.dims, num_heads)):
             if d % h:
@@ -238,27 +222,23 @@ class RadialStripTransformer(HierarchicalBase):
             if rope and (d // h) % 4:
                 raise ValueError(f'stage {i}: 2-D RoPE needs a head dim divisible by 4, got {d // h} '
                                  f'(use other num_heads or rope=False)')
-
-        self.stem = ConvStem(in_chans, embed_dim, norm_layer)
-        dpr = calculate_drop_path_rates(drop_path_rate, list(depth), stagewise=False)
-        stages, k = [], 0
-        for i in range(4):
+        stages = []
+        for i, dpr in enumerate(self.drop_path_rates(depth)):
             spec = StripSpec(strips, strip_len=lens[i], num_sectors=sectors[i], ring_width=rings[i],
                              azimuth_bins=bins[i])
-            blocks = [RSTBlock(self.dims[i], num_heads[i], spec, mlp_ratio, qkv_bias, strip_bias, proj_drop_rate,
-                               attn_drop_rate, dpr[k + j], norm_layer, attn_backend) for j in range(depth[i])]
-            k += depth[i]
+            blocks = [RSTBlock(self.dims[i], num_heads[i], spec, self.mlp_ratio, self.qkv_bias, strip_bias,
+                               self.proj_drop_rate, self.attn_drop_rate, dp, self.norm_layer, self.attn_backend)
+                      for dp in dpr]
             pe = None
             if rope:
                 side = tuple(s // (4 * 2 ** i) for s in self.img_size)
                 ctx = EncodingContext(dim=self.dims[i], depth=depth[i], num_heads=num_heads[i], grid_size=side,
                                       num_prefix_tokens=0)
                 pe = build_encoding('rope2d', ctx, rope_type='axial', theta=rope_theta, coord_mode='polar')
-            down = ConvMerge(self.dims[i - 1], self.dims[i], norm_layer) if i else None
+            down = ConvMerge(self.dims[i - 1], self.dims[i], self.norm_layer) if i else None
             stages.append(RSTStage(down, blocks, spec, shift, pe))
         self.stages = nn.Sequential(*stages)
-        self.norm = norm_layer(self.dims[-1])
-        self._finish(num_classes, global_pool, drop_rate)
+        self._finish()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:

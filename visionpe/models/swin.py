@@ -330,6 +330,7 @@ class SwinTransformerStage(nn.Module):
     """Patch merging (stages > 0), then ``depth`` blocks alternating plain and shifted windows.
 
     Owns the stage's rotary encoding (``pe``, built on the window grid) and a cache of window masks.
+    ``block_kwargs`` go to every :class:`SwinTransformerBlock` (``num_heads``, ``window_size``, ...).
     """
 
     def __init__(
@@ -339,21 +340,11 @@ class SwinTransformerStage(nn.Module):
             input_resolution: Tuple[int, int],
             depth: int,
             downsample: bool = True,
-            num_heads: int = 4,
-            head_dim: Optional[int] = None,
-            window_size: Window = (7, 7),
-            always_partition: bool = False,
-            pad_mask: bool = True,
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
             drop_path: Union[List[float], float] = 0.,
             norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-            act_layer: Callable[..., nn.Module] = nn.GELU,
             pe: Optional[str] = None,
             pe_options: Optional[Dict[str, Any]] = None,
-            **attn_kwargs: Any,
+            **block_kwargs: Any,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -366,16 +357,13 @@ class SwinTransformerStage(nn.Module):
             raise ValueError(f'a stage without downsampling keeps its width; got dim {dim} -> out_dim {out_dim}')
         self.blocks = nn.Sequential(*[
             SwinTransformerBlock(
-                out_dim, self.output_resolution, num_heads=num_heads, head_dim=head_dim, window_size=window_size,
-                shifted=i % 2 == 1, always_partition=always_partition, pad_mask=pad_mask, mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop,
-                drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
-                act_layer=act_layer, norm_layer=norm_layer, **attn_kwargs)
+                out_dim, self.output_resolution, shifted=i % 2 == 1, norm_layer=norm_layer,
+                drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path, **block_kwargs)
             for i in range(depth)])
         attn = self.blocks[0].attn
         self.pe: Optional[PosEncoding] = None
         if pe is not None:
-            ctx = EncodingContext(dim=attn.head_dim * attn.num_heads, depth=depth, num_heads=num_heads,
+            ctx = EncodingContext(dim=attn.head_dim * attn.num_heads, depth=depth, num_heads=attn.num_heads,
                                   grid_size=self.blocks[0].window_size, num_prefix_tokens=0)
             self.pe = build_encoding(pe, ctx, **(pe_options or {}))
             if not self.pe.qk_only:
@@ -438,6 +426,7 @@ class SwinTransformer(ClassifierHeadMixin, TimmBackbone):
     """
 
     units_attr = 'layers'
+    stem_pattern = r'^patch_embed'
 
     def __init__(
             self,
@@ -456,10 +445,7 @@ class SwinTransformer(ClassifierHeadMixin, TimmBackbone):
             dynamic_img_size: bool = False,
             mlp_ratio: float = 4.,
             qkv_bias: bool = True,
-            drop_rate: float = 0.,
-            proj_drop_rate: float = 0.,
-            attn_drop_rate: float = 0.,
-            drop_path_rate: float = 0.,
+            drop_rate: float = 0., proj_drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.,
             norm_eps: float = 1e-5,
             rel_pos_bias: str = 'table',
             rpb_resize: str = 'bicubic',
@@ -540,17 +526,6 @@ class SwinTransformer(ClassifierHeadMixin, TimmBackbone):
             if stage.pe is not None:
                 out |= {f'layers.{i}.pe.{n}' for n in stage.pe.no_weight_decay()}
         return out
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^patch_embed',
-            blocks=r'^layers\.(\d+)' if coarse else [
-                (r'^layers\.(\d+).downsample', (0,)),
-                (r'^layers\.(\d+)\.\w+\.(\d+)', None),
-                (r'^layers\.(\d+)\.pe\.', (0,)),
-                (r'^norm', (99999,)),
-            ])
 
     def set_input_size(
             self,

@@ -11,7 +11,7 @@ Presets are data: ``VIT_SIZES`` x ``VIT_ENCODINGS`` below, every entry overridab
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -105,6 +105,7 @@ class VisionTransformer(TimmBackbone):
     intermediate_fmts = ('NCHW', 'NLC')
     pad_hint = ', or create the model with dynamic_img_pad=True'
     plain_trunk = True
+    stem_pattern = r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre|pe\.'
 
     def __init__(
             self,
@@ -241,13 +242,6 @@ class VisionTransformer(TimmBackbone):
         if self.pe is not None:
             out |= {f'pe.{n}' for n in self.pe.no_weight_decay()}
         return out
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre|pe\.',
-            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
-        )
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
