@@ -245,3 +245,17 @@ def test_unknown_model_and_encoding_errors():
         timm.create_model('vit_ape_tiny', pe='rope3d')
     with pytest.raises(TypeError, match="unknown option.*thetaa.*valid options: .*theta"):
         timm.create_model('vit_rope2d_tiny', thetaa=3.)
+
+
+def test_vit_window_tiled_absolute_table():
+    """``abs_pos='tile'``: at another grid the learned table is repeated (window-absolute), not resampled."""
+    from visionpe.grid import Grid
+    model = create_tiny('vit_ape_tiny', img_size=64, patch_size=16, abs_pos='tile', dynamic_img_size=True).eval()
+    table = model.pos_embed[0].reshape(4, 4, -1)  # no class-token entry (DeiT-III)
+    tiled = model._abs_pos(Grid(6, 9, 1), torch.device('cpu'))[0].reshape(6, 9, -1)
+    assert all(torch.equal(tiled[i, j], table[i % 4, j % 4]) for i in range(6) for j in range(9))
+    assert model(torch.randn(1, 3, 96, 144)).shape == (1, 1000)
+    with pytest.raises(ValueError, match="learned absolute table"):
+        create_tiny('vit_rope2d_tiny', abs_pos='tile')
+    with pytest.raises(ValueError, match="abs_pos must be one of"):
+        create_tiny('vit_ape_tiny', abs_pos='crop')
