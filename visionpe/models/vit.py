@@ -385,7 +385,6 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
                      dict(pos_embed='none', pe='rope2d', rope_type='mixed', theta=10.)),
     'rope2d_polar': ('2-D RoPE over polar coordinates (log radius, angle) about the image centre',
                      dict(pos_embed='none', pe='rope2d', rope_type='axial', theta=100., coord_mode='polar')),
-    # --- issue 3: iRPE, ComRoPE, LookHere, PoPE ---
     'irpe': ('iRPE contextual, product method, on keys, shared heads, ratio 1.9 (+ learned APE, as DeiT-iRPE)',
              dict(pos_embed='learn', pos_embed_antialias=False, pe='irpe', mode='ctx', method='product',
                   rpe_on='k', shared_head=True, ratio=1.9)),
