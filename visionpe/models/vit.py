@@ -106,6 +106,7 @@ class VisionTransformer(TimmBackbone):
     pad_hint = ', or create the model with dynamic_img_pad=True'
     plain_trunk = True
     stem_pattern = r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre|pe\.'
+    ABS_POS_MODES = ('interp', 'tile')
 
     def __init__(
             self,
@@ -272,10 +273,9 @@ class VisionTransformer(TimmBackbone):
             self.pe.set_grid_size(new, prev)
 
     # ------------------------------------------------------------------ forward (timm contract: TimmBackbone)
-    ABS_POS_MODES = ('interp', 'tile')
-
     @classmethod
     def check_abs_pos(cls, abs_pos: str, pos_embed: str) -> str:
+        """``abs_pos`` if it is a mode (``ABS_POS_MODES``) that a model with this ``pos_embed`` can use."""
         if abs_pos not in cls.ABS_POS_MODES:
             raise ValueError(f"abs_pos must be one of {cls.ABS_POS_MODES}, got {abs_pos!r}")
         if abs_pos == 'tile' and pos_embed != 'learn':
