@@ -43,8 +43,9 @@ if TYPE_CHECKING:
     from .pos.base import LayerPos
 
 __all__ = [
-    'BACKENDS', 'Attention', 'attend', 'run_backend', 'resolve_backend', 'use_backend', 'set_attn_backend',
-    'xformers_available', 'flex_available', 'bias_budget', 'max_bias_bytes', 'bias_block_rows', 'attend_by_row_blocks',
+    'BACKENDS', 'Attention', 'attend', 'check_backend', 'run_backend', 'resolve_backend', 'use_backend',
+    'set_attn_backend', 'xformers_available', 'flex_available', 'bias_budget', 'max_bias_bytes', 'bias_block_rows',
+    'attend_by_row_blocks',
 ]
 
 BACKENDS = ('auto', 'math', 'sdpa', 'xformers', 'flex')
@@ -56,7 +57,8 @@ ScoreMod = Callable[..., torch.Tensor]
 _override = threading.local()
 
 
-def _check(name: str) -> str:
+def check_backend(name: str) -> str:
+    """``name`` if it is a known backend (``BACKENDS``), else a ValueError that lists them."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)} "
                          f"(argument attn_backend=..., or environment variable {ENV_VAR})")
@@ -66,7 +68,7 @@ def _check(name: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force one backend for every attention call inside the ``with`` block (this thread)."""
-    _check(name)
+    check_backend(name)
     prev = getattr(_override, 'name', None)
     _override.name = name
     try:
@@ -77,7 +79,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def set_attn_backend(model: nn.Module, name: str) -> nn.Module:
     """Set the backend of every visionpe attention module inside ``model``."""
-    _check(name)
+    check_backend(name)
     for m in model.modules():
         if hasattr(m, 'attn_backend'):
             m.attn_backend = name
@@ -111,7 +113,7 @@ def resolve_backend(
     """The backend one call will use. Explains itself with a warning when it must fall back."""
     name = getattr(_override, 'name', None) or (requested if requested != 'auto' else None) \
         or os.environ.get(ENV_VAR) or 'auto'
-    _check(name)
+    check_backend(name)
     if needs_probs:
         if name not in ('auto', 'math'):
             _warn_once(f'attention backend {name!r} cannot return attention probabilities, which this '
@@ -194,18 +196,9 @@ def _flex(q, k, v, scale, bias, score_mod):
     return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
 
 
-def attend(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        scale: float,
-        bias: Optional[torch.Tensor] = None,
-        score_mod: Optional[ScoreMod] = None,
-        backend: str = 'auto',
-        dropout_p: float = 0.,
-        training: bool = False,
-        need_probs: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None,
+           score_mod: Optional[ScoreMod] = None, backend: str = 'auto', dropout_p: float = 0., training: bool = False,
+           need_probs: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``softmax(scale * q k^T + bias) v`` for q, k: (B, H, N, Dk), v: (B, H, M, Dv).
 
     ``bias`` broadcasts to (B, H, N, M). ``score_mod`` (flex only) is the in-kernel equivalent
@@ -328,7 +321,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.attn_backend = _check(attn_backend)
+        self.attn_backend = check_backend(attn_backend)
         #: test-time knob: when set to the training sequence length N_train, the softmax scale is
         #: multiplied by log(N) / log(N_train) (attention temperature / entropy-invariant scaling)
         self.temperature_ref_tokens: Optional[int] = None

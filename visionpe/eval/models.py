@@ -60,14 +60,10 @@ class ModelSource:
 
     def check(self) -> None:
         """Fail early on an unknown name or a missing file."""
-        import timm
-        import visionpe  # noqa: F401  (registers the visionpe models)
+        import visionpe
         if self.checkpoint not in (None, RANDOM) and not Path(self.checkpoint).is_file():
             raise FileNotFoundError(f'checkpoint {self.checkpoint} (for model {self.name}) does not exist')
-        if not timm.is_model(self.name.split('.')[0]):
-            from ..models._registry import suggest
-            raise ValueError(f'unknown model {self.name!r}.{suggest(self.name)} Use a visionpe name '
-                             f'(visionpe.list_models()) or a timm one (timm.list_models())')
+        visionpe.check_model_name(self.name)
 
     def build(self, num_classes: Optional[int] = None, **overrides: Any) -> Tuple[nn.Module, Dict[str, Any]]:
         """The model in eval mode with its weights, and info (``img_size``, ``mean``, ``std``, ...)."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..attention import bias_budget
 from ..benchmark import peak_memory
+from ..models._base import nearest_multiples
 from .data import FMNIST, DataSpec, eval_batches, num_classes_of, parse_data
 from .models import (Knobs, KnobSpace, ModelSource, apply_knobs, build_overrides, expand_knobs, knob_support,
                      measure_tokens, patch_size_of, train_resolution)
@@ -109,10 +110,6 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, 
                 peak_mem_mb=pm.mib, n_images=n)
 
 
-def _near(v: int, p: int) -> List[int]:
-    return sorted({max(p, v // p * p), -(-v // p) * p})
-
-
 def check_resolutions(resolutions: Sequence[int], patch: Optional[Tuple[int, int]], who: str) -> None:
     """Every resolution must be a multiple of the patch size (else the patch grid would drop pixels)."""
     for r in resolutions:
@@ -122,7 +119,7 @@ def check_resolutions(resolutions: Sequence[int], patch: Optional[Tuple[int, int
         return
     bad = [r for r in resolutions if r % patch[0] or r % patch[1]]
     if bad:
-        sugg = '; '.join(f'{r} -> {" or ".join(map(str, _near(r, max(patch))))}' for r in bad)
+        sugg = '; '.join(f'{r} -> {" or ".join(map(str, nearest_multiples(r, max(patch))))}' for r in bad)
         raise ValueError(f'resolution(s) {bad} not a multiple of the patch size {patch[0]}x{patch[1]} of {who}; '
                          f'nearest valid sizes: {sugg}')
 

@@ -11,7 +11,7 @@ Presets are data: ``VIT_SIZES`` x ``VIT_ENCODINGS`` below, every entry overridab
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,15 +19,14 @@ import torch.nn.functional as F
 from timm.layers import (DropPath, LayerScale, Mlp, PatchEmbed, calculate_drop_path_rates, get_act_layer,
                          to_2tuple, trunc_normal_)
 from timm.layers.patch_embed import PatchEmbedResamplerFixedOrigSize
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_timm
 
 from ..attention import Attention
 from ..grid import CoordAug, CoordDraw, Grid, GridCache, check_coord_mode
 from ..pos import EncodingContext, build_encoding
-from ..pos.absolute import resample_table, sample_table_cape, sincos_2d
+from ..pos.absolute import resample_table, sample_table_cape, sincos_2d, tile_table
 from ..pos.base import LayerPos, PosEncoding
+from ._base import TimmBackbone, maybe_checkpoint
 from ._registry import default_cfg, model_builder, register_presets
 
 __all__ = ['VisionTransformer', 'Block', 'VIT_SIZES', 'VIT_ENCODINGS', 'VIT_DEFAULTS']
@@ -87,7 +86,7 @@ class MlpHead(nn.Module):
         return x if pre_logits else self.fc2(x)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(TimmBackbone):
     """ViT whose only position-dependent parts are ``pos_embed`` (absolute) and ``pe`` (any encoding).
 
     Args (beyond timm's VisionTransformer ones):
@@ -95,6 +94,9 @@ class VisionTransformer(nn.Module):
         pos_embed_interp / pos_embed_antialias: how a learned table is resampled to another grid
             (timm's defaults: bicubic with antialias).
         pos_embed_coord_mode: coordinate mode of the sin-cos table (see :mod:`visionpe.grid`).
+        abs_pos: how a learned table meets another grid: ``'interp'`` (resampled, ``pos_embed_interp``)
+            or ``'tile'`` (window-absolute: the training-size table repeated, Bolya et al. 2023,
+            "Window Attention is Bugged"; used by the detector at large inputs).
         pe: name of a registered encoding (``visionpe.pos.list_encodings()``) or None; every
             remaining keyword is an option of that encoding.
         head: ``'linear'`` or ``'mlp_tanh'`` (hidden size ``head_hidden_dim``).
@@ -106,6 +108,13 @@ class VisionTransformer(nn.Module):
             batch runs at a patch size drawn uniformly from this list, the kernel resampled from the stored
             one with timm's pseudo-inverse resize (``resample_patch_embed``). ``set_patch_size`` fixes it.
     """
+    units_attr = 'blocks'
+    norm_every_unit = True
+    intermediate_fmts = ('NCHW', 'NLC')
+    pad_hint = ', or create the model with dynamic_img_pad=True'
+    plain_trunk = True
+    stem_pattern = r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre|pe\.'
+    ABS_POS_MODES = ('interp', 'tile')
 
     def __init__(
             self,
@@ -129,6 +138,7 @@ class VisionTransformer(nn.Module):
             pos_embed_interp: str = 'bicubic',
             pos_embed_antialias: bool = True,
             pos_embed_coord_mode: str = 'index',
+            abs_pos: str = 'interp',
             pre_norm: bool = False,
             final_norm: bool = True,
             fc_norm: Optional[bool] = None,
@@ -157,6 +167,7 @@ class VisionTransformer(nn.Module):
             raise ValueError("global_pool='token' needs class_token=True (use global_pool='avg' without one)")
         if pos_embed not in ('learn', 'sincos', 'none'):
             raise ValueError(f"pos_embed must be 'learn', 'sincos' or 'none'; got {pos_embed!r}")
+        self.abs_pos = self.check_abs_pos(abs_pos, pos_embed)
         if head not in ('linear', 'mlp_tanh'):
             raise ValueError(f"head must be 'linear' or 'mlp_tanh'; got {head!r}")
         if pe is None and pe_options:
@@ -175,7 +186,6 @@ class VisionTransformer(nn.Module):
         self.has_class_token = class_token
         self.no_embed_class = no_embed_class
         self.dynamic_img_size = dynamic_img_size
-        self.grad_checkpointing = False
         self.attn_backend = attn_backend
 
         self.patch_embed = PatchEmbed(
@@ -337,17 +347,6 @@ class VisionTransformer(nn.Module):
         return out
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre|pe\.',
-            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc2 if self.head_type == 'mlp_tanh' else self.head
 
@@ -375,27 +374,30 @@ class VisionTransformer(nn.Module):
         if self.pe is not None:
             self.pe.set_grid_size(new, prev)
 
-    # ------------------------------------------------------------------ forward
-    def _check_input(self, x: torch.Tensor, patch_size: Tuple[int, int]) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f'expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}')
-        H, W = x.shape[-2:]
-        ph, pw = patch_size
-        if not self.patch_embed.dynamic_img_pad and (H % ph or W % pw):
-            def near(v, p):
-                return sorted({max(p, v // p * p), (v + p - 1) // p * p})
-            raise ValueError(
-                f'image size {H}x{W} is not a multiple of the patch size {ph}x{pw}; resize or crop to '
-                f'height in {near(H, ph)} and width in {near(W, pw)}, or create the model with dynamic_img_pad=True')
-        if self.patch_embed.strict_img_size and (H, W) != tuple(self.patch_embed.img_size):
-            h0, w0 = self.patch_embed.img_size
-            raise ValueError(
-                f'this model was built for {h0}x{w0} images and got {H}x{W}; create it with '
-                f'dynamic_img_size=True (any size per call) or call model.set_input_size(({H}, {W}))')
+    # ------------------------------------------------------------------ forward (timm contract: TimmBackbone)
+    @classmethod
+    def check_abs_pos(cls, abs_pos: str, pos_embed: str) -> str:
+        """``abs_pos`` if it is a mode (``ABS_POS_MODES``) that a model with this ``pos_embed`` can use."""
+        if abs_pos not in cls.ABS_POS_MODES:
+            raise ValueError(f"abs_pos must be one of {cls.ABS_POS_MODES}, got {abs_pos!r}")
+        if abs_pos == 'tile' and pos_embed != 'learn':
+            raise ValueError(f"abs_pos='tile' needs a learned absolute table (pos_embed='learn', e.g. vit_ape_*, "
+                             f"vit_irpe_*); this model has pos_embed={pos_embed!r}")
+        return abs_pos
+
+    def _input_multiple(self) -> Optional[Tuple[int, int]]:
+        """This call's patch size (drawn per batch under ``flexi_patch_sizes``), unless inputs are padded."""
+        return None if self.patch_embed.dynamic_img_pad else self._call_patch
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        self._call_patch = self._draw_patch_size()  # checked here, used by _embed in the same forward
+        super()._check_input(x)
 
     def _abs_pos(self, grid: Grid, device: torch.device) -> Optional[torch.Tensor]:
         if self.pos_embed_type == 'learn':
             prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            if self.abs_pos == 'tile':
+                return tile_table(self.pos_embed, grid.hw, tuple(self.patch_embed.grid_size), prefix)
             if grid.aug is not None:
                 return sample_table_cape(self.pos_embed, tuple(self.patch_embed.grid_size), prefix, grid)
             return resample_table(self.pos_embed, grid.hw, tuple(self.patch_embed.grid_size), prefix,
@@ -408,9 +410,7 @@ class VisionTransformer(nn.Module):
         return None
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
-        p = self._draw_patch_size()
-        self._check_input(x, p)
-        x = self._patchify(x, p)  # (B, h, w, C)
+        x = self._patchify(x, self._call_patch)  # (B, h, w, C)
         B, h, w, C = x.shape
         grid = Grid(h, w, self.num_prefix_tokens, aug=self._coord_draw(B))
         x = x.reshape(B, h * w, C)
@@ -429,74 +429,31 @@ class VisionTransformer(nn.Module):
             x = x + pos
         return self.pos_drop(x), grid
 
-    def _blocks(self, x: torch.Tensor, grid: Grid, state: Any, stop_at: Optional[int] = None):
-        """Run the blocks; yields ``(i, x)`` after each block (encodings' after-block hooks applied)."""
-        for i, blk in enumerate(self.blocks):
-            pos = LayerPos(self.pe, i, state) if self.pe is not None else None
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, pos)
-            else:
-                x = blk(x, pos)
-            if self.pe is not None:
-                x = self.pe.after_block(x, i, grid, state)
-            yield i, x
-            if stop_at is not None and i >= stop_at:
-                return
-
-    def _prepare(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid, Any]:
+    def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[Grid, Any]]:
+        """Tokens (prefix + patches, absolute table added), and the grid and encoding state of this call."""
         x, grid = self._embed(x)
         state = None
         if self.pe is not None:
             state = self.pe.prepare(grid)
             x = self.pe.embed(x, grid, state)
-        return self.norm_pre(x), grid, state
+        return self.norm_pre(x), (grid, state)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, grid, state = self._prepare(x)
-        for _, x in self._blocks(x, grid, state):
-            pass
-        return self.norm(x)
+    def _unit(self, i: int, x: torch.Tensor, ctx: Tuple[Grid, Any]) -> torch.Tensor:
+        """Block ``i``, then the encoding's after-block hook."""
+        grid, state = ctx
+        pos = LayerPos(self.pe, i, state) if self.pe is not None else None
+        x = maybe_checkpoint(self.grad_checkpointing, self.blocks[i], x, pos)
+        return self.pe.after_block(x, i, grid, state) if self.pe is not None else x
 
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            return_prefix_tokens: bool = False,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ):
-        """timm's intermediate-feature API: ``(final_features, [block outputs])``."""
-        if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B = x.shape[0]
-        x, grid, state = self._prepare(x)
-        intermediates = []
-        for i, x in self._blocks(x, grid, state, stop_at=max_index if stop_early else None):
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-        prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates] if self.num_prefix_tokens else None
-        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+    def _intermediate(self, y: torch.Tensor, ctx: Tuple[Grid, Any], output_fmt: str,
+                      return_prefix_tokens: bool = False) -> Any:
+        """Patch tokens as NCHW maps or NLC; with ``return_prefix_tokens`` a (patches, prefix) pair."""
+        grid, _ = ctx
+        p = self.num_prefix_tokens
+        patches = y[:, p:]
         if output_fmt == 'NCHW':
-            intermediates = [y.reshape(B, grid.h, grid.w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.fc_norm = nn.Identity()
-            self.reset_classifier(0, '')
-        return take_indices
+            patches = patches.reshape(y.shape[0], grid.h, grid.w, -1).permute(0, 3, 1, 2).contiguous()
+        return (patches, y[:, :p]) if return_prefix_tokens and p else patches
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
@@ -509,9 +466,6 @@ class VisionTransformer(nn.Module):
         if self.head_type == 'mlp_tanh':
             return self.head(x, pre_logits=pre_logits)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # ---------------------------------------------------------------------------------------------

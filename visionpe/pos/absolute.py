@@ -19,7 +19,7 @@ from ..grid import CoordDraw, Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
 from .base import EncodingContext, PosEncoding
 
-__all__ = ['sincos_2d', 'resample_table', 'sample_table_cape', 'LaPE', 'LaPEChain']
+__all__ = ['sincos_2d', 'resample_table', 'sample_table_cape', 'tile_table', 'LaPE', 'LaPEChain']
 
 
 def sincos_2d(
@@ -84,6 +84,22 @@ def resample_table(
     return resample_abs_pos_embed(table, new_size=list(new_hw), old_size=list(old_hw),
                                   num_prefix_tokens=num_prefix, interpolation=interpolation,
                                   antialias=antialias)
+
+
+def tile_table(table: torch.Tensor, new_hw: Tuple[int, int], old_hw: Tuple[int, int], num_prefix: int) -> torch.Tensor:
+    """Window-absolute table (Bolya et al. 2023, "Window Attention is Bugged"): the ``old_hw`` patch part
+    of a ``(1, P + h0*w0, D)`` table tiled over ``new_hw`` (``p[i, j] = p0[i mod h0, j mod w0]``),
+    cropped at the far edges; the P prefix rows are kept."""
+    h0, w0 = old_hw
+    h, w = new_hw
+    if (h, w) == (h0, w0):
+        return table
+    prefix, patch = table[:, :num_prefix], table[:, num_prefix:]
+    if patch.shape[1] != h0 * w0:
+        raise ValueError(f'table has {patch.shape[1]} patch rows, expected {h0}x{w0}')
+    grid = patch.reshape(1, h0, w0, -1)
+    grid = grid.repeat(1, -(-h // h0), -(-w // w0), 1)[:, :h, :w]
+    return torch.cat([prefix, grid.reshape(1, h * w, -1)], dim=1)
 
 
 class LaPEChain(Sequence):

@@ -55,6 +55,9 @@ class PosEncoding(nn.Module):
     #: None (it reads no continuous coordinates), ``'batch'`` (one draw per batch) or ``'sample'`` (also
     #: one draw per image).
     coord_aug_support: ClassVar[Optional[str]] = None
+    #: Capability: ``rotate`` returns q and k with the head width they came with (False: PoPE widens
+    #: them to 2d); attention modules that reshape q and k must then take the width from the tensors.
+    keeps_head_dim: ClassVar[bool] = True
 
     def __init__(self, ctx: EncodingContext):
         super().__init__()
@@ -114,6 +117,12 @@ class PosEncoding(nn.Module):
         """:meth:`value` for the query rows ``rows`` (``out`` and ``probs`` hold only those rows); needed
         by encodings that have ``needs_probs`` and a :meth:`row_bias`."""
         raise NotImplementedError(f'{type(self).__name__} does not add its value term by rows')
+
+    @property
+    def qk_only(self) -> bool:
+        """Capability: acts only by transforming q and k (hook ``rotate``, no probabilities), so any
+        attention that calls ``rotate`` can host it (e.g. Swin's windows, RST's strips)."""
+        return set(self.hooks) == {'rotate'} and not self.needs_probs
 
     # --- model-level housekeeping -------------------------------------------------------------
     def set_grid_size(self, new_size: Tuple[int, int], old_size: Tuple[int, int]) -> None:

@@ -92,8 +92,12 @@ def _factorise(pos: torch.Tensor) -> Optional[Tuple[Tuple[torch.Tensor, torch.Te
 @register_encoding('comrope')
 class ComRoPE(PosEncoding):
     """ComRoPE-AP / -LD (and the code base's LieRE / vanilla RoPE baselines) on q and k."""
-    hooks = frozenset({'rotate', 'tokens'})
     coord_aug_support = 'batch'
+
+    @property
+    def hooks(self) -> frozenset[str]:
+        """``rotate``, plus ``tokens`` when an absolute table is added (``ape``)."""
+        return frozenset({'rotate', 'tokens'}) if getattr(self, 'ape', None) is not None else frozenset({'rotate'})
 
     def __init__(
             self,
@@ -163,7 +167,6 @@ class ComRoPE(PosEncoding):
             trunc_normal_(self.pos_embed, std=.02)
         else:
             self.pos_embed = None
-            self.hooks = frozenset({'rotate'})
         self._cache = GridCache()
 
     @staticmethod

@@ -112,6 +112,7 @@ class PoPE2D(PosEncoding):
     """Axial 2-D PoPE on q and k (see module docstring)."""
     hooks = frozenset({'rotate'})
     coord_aug_support = 'batch'
+    keeps_head_dim = False  # q~, k~ are (B, H, N, 2d)
 
     def __init__(
             self,

@@ -43,14 +43,11 @@ def build_model(model_name: str, num_classes: int, img_size: Optional[int] = Non
                 model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     """``timm.create_model`` for any timm or visionpe name; ``img_size`` is passed when the model takes it."""
     import timm
-    import visionpe  # noqa: F401  (registers the visionpe models)
+    import visionpe  # registers the visionpe models
     kwargs = dict(model_kwargs or {})
     if 'num_classes' in kwargs:
         raise ValueError('model_kwargs must not set num_classes: it comes from the data (--data.num_classes)')
-    if not timm.is_model(model_name.split('.')[0]):
-        from visionpe.models._registry import suggest
-        raise ValueError(f'unknown model {model_name!r}.{suggest(model_name)} Use a timm model name '
-                         f'(timm.list_models()) or a visionpe one (visionpe.list_models())')
+    visionpe.check_model_name(model_name)
     user_size = 'img_size' in kwargs
     if img_size is not None and not user_size:
         kwargs['img_size'] = img_size
