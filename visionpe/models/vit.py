@@ -156,7 +156,7 @@ class VisionTransformer(TimmBackbone):
             patch_bias: Optional[bool] = None,
             attn_backend: str = 'auto',
             coord_aug: Optional[Union[Dict[str, Any], CoordAug]] = None,
-            flexi_patch_sizes: Optional[List[int]] = None,
+            flexi_patch_sizes: list[int] | None = None,
             pe: Optional[str] = None,
             **pe_options: Any,
     ) -> None:
@@ -267,7 +267,7 @@ class VisionTransformer(TimmBackbone):
                              "pos_embed='none' and no position encoding")
         return aug
 
-    def _check_flexi(self, sizes: Optional[List[int]]) -> Optional[Tuple[int, ...]]:
+    def _check_flexi(self, sizes: list[int] | None) -> Optional[Tuple[int, ...]]:
         if not sizes:
             return None
         if isinstance(sizes, int) or any(isinstance(p, bool) or not isinstance(p, int) or p <= 0 for p in sizes):
