@@ -438,6 +438,12 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
                      dict(pos_embed='none', pe='rope2d', rope_type='mixed', theta=10.)),
     'rope2d_polar': ('2-D RoPE over polar coordinates (log radius, angle) about the image centre',
                      dict(pos_embed='none', pe='rope2d', rope_type='axial', theta=100., coord_mode='polar')),
+    'rope2d_ape': ('2-D RoPE-Axial, theta 100, plus a learned absolute table without a class-token entry '
+                   '(RoPE-ViT "RoPE-Axial + APE")',
+                   dict(pos_embed='learn', no_embed_class=True, pe='rope2d', rope_type='axial', theta=100.)),
+    'rope2d_mixed_ape': ('2-D RoPE-Mixed, theta 10, plus a learned absolute table without a class-token entry '
+                         '(RoPE-ViT "RoPE-Mixed + APE")',
+                         dict(pos_embed='learn', no_embed_class=True, pe='rope2d', rope_type='mixed', theta=10.)),
     # --- issue 3: iRPE, ComRoPE, LookHere, PoPE ---
     'irpe': ('iRPE contextual, product method, on keys, shared heads, ratio 1.9 (+ learned APE, as DeiT-iRPE)',
              dict(pos_embed='learn', pos_embed_antialias=False, pe='irpe', mode='ctx', method='product',
@@ -456,6 +462,11 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
                    'normalised coordinates, class token rotated at the centre',
                    dict(pos_embed='none', pe='comrope', comrope_type='ld', block_size=4, init_std=1.0,
                         coord_mode='normalized')),
+    'liere': ('LieRE: learned skew-symmetric generators per axis, 4x4 blocks exponentiated per token (not '
+              'commuting, so not purely relative), normalised coordinates, class token rotated at the centre '
+              '(the ComRoPE code base\'s LieRE baseline)',
+              dict(pos_embed='none', pe='comrope', comrope_type='liere', block_size=4, init_std=1.0,
+                   scale_factor=1.0, coord_mode='normalized')),
     'lookhere': ('LookHere LH-90 (quadrant heads): directed, distance-penalised attention heads',
                  dict(pos_embed='none', pe='lookhere', layout='lh90')),
     'lookhere180': ('LookHere LH-180 (half-plane heads)', dict(pos_embed='none', pe='lookhere', layout='lh180')),
