@@ -1,4 +1,5 @@
-"""RoPE + APE (naver RoPE-ViT's variants with a learned absolute table) and the LieRE presets.
+"""RoPE + APE (naver RoPE-ViT's variants with a learned absolute table) and the LieRE presets; the size
+sweep of every issue-19 preset of this branch (DINOv3's own tests: test_dinov3.py).
 
 timm parity of ``vit_rope2d_ape_small`` / ``vit_rope2d_mixed_ape_small`` is in test_parity_timm.py; here:
 naver's own ``.pth`` layout converted, and LieRE's preset row against its golden set's configuration
@@ -13,17 +14,10 @@ import timm
 import torch
 
 import visionpe  # noqa: F401
+from test_parity_timm import _perturbed
 from visionpe.convert import convert_state_dict
 
 TINY = dict(embed_dim=64, depth=2, num_heads=4)
-
-
-def _perturbed(model):
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.eval()
 
 
 def _naver_layout(sd: dict, depth: int) -> dict:
@@ -94,7 +88,7 @@ def test_liere_upstream_file_loads_by_model_name(tmp_path):
 
 
 # every preset row of issue 19 items 3, 4 and 7, at square and non-square sizes from 32 to 512 px
-NEW_PRESETS = ['vit_rope2d_ape_tiny', 'vit_rope2d_mixed_ape_tiny', 'vit_liere_tiny']
+NEW_PRESETS = ['vit_rope2d_ape_tiny', 'vit_rope2d_mixed_ape_tiny', 'vit_liere_tiny', 'vit_rope2d_dinov3_tiny']
 SIZES = [(32, 32), (32, 64), (96, 160), (512, 512), (512, 256)]
 
 
@@ -111,4 +105,4 @@ def test_sizes_32_to_512(name):
 
 def test_new_encodings_are_in_the_fmnist_benchmark():
     from visionpe.eval.fmnist_bench import bench_encodings
-    assert {'rope2d_ape', 'rope2d_mixed_ape', 'liere'} <= set(bench_encodings())
+    assert {'rope2d_ape', 'rope2d_mixed_ape', 'liere', 'rope2d_dinov3'} <= set(bench_encodings())

@@ -49,12 +49,13 @@ class Block(nn.Module):
             act_layer: Callable[..., nn.Module] = nn.GELU,
             norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
             attn_backend: str = 'auto',
+            k_bias: bool = True,
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
                               attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
-                              attn_backend=attn_backend)
+                              attn_backend=attn_backend, k_bias=k_bias)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
@@ -93,6 +94,7 @@ class VisionTransformer(nn.Module):
         pos_embed_interp / pos_embed_antialias: how a learned table is resampled to another grid
             (timm's defaults: bicubic with antialias).
         pos_embed_coord_mode: coordinate mode of the sin-cos table (see :mod:`visionpe.grid`).
+        qkv_k_bias: False holds the key part of the qkv bias at zero (DINOv3's masked k bias).
         pe: name of a registered encoding (``visionpe.pos.list_encodings()``) or None; every
             remaining keyword is an option of that encoding.
         head: ``'linear'`` or ``'mlp_tanh'`` (hidden size ``head_hidden_dim``).
@@ -111,6 +113,7 @@ class VisionTransformer(nn.Module):
             num_heads: int = 12,
             mlp_ratio: float = 4.,
             qkv_bias: bool = True,
+            qkv_k_bias: bool = True,
             qk_norm: bool = False,
             proj_bias: bool = True,
             init_values: Optional[float] = None,
@@ -196,7 +199,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
                   init_values=init_values, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                  drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer, attn_backend=attn_backend)
+                  drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer, attn_backend=attn_backend,
+                  k_bias=qkv_k_bias)
             for i in range(depth)])
         reduction = self.patch_embed.feat_ratio() if hasattr(self.patch_embed, 'feat_ratio') else patch_size
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
@@ -471,6 +475,11 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
                  dict(pos_embed='none', pe='lookhere', layout='lh90')),
     'lookhere180': ('LookHere LH-180 (half-plane heads)', dict(pos_embed='none', pe='lookhere', layout='lh180')),
     'lookhere45': ('LookHere LH-45 (45-degree cone heads)', dict(pos_embed='none', pe='lookhere', layout='lh45')),
+    'rope2d_dinov3': ('DINOv3: axial RoPE on patch centres normalised to [-1, 1], periods 100^(4i/d), rows first, '
+                      'rotate-half; the DINOv3 ViT (4 register tokens, LayerScale, LayerNorm eps 1e-5, no qkv bias: '
+                      'qkv_bias=True loads the _qkvb weights, whose key bias stays zero)',
+                      dict(pos_embed='none', pe='rope2d_dinov3', base=100., reg_tokens=4, qkv_bias=False,
+                           qkv_k_bias=False, norm_eps=1e-5)),
     'pope2d': ('PoPE-2D: polar (magnitude x phase) position embedding on q and k, theta 10000, index '
                'coordinates', dict(pos_embed='none', pe='pope2d', theta=10000., coord_mode='index')),
 }
