@@ -116,6 +116,8 @@ def test_yarn_on_a_model_and_bad_settings():
     assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-3
     with pytest.raises(ValueError, match='yarn_alpha < yarn_beta'):
         _axial(yarn_alpha=2.0, yarn_beta=1.0)
+    with pytest.raises(ValueError, match='RoPE-Mixed learns its frequencies'):
+        build_encoding('rope2d', CTX, rope_type='mixed', ntk_scale=2.0).prepare(Grid(4, 4, 1))
     polar = _axial(coord_mode='polar', yarn_scale=2.0)
     with pytest.raises(ValueError, match="coord_mode='polar'"):
         polar.prepare(Grid(4, 4, 1))

@@ -74,7 +74,10 @@ def convert_dinov3(sd: StateDict, model: nn.Module) -> StateDict:
             q, _, v_b = (v * mask if mask is not None else v).chunk(3)
             _qkv_bias(q, v_b, model, k, out)
         elif k.endswith('.attn.q_bias'):  # timm
-            _qkv_bias(v, sd[k[:-len('q_bias')] + 'v_bias'], model, k[:-len('q_bias')] + 'qkv.bias', out)
+            pre = k[:-len('q_bias')]
+            if pre + 'v_bias' not in sd:
+                raise CheckpointMismatchError(f'checkpoint has {k} but no {pre}v_bias')
+            _qkv_bias(v, sd[pre + 'v_bias'], model, pre + 'qkv.bias', out)
         elif k.endswith('.attn.v_bias'):
             continue
         else:

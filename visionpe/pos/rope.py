@@ -14,7 +14,8 @@ Angles and sin/cos are computed in float32, also under autocast. Positions come 
 integer frequencies ``1 .. d/4`` on the angle axis, so that its phases stay 2 pi periodic
 ("rope2d_polar"). Test-time knobs: ``pos_scale`` multiplies positions (linear position
 interpolation with ``train / test``), ``ntk_scale`` raises theta to ``theta * s^(d'/(d'-2))``
-with ``d' = d/2`` channels per axis (NTK-aware scaling, axial only), ``yarn_scale`` applies YaRN
+with ``d' = d/2`` channels per axis (NTK-aware scaling, axial only: RoPE-Mixed refuses it),
+``yarn_scale`` applies YaRN
 (:func:`yarn_factors`: NTK-by-parts frequency interpolation plus the attention temperature).
 
 YaRN (Peng et al., "YaRN: Efficient Context Window Extension of Large Language Models", ICLR 2024,
@@ -105,8 +106,9 @@ class MixedRoPEState:
     computes only its own layer, so no ``(depth, heads, N, d)`` stack is ever held (at 1024 px, ViT-S:
     ~150 MiB of tables that way, ~13 MiB per layer this way)."""
 
-    def __init__(self, xy: torch.Tensor, freqs: torch.Tensor, num_prefix: int, mscale: float = 1.0):
-        self.xy, self.freqs, self.num_prefix, self.mscale = xy, freqs, num_prefix, mscale
+    def __init__(self, xy: torch.Tensor, freqs: torch.Tensor, num_prefix: int, mscale: float = 1.0,
+                 half: bool = False):
+        self.xy, self.freqs, self.num_prefix, self.mscale, self.half = xy, freqs, num_prefix, mscale, half
 
     def __len__(self) -> int:
         return self.freqs.shape[1]
@@ -116,7 +118,7 @@ class MixedRoPEState:
             f = self.freqs[:, layer].float()  # (2, heads, d/2)
             # (heads, N, d/2): x F_x + y F_y, elementwise (no matmul downcast under autocast)
             angles = self.xy[:, 0, None] * f[0].unsqueeze(-2) + self.xy[:, 1, None] * f[1].unsqueeze(-2)
-            return rope_tables(angles, self.num_prefix, mscale=self.mscale)
+            return rope_tables(angles, self.num_prefix, half=self.half, mscale=self.mscale)
 
 
 @register_encoding('rope2d')
@@ -258,9 +260,13 @@ class RoPE2D(PosEncoding):
         if self.rope_type == 'axial':
             return self._cache.get((grid, *self._knob_key()), self.device, lambda: rope_tables(
                 self._axial_angles(grid), grid.num_prefix, half=self.rotate_half, mscale=self.mscale()))
+        if self.ntk_scale != 1.0:
+            raise ValueError('ntk_scale raises the theta of axial RoPE; RoPE-Mixed learns its frequencies: use '
+                             'pos_scale or yarn_scale')
         key = (grid.hw, self.coord_mode, self.ref_hw, self.pos_scale, 'xy')
         xy = self._cache.get(key, self.freqs.device, lambda: self._coords(grid))
-        return MixedRoPEState(xy, self.mixed_frequencies(), grid.num_prefix, mscale=self.mscale())
+        return MixedRoPEState(xy, self.mixed_frequencies(), grid.num_prefix, mscale=self.mscale(),
+                              half=self.rotate_half)
 
     def tables(self, grid: Grid) -> Tuple[torch.Tensor, torch.Tensor]:
         """Every rotation at once: ``(P + N, d)`` axial, ``(depth, heads, P + N, d)`` mixed (for inspection;
