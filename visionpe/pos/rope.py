@@ -15,8 +15,9 @@ integer frequencies ``1 .. d/4`` on the angle axis, so that its phases stay 2 pi
 ("rope2d_polar"). Test-time knobs: ``pos_scale`` multiplies positions (linear position
 interpolation with ``train / test``), ``ntk_scale`` raises theta to ``theta * s^(d'/(d'-2))``
 with ``d' = d/2`` channels per axis (NTK-aware scaling, axial only: RoPE-Mixed refuses it),
-``yarn_scale`` applies YaRN
-(:func:`yarn_factors`: NTK-by-parts frequency interpolation plus the attention temperature).
+``yarn_scale`` applies YaRN (:func:`yarn_factors`: NTK-by-parts frequency interpolation plus the
+attention temperature). The channel layout is interleaved here; DINOv3's subclass
+(:mod:`visionpe.pos.rope_dinov3`) uses the rotate-half layout and puts the y pairs first.
 
 YaRN (Peng et al., "YaRN: Efficient Context Window Extension of Large Language Models", ICLR 2024,
 section 3) in 2-D. A rotation pair with frequency vector ``f = (f_x, f_y)`` (angle per coordinate
