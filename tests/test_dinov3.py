@@ -27,8 +27,8 @@ def _ref(theirs: str, **kw) -> torch.nn.Module:
 
 
 def _ours(name: str, sd: dict, **kw) -> torch.nn.Module:
-    return timm.create_model(name, depth=3, num_classes=10, dynamic_img_size=True, pretrained=True,
-                             pretrained_cfg_overlay=dict(state_dict=sd), **kw).eval()
+    return timm.create_model(name, depth=3, dynamic_img_size=True, pretrained=True,
+                             pretrained_cfg_overlay=dict(state_dict=sd), **{'num_classes': 10, **kw}).eval()
 
 
 def _max_diffs(ref, model, size):
@@ -201,3 +201,40 @@ def test_key_bias_stays_zero_and_gets_no_gradient():
         ref = model.forward_features(x)
         model.blocks[0].attn.qkv.bias[64:128] = 5.0  # the key third is ignored
         assert torch.equal(model.forward_features(x), ref)
+
+
+@pytest.mark.parametrize('official', [False, True])
+def test_swiglu_plus_size_matches_timm(official, tmp_path):
+    """vit_rope2d_dinov3_small_plus (SwiGLU MLP) against timm's vit_small_plus_patch16_dinov3_qkvb, from timm's
+    keys and from the official layout (mlp.w1 / w2 / w3)."""
+    ref = _ref('vit_small_plus_patch16_dinov3_qkvb')
+    sd = ref.state_dict()
+    if official:
+        sd = {k.replace('mlp.fc1_g', 'mlp.w1').replace('mlp.fc1_x', 'mlp.w2').replace('mlp.fc2', 'mlp.w3'): v
+              for k, v in _official_layout(sd).items()}
+        sd = {k: v for k, v in sd.items() if not k.startswith('head.')}
+        assert 'blocks.0.mlp.w1.weight' in sd
+    model = _ours('vit_rope2d_dinov3_small_plus', sd, qkv_bias=True, num_classes=0 if official else 10)
+    assert model.blocks[0].mlp.fc1_g.out_features == 1536
+    for size in SIZES[1:]:
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            assert (ref.forward_features(x) - model.forward_features(x)).abs().max() < 1e-5, size
+
+
+@pytest.mark.parametrize('size', ['small_plus', 'huge_plus'])
+def test_plus_sizes_take_timm_weights(size):
+    with torch.device('meta'):
+        ref = timm.create_model(f'vit_{size}_patch16_dinov3_qkvb')
+        model = timm.create_model(f'vit_rope2d_dinov3_{size}', num_classes=0, qkv_bias=True)
+    convert_state_dict(ref.state_dict(), model)
+
+
+def test_plus_size_gradients_reach_every_parameter():
+    """The contract tests run the *_tiny presets; the SwiGLU preset gets its own forward/backward check."""
+    from helpers import create_tiny
+    model = create_tiny('vit_rope2d_dinov3_small_plus', qkv_bias=True, num_classes=7).train()
+    out = model(torch.randn(2, 3, 224, 224))
+    (out.square().mean() + out.mean()).backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, dead

@@ -88,7 +88,8 @@ def test_liere_upstream_file_loads_by_model_name(tmp_path):
 
 
 # every preset row of issue 19 items 3, 4 and 7, at square and non-square sizes from 32 to 512 px
-NEW_PRESETS = ['vit_rope2d_ape_tiny', 'vit_rope2d_mixed_ape_tiny', 'vit_liere_tiny', 'vit_rope2d_dinov3_tiny']
+NEW_PRESETS = ['vit_rope2d_ape_tiny', 'vit_rope2d_mixed_ape_tiny', 'vit_liere_tiny', 'vit_rope2d_dinov3_tiny',
+               'vit_rope2d_dinov3_small_plus']
 SIZES = [(32, 32), (32, 64), (96, 160), (512, 512), (512, 256)]
 
 

@@ -7,6 +7,7 @@ Official key (``DinoVisionTransformer``)       timm (``vit_*_patch16_dinov3*``) 
 ``blocks.{i}.attn.qkv.bias_mask`` (k third 0)  (k bias a zero buffer)            (k third 0: ``qkv_k_bias=False``)
 ``mask_token``, ``rope_embed.periods``,        ``rope.*`` (not persistent)       dropped (periods checked)
 ``local_cls_norm.*`` (training only)
+``blocks.{i}.mlp.w1/w2/w3`` (SwiGLU)           ``mlp.fc1_g/fc1_x/fc2``           ``mlp.fc1_g/fc1_x/fc2``
 everything else (``cls_token``, ``patch_embed``, ``norm1/2``, ``attn.qkv/proj``, ``mlp.fc1/2``, ``norm``) keeps
 its name.
 
@@ -14,8 +15,8 @@ A model without qkv bias (the presets' default, timm's ``vit_*_dinov3``) takes a
 biases are all zero (timm's distilled models) and refuses one with non-zero biases (create it with
 ``qkv_bias=True``, timm's ``_qkvb``). Files without a classifier (DINOv3 backbones) leave a model with
 ``num_classes > 0`` its freshly initialised head, with a warning (``num_classes=0`` gives the bare backbone).
-Not supported, with an error naming the keys: untied class-token norms (``cls_norm``) and SwiGLU feed-forward
-layers (the ``plus`` sizes).
+Not supported, with an error: a separate norm for class and register tokens (``cls_norm``,
+``untie_cls_and_patch_norms=True``).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from ._common import LAYERSCALE_RULES, StateDict, rename
 from ._core import CheckpointMismatchError, register_converter
 
 _logger = logging.getLogger(__name__)
+# official SwiGLUFFN: w3(silu(w1 x) * w2 x) -> timm's SwiGLU: fc2(silu(fc1_g x) * fc1_x x)
+_SWIGLU_RULES = ((r'\.mlp\.w1\.', '.mlp.fc1_g.'), (r'\.mlp\.w2\.', '.mlp.fc1_x.'), (r'\.mlp\.w3\.', '.mlp.fc2.'))
 
 
 def _is_dinov3(sd: Mapping[str, Any], model: nn.Module) -> bool:
@@ -82,7 +85,7 @@ def convert_dinov3(sd: StateDict, model: nn.Module) -> StateDict:
             continue
         else:
             out[k] = v
-    out = rename(out, LAYERSCALE_RULES)
+    out = rename(out, LAYERSCALE_RULES + _SWIGLU_RULES)
     head = getattr(model, 'head', None)
     if isinstance(head, nn.Linear) and 'head.weight' not in out:
         _logger.warning('DINOv3 checkpoint has no classifier: the model keeps its freshly initialised %d-class head '

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import (DropPath, LayerScale, Mlp, PatchEmbed, calculate_drop_path_rates, get_act_layer,
+from timm.layers import (DropPath, LayerScale, Mlp, PatchEmbed, SwiGLU, calculate_drop_path_rates, get_act_layer,
                          trunc_normal_)
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -50,6 +50,7 @@ class Block(nn.Module):
             norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
             attn_backend: str = 'auto',
             k_bias: bool = True,
+            mlp_layer: str = 'mlp',
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -59,7 +60,10 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        if mlp_layer == 'swiglu':  # SiLU(fc1_g x) * fc1_x x, hidden width rounded up to a multiple of 8 (DINOv3)
+            self.mlp = SwiGLU(dim, int(dim * mlp_ratio), drop=proj_drop, align_to=8)
+        else:
+            self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
@@ -95,6 +99,8 @@ class VisionTransformer(nn.Module):
             (timm's defaults: bicubic with antialias).
         pos_embed_coord_mode: coordinate mode of the sin-cos table (see :mod:`visionpe.grid`).
         qkv_k_bias: False holds the key part of the qkv bias at zero (DINOv3's masked k bias).
+        mlp_layer: ``'mlp'`` (fc1, act, fc2) or ``'swiglu'`` (timm's SwiGLU, hidden width aligned to 8: DINOv3's
+            ``plus`` sizes).
         pe: name of a registered encoding (``visionpe.pos.list_encodings()``) or None; every
             remaining keyword is an option of that encoding.
         head: ``'linear'`` or ``'mlp_tanh'`` (hidden size ``head_hidden_dim``).
@@ -114,6 +120,7 @@ class VisionTransformer(nn.Module):
             mlp_ratio: float = 4.,
             qkv_bias: bool = True,
             qkv_k_bias: bool = True,
+            mlp_layer: str = 'mlp',
             qk_norm: bool = False,
             proj_bias: bool = True,
             init_values: Optional[float] = None,
@@ -150,6 +157,8 @@ class VisionTransformer(nn.Module):
             raise ValueError("global_pool='token' needs class_token=True (use global_pool='avg' without one)")
         if pos_embed not in ('learn', 'sincos', 'none'):
             raise ValueError(f"pos_embed must be 'learn', 'sincos' or 'none'; got {pos_embed!r}")
+        if mlp_layer not in ('mlp', 'swiglu'):
+            raise ValueError(f"mlp_layer must be 'mlp' or 'swiglu'; got {mlp_layer!r}")
         if head not in ('linear', 'mlp_tanh'):
             raise ValueError(f"head must be 'linear' or 'mlp_tanh'; got {head!r}")
         if pe is None and pe_options:
@@ -200,7 +209,7 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
                   init_values=init_values, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
                   drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer, attn_backend=attn_backend,
-                  k_bias=qkv_k_bias)
+                  k_bias=qkv_k_bias, mlp_layer=mlp_layer)
             for i in range(depth)])
         reduction = self.patch_embed.feat_ratio() if hasattr(self.patch_embed, 'feat_ratio') else patch_size
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
@@ -489,6 +498,19 @@ VIT_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     f'vit_{pe}_{size}': (f'ViT-{size} with {desc}', {**VIT_DEFAULTS, **dims, **enc})
     for pe, (desc, enc) in VIT_ENCODINGS.items() for size, dims in VIT_SIZES.items()
 }
+
+# DINOv3's SwiGLU sizes (facebookresearch/dinov3 vit{s,l,h}16plus, ffn ratio 6 times 2/3; timm
+# vit_{small,huge}_plus_patch16_dinov3): DINOv3 encoding only
+DINOV3_PLUS_SIZES: Dict[str, Dict[str, Any]] = {
+    'small_plus': dict(embed_dim=384, depth=12, num_heads=6, mlp_layer='swiglu'),
+    'large_plus': dict(embed_dim=1024, depth=24, num_heads=16, mlp_layer='swiglu'),
+    'huge_plus': dict(embed_dim=1280, depth=32, num_heads=20, mlp_layer='swiglu'),
+}
+VIT_PRESETS.update({
+    f'vit_rope2d_dinov3_{size}': (f'ViT-{size} (SwiGLU) with {VIT_ENCODINGS["rope2d_dinov3"][0]}',
+                                  {**VIT_DEFAULTS, **dims, **VIT_ENCODINGS['rope2d_dinov3'][1]})
+    for size, dims in DINOV3_PLUS_SIZES.items()
+})
 
 register_presets(__name__, VIT_PRESETS, model_builder(VisionTransformer, 3),
                  {name: default_cfg() for name in VIT_PRESETS})
