@@ -2,7 +2,7 @@
 
 A forward pass sees ``num_prefix`` prefix tokens (class, registers) followed by an ``h x w``
 grid of patch tokens in row-major order: patch token ``k`` sits at column ``x = k mod w`` and
-row ``y = k div w`` (SPECS.md section 0). Every encoding asks :func:`grid_coords` for
+row ``y = k div w`` (docs/encodings.md, "Coordinates"). Every encoding asks :func:`grid_coords` for
 positions, in one of these modes:
 
 ``index``       integer patch units, origin top-left: ``(x, y)``. A larger image gives larger

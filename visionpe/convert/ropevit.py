@@ -12,7 +12,8 @@ antialias, which differs only when shrinking: ``pos_embed_antialias=False`` repr
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch.nn as nn
 

@@ -457,7 +457,6 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     'rope2d_mixed_ape': ('2-D RoPE-Mixed, theta 10, plus a learned absolute table without a class-token entry '
                          '(RoPE-ViT "RoPE-Mixed + APE")',
                          dict(pos_embed='learn', no_embed_class=True, pe='rope2d', rope_type='mixed', theta=10.)),
-    # --- issue 3: iRPE, ComRoPE, LookHere, PoPE ---
     'irpe': ('iRPE contextual, product method, on keys, shared heads, ratio 1.9 (+ learned APE, as DeiT-iRPE)',
              dict(pos_embed='learn', pos_embed_antialias=False, pe='irpe', mode='ctx', method='product',
                   rpe_on='k', shared_head=True, ratio=1.9)),

@@ -3,7 +3,7 @@
 The ViT keeps its absolute table as ``model.pos_embed`` (timm's key and semantics); the functions
 here compute what gets added for a grid. LaPE (Yu et al., ICCV 2023, "LaPE: Layer-adaptive Position
 Embedding") is an encoding of its own: its table never enters the residual stream but is threaded
-through one LayerNorm per block and added to each attention input (SPECS.md section 2).
+through one LayerNorm per block and added to each attention input (docs/encodings.md, "LaPE").
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The one small interface every position encoding implements (DESIGN.md, "The encoding interface").
+"""The one small interface every position encoding implements (docs/architecture.md, "The encoding interface").
 
 An encoding may act at four points and says which in ``hooks``:
 
@@ -118,9 +118,6 @@ class PosEncoding(nn.Module):
     def no_weight_decay(self) -> Set[str]:
         """Names (relative to this module) of parameters that take no weight decay."""
         return set()
-
-    def uses(self, hook: str) -> bool:
-        return hook in self.hooks
 
 
 class LayerPos:

@@ -1,6 +1,6 @@
 """ComRoPE: rotary position embedding with trainable commuting angle matrices (Yu et al., CVPR 2025,
 "ComRoPE: Scalable and Robust Rotary Position Embedding Parameterized by Trainable Commuting Angle
-Matrices"; reference code Longin-Yu/ComRoPE ``model.py``; SPECS.md section 8).
+Matrices"; reference code Longin-Yu/ComRoPE ``model.py``; docs/encodings.md, "ComRoPE").
 
 Per head, q and k of a token at position ``p = (p_0, p_1)`` are rotated by
 ``R(p) = blockdiag_j expm(p_0 A_0j + p_1 A_1j)``: ``b x b`` blocks, block ``j`` acting on channels

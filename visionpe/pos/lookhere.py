@@ -1,6 +1,6 @@
 """LookHere: directed attention heads with distance penalties (Fuller et al., "LookHere: Vision
 Transformers with Directed Attention Generalize and Extrapolate", NeurIPS 2024;
-GreenCUBIC/lookhere ``lookhere.py``; SPECS.md section 9).
+GreenCUBIC/lookhere ``lookhere.py``; docs/encodings.md, "LookHere").
 
 Each head of layer ``l`` adds to the logit of a query patch ``i`` and a key patch ``j``::
 

@@ -1,7 +1,7 @@
 """PoPE-2D: polar coordinate position embedding (Gopalakrishnan, Csordas, Schmidhuber, Mozer,
 "Decoupling the What and Where With Polar Coordinate Positional Embeddings", arXiv 2509.10534),
-axial 2-D form as in the unofficial lucidrains PoPE-pytorch ``AxialPoPE`` (SPECS.md section 10,
-../shared/golden/pope2d/NOTES.md).
+axial 2-D form as in the unofficial lucidrains PoPE-pytorch ``AxialPoPE`` (docs/encodings.md,
+"PoPE").
 
 Every channel ``c`` of a head (dim ``d``) is one complex number: magnitude ``softplus(x_c)`` (content)
 and phase ``phi_c`` (position). Channels ``c < d/2`` follow the column ``x``, the rest the row ``y``, each

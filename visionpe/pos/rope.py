@@ -1,5 +1,5 @@
 """2-D rotary position embedding (Heo et al., "Rotary Position Embedding for Vision Transformer",
-ECCV 2024, naver-ai/rope-vit; SPECS.md section 7).
+ECCV 2024, naver-ai/rope-vit; docs/encodings.md, "2-D RoPE").
 
 Adjacent channel pairs ``(2j, 2j+1)`` of every head of q and k rotate by an angle ``phi_j``:
 ``(a, b) -> (a cos phi - b sin phi, a sin phi + b cos phi)``. Prefix tokens are not rotated.
