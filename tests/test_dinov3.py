@@ -3,6 +3,8 @@ the training-time coordinate augmentation under the same seed, and both checkpoi
 facebookresearch/dinov3's) through ``checkpoint_filter_fn``."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -109,6 +111,10 @@ def test_augmentation_equals_timm_with_the_same_seed(aug):
 
 def test_training_extent_and_bad_options():
     assert build_encoding('rope2d_dinov3', CTX).train_extent() == pytest.approx((2.0, 2.0))
+    index = build_encoding('rope2d_dinov3', CTX, coord_mode='index')  # any Cartesian mode: extrapolating coordinates
+    assert index.train_extent() == pytest.approx((16.0, 16.0))
+    sin, _ = index.prepare(Grid(2, 3, 5))
+    assert sin[5 + 4, 64 // 4 + 1].item() == pytest.approx(math.sin(2 * math.pi * 1 / 100 ** (4 / 64)), abs=1e-6)
     for kw, match in [(dict(normalize_coords='mean'), 'normalize_coords must be'),
                       (dict(normalize_coords='max', coord_mode='index'), "needs coord_mode='centered'"),
                       (dict(min_period=1.), 'both min_period and max_period'),

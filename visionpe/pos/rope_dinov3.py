@@ -24,7 +24,7 @@ YaRN; the training extent of centred coordinates is 2 per axis).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -48,20 +48,20 @@ class DinoV3RoPE(RoPE2D):
             self,
             ctx: EncodingContext,
             base: float = 100.,
-            min_period: Optional[float] = None,
-            max_period: Optional[float] = None,
+            min_period: float | None = None,
+            max_period: float | None = None,
             normalize_coords: str = 'separate',
             coord_mode: str = 'centered',
-            ref_hw: Optional[Tuple[int, int]] = None,
-            shift_coords: Optional[float] = None,
-            jitter_coords: Optional[float] = None,
-            rescale_coords: Optional[float] = None,
+            ref_hw: tuple[int, int] | None = None,
+            shift_coords: float | None = None,
+            jitter_coords: float | None = None,
+            rescale_coords: float | None = None,
             pos_scale: float = 1.0,
             ntk_scale: float = 1.0,
             yarn_scale: float = 1.0,
             yarn_alpha: float = 1.0,
             yarn_beta: float = 32.0,
-            yarn_mscale: Optional[float] = None,
+            yarn_mscale: float | None = None,
     ):
         if coord_mode == 'polar':
             raise ValueError("DINOv3 RoPE rotates Cartesian coordinates; for rotary over (log r, angle) use "
