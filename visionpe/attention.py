@@ -314,6 +314,7 @@ class Attention(nn.Module):
             proj_drop: float = 0.,
             norm_layer: Optional[Callable[..., nn.Module]] = None,
             attn_backend: str = 'auto',
+            k_bias: bool = True,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -326,6 +327,8 @@ class Attention(nn.Module):
         #: multiplied by log(N) / log(N_train) (attention temperature / entropy-invariant scaling)
         self.temperature_ref_tokens: Optional[int] = None
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        #: False: the key third of the qkv bias is held at zero (DINOv3's masked k bias; it gets no gradient)
+        self.k_bias = k_bias
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.attn_drop = attn_drop
@@ -334,7 +337,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: Optional['LayerPos'] = None) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.k_bias or self.qkv.bias is None:
+            qkv = self.qkv(x)
+        else:
+            q_b, _, v_b = self.qkv.bias.chunk(3)
+            qkv = F.linear(x, self.qkv.weight, torch.cat([q_b, torch.zeros_like(q_b), v_b]))
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         scale = self.scale
         if self.temperature_ref_tokens:

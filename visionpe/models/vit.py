@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import (DropPath, LayerScale, Mlp, PatchEmbed, calculate_drop_path_rates, get_act_layer,
+from timm.layers import (DropPath, LayerScale, Mlp, PatchEmbed, SwiGLU, calculate_drop_path_rates, get_act_layer,
                          to_2tuple, trunc_normal_)
 from timm.layers.patch_embed import PatchEmbedResamplerFixedOrigSize
 from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_timm
@@ -50,16 +50,21 @@ class Block(nn.Module):
             act_layer: Callable[..., nn.Module] = nn.GELU,
             norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
             attn_backend: str = 'auto',
+            k_bias: bool = True,
+            mlp_layer: str = 'mlp',
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
                               attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
-                              attn_backend=attn_backend)
+                              attn_backend=attn_backend, k_bias=k_bias)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        if mlp_layer == 'swiglu':  # SiLU(fc1_g x) * fc1_x x, hidden width rounded up to a multiple of 8 (DINOv3)
+            self.mlp = SwiGLU(dim, int(dim * mlp_ratio), drop=proj_drop, align_to=8)
+        else:
+            self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
@@ -97,6 +102,9 @@ class VisionTransformer(TimmBackbone):
         abs_pos: how a learned table meets another grid: ``'interp'`` (resampled, ``pos_embed_interp``)
             or ``'tile'`` (window-absolute: the training-size table repeated, Bolya et al. 2023,
             "Window Attention is Bugged"; used by the detector at large inputs).
+        qkv_k_bias: False holds the key part of the qkv bias at zero (DINOv3's masked k bias).
+        mlp_layer: ``'mlp'`` (fc1, act, fc2) or ``'swiglu'`` (timm's SwiGLU, hidden width aligned to 8: DINOv3's
+            ``plus`` sizes).
         pe: name of a registered encoding (``visionpe.pos.list_encodings()``) or None; every
             remaining keyword is an option of that encoding.
         head: ``'linear'`` or ``'mlp_tanh'`` (hidden size ``head_hidden_dim``).
@@ -128,6 +136,8 @@ class VisionTransformer(TimmBackbone):
             num_heads: int = 12,
             mlp_ratio: float = 4.,
             qkv_bias: bool = True,
+            qkv_k_bias: bool = True,
+            mlp_layer: str = 'mlp',
             qk_norm: bool = False,
             proj_bias: bool = True,
             init_values: Optional[float] = None,
@@ -168,6 +178,8 @@ class VisionTransformer(TimmBackbone):
         if pos_embed not in ('learn', 'sincos', 'none'):
             raise ValueError(f"pos_embed must be 'learn', 'sincos' or 'none'; got {pos_embed!r}")
         self.abs_pos = self.check_abs_pos(abs_pos, pos_embed)
+        if mlp_layer not in ('mlp', 'swiglu'):
+            raise ValueError(f"mlp_layer must be 'mlp' or 'swiglu'; got {mlp_layer!r}")
         if head not in ('linear', 'mlp_tanh'):
             raise ValueError(f"head must be 'linear' or 'mlp_tanh'; got {head!r}")
         if pe is None and pe_options:
@@ -216,7 +228,8 @@ class VisionTransformer(TimmBackbone):
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
                   init_values=init_values, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                  drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer, attn_backend=attn_backend)
+                  drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer, attn_backend=attn_backend,
+                  k_bias=qkv_k_bias, mlp_layer=mlp_layer)
             for i in range(depth)])
         reduction = self.patch_embed.feat_ratio() if hasattr(self.patch_embed, 'feat_ratio') else patch_size
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
@@ -498,6 +511,12 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
                      dict(pos_embed='none', pe='rope2d', rope_type='mixed', theta=10.)),
     'rope2d_polar': ('2-D RoPE over polar coordinates (log radius, angle) about the image centre',
                      dict(pos_embed='none', pe='rope2d', rope_type='axial', theta=100., coord_mode='polar')),
+    'rope2d_ape': ('2-D RoPE-Axial, theta 100, plus a learned absolute table without a class-token entry '
+                   '(RoPE-ViT "RoPE-Axial + APE")',
+                   dict(pos_embed='learn', no_embed_class=True, pe='rope2d', rope_type='axial', theta=100.)),
+    'rope2d_mixed_ape': ('2-D RoPE-Mixed, theta 10, plus a learned absolute table without a class-token entry '
+                         '(RoPE-ViT "RoPE-Mixed + APE")',
+                         dict(pos_embed='learn', no_embed_class=True, pe='rope2d', rope_type='mixed', theta=10.)),
     'irpe': ('iRPE contextual, product method, on keys, shared heads, ratio 1.9 (+ learned APE, as DeiT-iRPE)',
              dict(pos_embed='learn', pos_embed_antialias=False, pe='irpe', mode='ctx', method='product',
                   rpe_on='k', shared_head=True, ratio=1.9)),
@@ -515,10 +534,20 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
                    'normalised coordinates, class token rotated at the centre',
                    dict(pos_embed='none', pe='comrope', comrope_type='ld', block_size=4, init_std=1.0,
                         coord_mode='normalized')),
+    'liere': ('LieRE: learned skew-symmetric generators per axis, 4x4 blocks exponentiated per token (not '
+              'commuting, so not purely relative), normalised coordinates, class token rotated at the centre '
+              '(the ComRoPE code base\'s LieRE baseline)',
+              dict(pos_embed='none', pe='comrope', comrope_type='liere', block_size=4, init_std=1.0,
+                   scale_factor=1.0, coord_mode='normalized')),
     'lookhere': ('LookHere LH-90 (quadrant heads): directed, distance-penalised attention heads',
                  dict(pos_embed='none', pe='lookhere', layout='lh90')),
     'lookhere180': ('LookHere LH-180 (half-plane heads)', dict(pos_embed='none', pe='lookhere', layout='lh180')),
     'lookhere45': ('LookHere LH-45 (45-degree cone heads)', dict(pos_embed='none', pe='lookhere', layout='lh45')),
+    'rope2d_dinov3': ('DINOv3: axial RoPE on patch centres normalised to [-1, 1], periods 100^(4i/d), rows first, '
+                      'rotate-half; the DINOv3 ViT (4 register tokens, LayerScale, LayerNorm eps 1e-5, no qkv bias: '
+                      'qkv_bias=True loads the _qkvb weights, whose key bias stays zero)',
+                      dict(pos_embed='none', pe='rope2d_dinov3', base=100., reg_tokens=4, qkv_bias=False,
+                           qkv_k_bias=False, norm_eps=1e-5)),
     'pope2d': ('PoPE-2D: polar (magnitude x phase) position embedding on q and k, theta 10000, index '
                'coordinates', dict(pos_embed='none', pe='pope2d', theta=10000., coord_mode='index')),
 }
@@ -535,6 +564,19 @@ VIT_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
                          {**VIT_DEFAULTS, **dims, **enc, **VIT_SIZE_OVERRIDES.get((pe, size), {})})
     for pe, (desc, enc) in VIT_ENCODINGS.items() for size, dims in VIT_SIZES.items()
 }
+
+# DINOv3's SwiGLU sizes (facebookresearch/dinov3 vit{s,l,h}16plus, ffn ratio 6 times 2/3; timm
+# vit_{small,huge}_plus_patch16_dinov3): DINOv3 encoding only
+DINOV3_PLUS_SIZES: Dict[str, Dict[str, Any]] = {
+    'small_plus': dict(embed_dim=384, depth=12, num_heads=6, mlp_layer='swiglu'),
+    'large_plus': dict(embed_dim=1024, depth=24, num_heads=16, mlp_layer='swiglu'),
+    'huge_plus': dict(embed_dim=1280, depth=32, num_heads=20, mlp_layer='swiglu'),
+}
+VIT_PRESETS.update({
+    f'vit_rope2d_dinov3_{size}': (f'ViT-{size} (SwiGLU) with {VIT_ENCODINGS["rope2d_dinov3"][0]}',
+                                  {**VIT_DEFAULTS, **dims, **VIT_ENCODINGS['rope2d_dinov3'][1]})
+    for size, dims in DINOV3_PLUS_SIZES.items()
+})
 
 register_presets(__name__, VIT_PRESETS, model_builder(VisionTransformer, 3),
                  {name: default_cfg() for name in VIT_PRESETS})
