@@ -39,6 +39,9 @@ TIMM_TWINS = {
     'vit_rope2d_small': 'vit_small_patch16_rope_224',
     'vit_rope2d_mixed_small': 'vit_small_patch16_rope_mixed_224',
     'vit_ape_small': 'deit3_small_patch16_224',
+    'vit_rope2d_ape_small': 'vit_small_patch16_rope_ape_224',
+    'vit_rope2d_mixed_ape_small': 'vit_small_patch16_rope_mixed_ape_224',
+    'vit_rope2d_dinov3_small': 'vit_small_patch16_dinov3',
     'swin_tiny': 'swin_tiny_patch4_window7_224',
 }
 

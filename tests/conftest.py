@@ -17,9 +17,19 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
     torch.set_num_threads(1)
 
 
-def golden_dir() -> Path:
+def golden_dirs() -> list[Path]:
+    """Golden-vector roots: ``$VISIONPE_GOLDEN_DIR`` (several folders separated by ``os.pathsep``), else
+    ``../shared/golden`` and ``../shared/golden-next`` (sets of encodings that may not exist yet)."""
     env = os.environ.get('VISIONPE_GOLDEN_DIR')
-    return Path(env) if env else HERE.parent.parent / 'shared' / 'golden'
+    if env:
+        return [Path(p) for p in env.split(os.pathsep) if p]
+    shared = HERE.parent.parent / 'shared'
+    return [shared / 'golden', shared / 'golden-next']
+
+
+def golden_dir() -> Path:
+    """The first golden root (the sets of the encodings that exist)."""
+    return golden_dirs()[0]
 
 
 @pytest.fixture(autouse=True)

@@ -114,3 +114,26 @@ def test_pretrained_needs_a_local_file(tmp_path, monkeypatch):
     monkeypatch.setenv('VISIONPE_WEIGHTS_DIR', str(tmp_path))
     model = timm.create_model('vit_sincos_tiny', pretrained=True, **TINY)
     assert torch.equal(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+
+
+def test_width_mismatch_is_not_called_another_number_of_classes(tmp_path, caplog):
+    """issue 17: a checkpoint of another width was warned about as 'another number of classes' (its head's
+    in-features differ); only the class dimension of the head may differ."""
+    src = timm.create_model('vit_ape_tiny', **{**TINY, 'embed_dim': 32})
+    save_file(src.state_dict(), str(tmp_path / 'narrow.safetensors'))
+    for kw in ({}, {'num_classes': 10}):
+        own = timm.create_model('vit_ape_tiny', **kw, **TINY).state_dict()
+        n = sum(v.shape != own[k].shape for k, v in src.state_dict().items())  # the head among them
+        with pytest.raises(CheckpointMismatchError, match=rf'shape mismatches: .*\({n} in all\)'):
+            _load('vit_ape_tiny', tmp_path / 'narrow.safetensors', **kw, **TINY)
+        assert 'number of classes' not in caplog.text
+
+
+@pytest.mark.parametrize('content,words', [(b'', 'is empty'), (b'hello\n', 'not a readable PyTorch checkpoint')])
+def test_unreadable_weight_files_say_what_they_are(tmp_path, content, words):
+    """An empty file gave an empty reason; a text file quoted PyTorch's advice to load with weights_only=False."""
+    path = tmp_path / 'w.pth'
+    path.write_bytes(content)
+    with pytest.raises(CheckpointMismatchError, match=words) as e:
+        _load('vit_ape_tiny', path, **TINY)
+    assert 'weights_only' not in str(e.value)

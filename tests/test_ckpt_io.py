@@ -62,3 +62,52 @@ def test_not_a_train_checkpoint(tmp_path):
         checkpoint_hparams(path)
     with pytest.raises(FileNotFoundError):
         read_checkpoint(tmp_path / 'missing.ckpt')
+
+
+def _evil(tmp_path):
+    marker = tmp_path / 'ran'
+    path = tmp_path / 'evil.ckpt'
+    torch.save({'hyper_parameters': {'model_name': 'vit_ape_tiny', 'num_classes': 10, 'img_size': 32,
+                                     'fpn_channels': 16}, 'state_dict': {}, 'payload': _RunsCode(marker)}, path)
+    return path, marker
+
+
+@pytest.mark.parametrize('models', [[], ['--models', 'vit_ape_tiny']], ids=['name-from-ckpt', 'name-given'])
+def test_evaluator_refuses_code_running_checkpoint(tmp_path, capsys, models):
+    """issue 17 defect 8: eval_resolution.py refuses such a checkpoint (exit 2, naming the opt-in) without running
+    it, whether it reads the model name from the checkpoint or rebuilds the model from it."""
+    from visionpe.eval.cli import main
+    path, marker = _evil(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([*models, '--checkpoints', str(path), '--resolutions', '32', '--max-images', '8',
+              '--output', str(tmp_path / 'out'), '--no-progress'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert 'refused to load' in err and '--trust-checkpoint' in err and 'weights_only' not in err
+    assert not marker.exists(), 'the pickle ran code'
+
+
+def test_loaders_refuse_code_running_checkpoint(tmp_path):
+    from visionpe.det.evaluate import load_detector
+    from visionpe.train import load_model_from_checkpoint
+    path, marker = _evil(tmp_path)
+    for load in (lambda: load_model_from_checkpoint(path), lambda: load_detector('vit_ape_tiny', str(path))):
+        with pytest.raises(UnsafeCheckpointError):
+            load()
+    assert not marker.exists()
+
+
+def test_evaluator_rejects_abbreviated_options(capsys):
+    from visionpe.eval.cli import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(['--resolution', '32'])
+    assert 'unrecognized arguments' in capsys.readouterr().err
+
+
+def test_detection_checkpoint_is_named_by_the_classifier_loader(tmp_path):
+    from visionpe.train import load_model_from_checkpoint
+    path = tmp_path / 'det.ckpt'
+    torch.save({'hyper_parameters': {'model_name': 'vit_ape_tiny', 'num_classes': 11, 'fpn_channels': 64},
+                'state_dict': {}}, path)
+    with pytest.raises(ValueError, match='detection checkpoint.*--task coco'):
+        load_model_from_checkpoint(path)

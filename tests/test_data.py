@@ -14,6 +14,7 @@ from visionpe.data import (FMNIST_MEAN, FMNIST_STD, BadDataError, BadSampleMonit
                            check_image_folder, collate_skip_bad, eval_transform, fmnist_test_loader,
                            load_fashion_mnist, resize_batch)
 from visionpe.data.fashion_mnist import FMNIST_DIR
+from visionpe.data.imagefolder import Unreadable
 
 HAVE_FMNIST = Path(FMNIST_DIR, 'train-images-idx3-ubyte.gz').is_file()
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason='needs the Debian package dataset-fashion-mnist')
@@ -217,7 +218,8 @@ def test_image_folder_skips_corrupt_and_counts(tmp_path, caplog):
     assert len(ds) == 7
     with caplog.at_level('WARNING'):
         items = [ds[(i, 1234)] for i in range(len(ds))]
-    assert sum(it is None for it in items) == 1
+    bad = [it for it in items if isinstance(it, Unreadable)]
+    assert len(bad) == 1 and bad[0].path.endswith('corrupt0.png') and 'Error' in bad[0].reason
     assert 'corrupt0.png' in caplog.text
     batch = collate_skip_bad(items)
     assert batch['image'].shape == (6, 3, 8, 8) and int(batch['n_bad']) == 1 and int(batch['n']) == 7
@@ -281,3 +283,33 @@ def test_shard_stream_errors(tmp_path):
     root = write_shards(tmp_path / 's', n_shards=1, corrupt=False)
     with pytest.raises(ValueError, match='streams'):
         ShardStream(str(root), num_samples=10, batch_size=2, world_size=2)
+
+
+def test_bad_image_error_lists_the_first_paths():
+    """issue 17: the error said 'the log lists their paths' while the README said training 'stops with the list';
+    the error itself now names the first unreadable files."""
+    from visionpe.data.imagefolder import Unreadable
+    batch = collate_skip_bad([Unreadable('/data/a.jpg', 'UnidentifiedImageError'), None,
+                              (torch.zeros(3, 2, 2), 0)])
+    assert int(batch['n_bad']) == 2 and batch['bad_paths'] == ['/data/a.jpg']
+    mon = BadSampleMonitor(max_fraction=0.1, check_after=1)
+    with pytest.raises(BadDataError, match=r'2 of 3 images .*first: /data/a\.jpg'):
+        mon.update(int(batch['n_bad']), int(batch['n']), batch['bad_paths'])
+
+
+def test_bad_images_counted_without_the_sanity_check_and_logged(tmp_path):
+    """The sanity-check validation batches are seen again by the real validation: they are not counted (the
+    denominator was inflated by them); the skip count is logged as the metric data/skipped_images."""
+    import lightning.pytorch as pl
+    from visionpe.train import ImageClassificationData, VisionClassifier
+    root = make_image_folder(tmp_path, per_class=3, corrupt=1)  # train: 7 images, 1 corrupt; val: 6
+    dm = ImageClassificationData(dataset='imagefolder', root=str(root), img_size=16, batch_size=7, num_workers=0,
+                                 auto_augment=None, re_prob=0.0, color_jitter=0.0, max_bad_fraction=0.5,
+                                 pin_memory=False, persistent_workers=False)
+    module = VisionClassifier('vit_ape_tiny', dict(patch_size=8, embed_dim=16, depth=1, num_heads=2),
+                              num_classes=2, img_size=16, sched='none')
+    tr = pl.Trainer(accelerator='cpu', max_epochs=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1)
+    tr.fit(module, dm)
+    assert (dm.monitor.bad, dm.monitor.seen) == (1, 7 + 6)  # one training epoch and one validation, no sanity
+    assert tr.callback_metrics['data/skipped_images'] == 1

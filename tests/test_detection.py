@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,85 @@ def test_train_py_task_det_and_checkpoint(fmdet, tmp_path, monkeypatch):
     assert torch.equal(a['labels'], b['labels']) and torch.allclose(a['scores'], b['scores'])
     with pytest.raises(ValueError, match='holds a detector'):
         load_detector('vit_rope2d_tiny', str(ckpt))
+
+
+# ------------------------------------------------------------------------------------- annotation validation
+def _broken_copy(src: Path, dst: Path, split: str, edit) -> Path:
+    """A copy of the generated set whose ``split`` annotation file is changed by ``edit(dict)``."""
+    import shutil
+    shutil.copytree(src, dst)
+    path = dst / 'annotations' / f'instances_{split}2017.json'
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return dst
+
+
+def _unknown_category(data):
+    data['annotations'][1]['category_id'] = 42
+
+
+def _missing_file(data):
+    data['images'][0]['file_name'] = 'nowhere.png'
+
+
+def _bad_boxes(data):
+    w = data['images'][0]['width']
+    data['annotations'][0]['bbox'] = [w - 10.0, 5.0, 30.0, 20.0]  # runs off the right edge: clipped to 10 px
+    data['annotations'][1]['bbox'] = [5.0, 5.0, -8.0, 10.0]  # negative width: dropped
+    data['annotations'][2]['bbox'] = [w + 5.0, 5.0, 10.0, 10.0]  # wholly outside: dropped
+
+
+_BROKEN = {'unknown-category': (_unknown_category, ValueError, r'annotation id \d+ \(image id \d+, category_id 42\)'),
+           'missing-file': (_missing_file, FileNotFoundError, r'image id 1 \(nowhere\.png\)')}
+
+
+def _det_train_args(root: Path, *extra: str) -> list[str]:
+    return ['fit', '--config', str(ROOT / 'configs' / 'det' / 'fmnist_det_tiny.yaml'), '--data.root', str(root),
+            '--data.img_size', str(CANVAS), '--data.batch_size', '4', '--data.val_subset', '4',
+            '--model.model_kwargs', json.dumps(TINY_VIT), '--trainer.max_steps', '1', '--trainer.max_epochs', '1',
+            '--model.warmup_epochs', '0', '--trainer.enable_progress_bar', 'false', *extra]
+
+
+@needs_fmnist
+@pytest.mark.parametrize('case', sorted(_BROKEN))
+def test_unusable_annotations_named_by_train_and_eval(fmdet, tmp_path, monkeypatch, capsys, case):
+    """issue 17 defect 7: an unknown category_id crashed training inside torchvision (IndexError) and was accepted
+    by evaluation; a missing image file gave a traceback in training. Both are named when the set is built."""
+    from visionpe.eval.cli import main as eval_main
+    from visionpe.train.cli import main as train_main
+    edit, error, words = _BROKEN[case]
+    monkeypatch.chdir(tmp_path)
+    train_root = _broken_copy(fmdet, tmp_path / 'train_broken', 'train', edit)
+    with pytest.raises(error, match=words):
+        train_main(_det_train_args(train_root))
+    val_root = _broken_copy(fmdet, tmp_path / 'val_broken', 'val', edit)
+    with pytest.raises(SystemExit) as e:
+        eval_main(['--task', 'coco', '--models', 'vit_ape_tiny', '--checkpoints', 'random', '--data', f'coco:{val_root}',
+                   '--model-kwargs', json.dumps(dict(num_classes=11, img_size=CANVAS, **TINY_DET)),
+                   '--resolutions', str(CANVAS), '--output', str(tmp_path / 'eval'), '--no-progress'])
+    assert e.value.code == 2
+    assert re.search(words, capsys.readouterr().err)
+
+
+@needs_fmnist
+def test_out_of_image_and_negative_boxes_are_repaired_and_counted(fmdet, tmp_path, monkeypatch, caplog, capsys):
+    from visionpe.eval.cli import main as eval_main
+    from visionpe.train.cli import main as train_main
+    monkeypatch.chdir(tmp_path)
+    root = _broken_copy(fmdet, tmp_path / 'boxes', 'train', _bad_boxes)
+    _bad_boxes_val = _broken_copy(fmdet, tmp_path / 'boxes_val', 'val', _bad_boxes)
+    caplog.set_level('WARNING')
+    ds = CocoDetectionSet(root, 'train')
+    assert ds.repairs == {'clipped': 1, 'dropped': 2}
+    anns = {a['id']: a for a in ds.coco.dataset['annotations']}
+    assert 2 not in anns and 3 not in anns and anns[1]['bbox'] == [CANVAS - 10.0, 5.0, 10.0, 20.0]
+    assert re.search(r'1 box clipped to its image, 2 dropped .*annotation ids \[2, 3\]', caplog.text)
+    caplog.clear()
+    cli = train_main(_det_train_args(root, '--data.val_subset', '2'))  # trains on the repaired boxes
+    assert cli.trainer.global_step == 1 and 'clipped' in caplog.text
+    caplog.clear()
+    eval_main(['--task', 'coco', '--models', 'vit_ape_tiny', '--checkpoints', 'random', '--data',
+               f'coco:{_bad_boxes_val}', '--model-kwargs', json.dumps(dict(num_classes=11, img_size=CANVAS, **TINY_DET)),
+               '--resolutions', str(CANVAS), '--output', str(tmp_path / 'eval'), '--no-progress'])
+    assert re.search(r'1 box clipped to its image, 2 dropped', caplog.text)

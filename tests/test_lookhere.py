@@ -278,3 +278,18 @@ def test_bad_options(kw, match):
 
 def test_named_layouts_are_reference_shorthand():
     assert NAMED_LAYOUTS == {'lh180': 'halves', 'lh90': 'corners', 'lh45': 'eighths1-eighths2'}
+
+
+def test_lh45_tiny_preset_does_not_warn_about_its_own_heads():
+    """issue 17: vit_lookhere45_tiny warned about its own default head count (LH-45 is two families of four cone
+    heads; ViT-Tiny has 3): the preset takes 8 heads (same parameters); 3 heads given by hand still warn."""
+    import warnings
+    import timm
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        model = timm.create_model('vit_lookhere45_tiny', depth=1)
+    assert model.blocks[0].attn.num_heads == 8
+    assert sum(p.numel() for p in model.parameters()) == \
+        sum(p.numel() for p in timm.create_model('vit_lookhere_tiny', depth=1).parameters())
+    with pytest.warns(UserWarning, match='get no head'):
+        timm.create_model('vit_lookhere45_tiny', depth=1, num_heads=3)

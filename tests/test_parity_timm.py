@@ -1,10 +1,10 @@
 """Parity with timm's own reference models (fp32, max abs diff < 1e-5).
 
-RoPE-Axial / RoPE-Mixed against timm's naver ports (timm.models.eva), the DeiT-III-style APE ViT
-against timm's deit3, and the PEG against timm's Twins PosConv. Reference weights are timm's random
-init plus a perturbation (so that LayerScale, biases and frequencies all matter); our model loads
-them through the converters (pretrained=True with the state dict), at several sizes with dynamic
-image size on both sides.
+RoPE-Axial / RoPE-Mixed (also with a learned APE table) against timm's naver ports (timm.models.eva),
+the DeiT-III-style APE ViT against timm's deit3, and the PEG against timm's Twins PosConv. Reference
+weights are timm's random init plus a perturbation (so that LayerScale, biases and frequencies all
+matter); our model loads them through the converters (pretrained=True with the state dict), at several
+sizes with dynamic image size on both sides.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ PAIRS = [
     ('vit_rope2d_small', 'vit_small_patch16_rope_224'),
     ('vit_rope2d_mixed_small', 'vit_small_patch16_rope_mixed_224'),
     ('vit_ape_small', 'deit3_small_patch16_224'),
+    ('vit_rope2d_ape_small', 'vit_small_patch16_rope_ape_224'),
+    ('vit_rope2d_mixed_ape_small', 'vit_small_patch16_rope_mixed_ape_224'),
 ]
 SIZES = [(224, 224), (320, 320), (448, 448), (224, 320)]
 

@@ -9,7 +9,7 @@ import torch
 from helpers import create_tiny
 from visionpe.attention import run_backend, use_backend, xformers_available
 from visionpe.pos.rope import apply_rope
-from visionpe.pos.strips import StripSpec, polar_strips, row_strips
+from visionpe.models._strips import StripSpec, polar_strips, row_strips
 from visionpe.models.rst import RSASBlock, StripAttention
 
 
@@ -104,13 +104,16 @@ def test_packed_strips_equal_loop_reference(hw, shifted):
     attn = _strip_attention(num_sectors=4, ring_width=3, azimuth_bins=24)
     x = torch.randn(2, *hw, 16)
     lay = attn.layout(*hw, x.device, shifted=shifted)
+    from visionpe.pos import EncodingContext, LayerPos, build_encoding
     from visionpe.pos.rope import rope_tables
     rope = rope_tables(torch.randn(hw[0] * hw[1], 4), 0)
+    enc = build_encoding('rope2d', EncodingContext(dim=attn.dim, depth=1, num_heads=attn.num_heads, grid_size=hw,
+                                                   num_prefix_tokens=0))
     with torch.no_grad():
         ref = _loop_reference(attn, x, lay, rope)
         for backend in ('math', 'sdpa'):
-            with use_backend(backend):
-                assert torch.allclose(attn(x, lay, rope), ref, atol=1e-5), backend
+            with use_backend(backend):  # the block rotates through the encoding interface (LayerPos.rotate)
+                assert torch.allclose(attn(x, lay, LayerPos(enc, 0, rope)), ref, atol=1e-5), backend
 
 
 def test_padded_keys_zero_probability_and_backends():

@@ -12,7 +12,7 @@ import visionpe
 from visionpe.attention import attend, use_backend
 from visionpe.convert import CheckpointMismatchError
 from visionpe.models.swin import (PAD_MASK_VALUE, SwinTransformerStage, window_attention_mask)
-from visionpe.pos.rpb import log_spaced_coords, relative_position_index, resize_rpb_table
+from visionpe.models._window import log_spaced_coords, relative_position_index, resize_rpb_table
 
 TINY = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), window_size=7)
 
@@ -330,7 +330,7 @@ def test_options_and_errors():
     assert m.layers[0].blocks[0].attn.relative_position_bias_table is not None
     with pytest.raises(ValueError, match='window_policy'):
         timm.create_model('swin_tiny', window_policy='grow', **TINY)
-    with pytest.raises(ValueError, match="rotary encodings only"):
+    with pytest.raises(ValueError, match="act on q and k only"):
         timm.create_model('swin_tiny', pe='peg', **TINY)
     with pytest.raises(TypeError, match='unknown argument'):
         timm.create_model('swin_tiny', theta=3., **TINY)
@@ -339,6 +339,51 @@ def test_options_and_errors():
         m(torch.randn(1, 3, 160, 160))
     with pytest.raises(ValueError, match='not a multiple of the patch size'):
         timm.create_model('swin_tiny', dynamic_img_size=True, **TINY)(torch.randn(1, 3, 162, 160))
+
+
+def test_pope_widens_qk_in_windows_masked_and_plain(monkeypatch):
+    """PoPE turns q, k (d) into (2d) vectors (``keeps_head_dim=False``); Swin's masked path folds windows
+    into heads and must keep that width: the folded path equals per-window attention with the mask added."""
+    m = timm.create_model('swin_tiny', pe='pope2d', **TINY).eval()
+    stage = m.layers[0]
+    assert not stage.pe.keeps_head_dim and stage.pe.qk_only
+    blk = stage.blocks[1]  # shifted: the masked path
+    x = torch.randn(2, 14, 21, 32)
+    win, shift = blk.window_shift((14, 21), None)
+    assert any(shift)
+    from visionpe.grid import Grid
+    from visionpe.pos import LayerPos
+    pos = LayerPos(stage.pe, 1, stage.pe.prepare(Grid(*win, 0)))
+    with torch.no_grad():
+        folded = blk(x, win, shift, stage.window_mask((14, 21), win, shift, blk), pos)
+        # reference: the same block with the mask expanded per window and batch (no folding into heads)
+        attn = blk.attn
+        mask = window_attention_mask((14, 21), win, shift, blk.pad_mask)  # (nW, N, N)
+        calls = []
+
+        def per_window(t, window, mask_, pos_):
+            B_, N, _ = t.shape
+            q, k, v = attn.qkv(t).reshape(B_, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = pos_.rotate(q, k)
+            calls.append(q.shape[-1])
+            bias = attn.position_bias(window).unsqueeze(0) + mask.repeat(B_ // mask.shape[0], 1, 1).unsqueeze(1)
+            out, _ = attend(q, k, v, attn.scale, bias, backend='math')
+            return attn.proj(out.transpose(1, 2).reshape(B_, N, -1))
+        with monkeypatch.context() as mp:
+            mp.setattr(attn, 'forward', per_window)
+            ref = blk(x, win, shift, None, pos)
+    assert calls == [2 * attn.head_dim]
+    assert torch.allclose(folded, ref, atol=1e-5)
+    y = m(torch.randn(1, 3, 224, 224))
+    y.sum().backward()
+    assert stage.pe.delta.grad is not None and torch.isfinite(y).all()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        outs = {}
+        for backend in ('math', 'sdpa'):
+            with use_backend(backend):
+                outs[backend] = m(x)
+    assert torch.allclose(outs['math'], outs['sdpa'], atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ converters
@@ -399,3 +444,11 @@ def test_axial_theta_inference():
     from visionpe.convert.swin import axial_theta
     assert math.isclose(axial_theta(_axial_freqs(3, 32, 50.)), 50.)
     assert axial_theta(torch.randn(2, 3, 16)) is None
+
+
+def test_num_heads_must_divide_each_stage_width():
+    """issue 17: (3, 2) heads on stage widths (16, 32) built a head dim of 5 (16 // 3) silently; rejected now."""
+    with pytest.raises(ValueError, match=r'stage 0: width 16 is not divisible by num_heads 3'):
+        timm.create_model('swin_tiny', embed_dim=16, depths=(1, 1), num_heads=(3, 2), window_size=4, img_size=32)
+    timm.create_model('swin_tiny', embed_dim=16, depths=(1, 1), num_heads=(3, 2), head_dim=4, window_size=4,
+                      img_size=32)  # an explicit head_dim sets the attention width itself

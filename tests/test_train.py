@@ -242,6 +242,8 @@ def test_cli_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match='unknown model'):
         main(_cli_args(tmp_path, '--model.model_name', 'vit_nonexistent_tiny'), run=False)
+    with pytest.raises(ValueError, match="unknown model 'vit_rope2d_tiy'.*Did you mean.*vit_rope2d_tiny"):
+        main(_cli_args(tmp_path, '--model.model_name', 'vit_rope2d_tiy'), run=False)  # near names suggested
     with pytest.raises(SystemExit):
         main(_cli_args(tmp_path, '--model.no_such_option', '1'), run=False)
     assert 'no_such_option' in capsys.readouterr().err
@@ -283,3 +285,117 @@ def test_ddp_two_cpu_processes(tmp_path):
     # 64 samples over 2 ranks at batch 16: 2 batches per rank and epoch, so step 3 is epoch 1, batch 1
     assert loader_state['world_size'] == 2 and (loader_state['epoch'], loader_state['batches']) == (1, 1)
     assert 'test/acc' in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize('stop,every', [('max_steps', 4), ('max_steps', 5), ('max_epochs', 3), ('max_epochs', 4)],
+                         ids=['steps-saved-at-end', 'steps-saved-before', 'epochs-saved-before', 'epochs-saved-at-end'])
+def test_last_ckpt_holds_the_final_step(tmp_path, stop, every):
+    """issue 17 defect 3: Lightning skips its end-of-fit ``last.ckpt`` once a periodic save wrote one, so a run
+    of 10 steps with ``every_n_train_steps=4`` left ``last.ckpt`` at step 8. After ``fit``, ``last.ckpt`` must hold
+    the final weights, whether the run ends on max_steps or max_epochs, with or without a save at the last step."""
+    pl.seed_everything(0, verbose=False)
+    dm = tiny_data(train_subset=128, batch_size=32)  # 4 batches per epoch
+    module = tiny_module(dm, kwargs=dict(VIT_TINY, depth=1), mixup=0.0, cutmix=0.0, ema_decay=0.0, sched='none')
+    periodic = ModelCheckpoint(dirpath=str(tmp_path / 'ckpt'), filename='step{step:03d}', every_n_train_steps=every,
+                               save_top_k=1, save_last=True)
+    limits = dict(max_steps=8 if every == 4 else 7) if stop == 'max_steps' else dict(max_steps=-1, max_epochs=2)
+    tr = trainer(tmp_path, callbacks=[periodic], limit_val_batches=1, **limits)
+    tr.fit(module, dm)
+    final = tr.global_step
+    assert final == (8 if every == 4 else 7 if stop == 'max_steps' else 8)
+    ckpt = torch.load(tmp_path / 'ckpt' / 'last.ckpt', weights_only=True)
+    assert ckpt['global_step'] == final
+    assert max_diff({k[len('model.'):]: v for k, v in ckpt['state_dict'].items()},
+                    {k: v for k, v in module.model.state_dict().items()}) == 0
+
+
+@pytest.fixture(scope='module')
+def cli_ckpt(tmp_path_factory):
+    """A 2-step run of the default config (tiny data) through the public ``visionpe.train.fit``: its last.ckpt,
+    for the resume tests."""
+    tmp = tmp_path_factory.mktemp('cli_ckpt')
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        res = visionpe.train.fit(DEFAULT_CONFIG, model=dict(model_kwargs=VIT_TINY, warmup_epochs=0.25),
+                                 data=dict(img_size=16, batch_size=16, train_subset=64, val_subset=32, test_subset=32),
+                                 trainer=dict(max_steps=2, max_epochs=100, limit_val_batches=0, log_every_n_steps=1,
+                                              enable_progress_bar=False, default_root_dir=str(tmp / 'run')),
+                                 test_after_fit=False)
+    finally:
+        os.chdir(cwd)
+    assert res.global_step == 2 and res.run_dir == tmp / 'run' and res.seconds > 0
+    assert res.last_checkpoint == tmp / 'run' / 'checkpoints' / 'last.ckpt'
+    assert res.best_checkpoint is None and 'train/loss_step' in res.metrics  # no validation ran: no best
+    assert torch.load(res.last_checkpoint, weights_only=True)['global_step'] == 2
+    return res.last_checkpoint
+
+
+def _resume(tmp: Path, ckpt, *extra: str):
+    return main(_cli_args(tmp, '--trainer.limit_val_batches', '0', '--trainer.max_steps', '3', '--test_after_fit',
+                          'false', '--trainer.default_root_dir', str(tmp / 'resumed'), '--ckpt_path', str(ckpt), *extra))
+
+
+@pytest.mark.parametrize('option,value,key', [('--model.lr', '0.1', 'lr'),
+                                              ('--model.model_name', 'vit_rope2d_tiny', 'model_name')])
+def test_resume_with_other_model_options_fails(cli_ckpt, tmp_path, monkeypatch, option, value, key):
+    """issue 17 defect 5: resuming with --model.* values other than the checkpoint's trained the checkpoint's
+    (Lightning's CLI replaced them silently); it must fail and name the differing keys."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf'differ.*\b{key}\b') as e:
+        _resume(tmp_path, cli_ckpt, option, value)
+    assert value in str(e.value) and '--allow_changed' in str(e.value)
+    assert not (tmp_path / 'resumed' / 'checkpoints' / 'last.ckpt').exists()
+
+
+def test_resume_same_options_and_allowed_change(cli_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = _resume(tmp_path, cli_ckpt)  # the same options: resumes
+    assert cli.trainer.global_step == 3
+    # an option that takes effect on resume may change when named in --allow_changed; the run then uses it
+    cli = _resume(tmp_path, cli_ckpt, '--model.smoothing', '0.2', '--allow_changed', '[smoothing]')
+    assert cli.model.hparams.smoothing == 0.2 and cli.trainer.global_step == 3
+    # one that the checkpoint's optimizer state overrides (the lr) cannot be opted in: it would not take effect
+    with pytest.raises(ValueError, match=r"\['lr'\].*cannot change on resume"):
+        _resume(tmp_path, cli_ckpt, '--model.lr', '0.1', '--allow_changed', '[lr]')
+
+
+def test_resume_refuses_a_code_running_checkpoint(cli_ckpt, tmp_path, monkeypatch):
+    """issue 17 defect 8: a checkpoint whose pickle would run code is refused by train.py without running it."""
+    from test_ckpt_io import _RunsCode
+    from visionpe.train.ckpt_io import UnsafeCheckpointError
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / 'ran'
+    evil = tmp_path / 'evil.ckpt'
+    ckpt = torch.load(cli_ckpt, weights_only=False)
+    ckpt['payload'] = _RunsCode(marker)
+    torch.save(ckpt, evil)
+    with pytest.raises(UnsafeCheckpointError, match='trust-checkpoint'):
+        _resume(tmp_path, evil)
+    with pytest.raises(UnsafeCheckpointError, match='trust-checkpoint'):  # the test subcommand reads its hparams
+        main(['test', '--config', str(DEFAULT_CONFIG), '--ckpt_path', str(evil)], run=True)
+    assert not marker.exists(), 'the pickle ran code'
+    cli = _resume(tmp_path, evil, '--trust-checkpoint')  # the explicit opt-in loads it (and runs it)
+    assert cli.trainer.global_step == 3 and marker.exists()
+
+
+def test_cli_rejects_abbreviated_options(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(_cli_args(tmp_path, '--trainer.max_epoch', '1'), run=False)
+    assert 'max_epoch' in capsys.readouterr().err
+
+
+def test_warmup_longer_than_a_short_run_is_clamped(tmp_path, caplog):
+    """A smoke test (``--trainer.max_steps 20`` with the default recipe's 86 warm-up steps) was a ValueError; the
+    warm-up is now clamped to half the run with a warning, and the schedule still warms up then decays."""
+    pl.seed_everything(0, verbose=False)
+    dm = tiny_data()  # 8 batches per epoch: warmup_epochs=2 is 16 steps
+    module = tiny_module(dm, kwargs=dict(VIT_TINY, depth=1), mixup=0.0, cutmix=0.0, ema_decay=0.0, warmup_epochs=2.0)
+    rec = RecordLR()
+    caplog.set_level('WARNING')
+    tr = trainer(tmp_path, 6, callbacks=[rec], limit_val_batches=0)
+    tr.fit(module, dm)
+    assert 'warm-up of 16 steps' in caplog.text and '3 steps' in caplog.text
+    lr = [rec.lr[s] for s in range(1, 7)]
+    assert lr[0] < lr[1] < lr[2] and lr[2] > lr[3] > lr[4] > lr[5], lr  # warm-up over 3 steps, then cosine

@@ -13,18 +13,15 @@ __version__ = '0.1.0'
 from .grid import COORD_MODES, Grid, grid_coords  # noqa: E402
 from .attention import BACKENDS, set_attn_backend, use_backend  # noqa: E402
 from . import models  # noqa: E402,F401  (registers the models)
-from .models import list_models  # noqa: E402
+from .models import check_model_name, list_models  # noqa: E402
 
 
 def create_model(name: str, pretrained: bool = False, **kwargs: Any):
     """``timm.create_model`` for visionpe names, with a clear error for unknown names."""
     import timm
-    from .models._registry import suggest
-    if name.split('.')[0] not in list_models() and not timm.is_model(name.split('.')[0]):
-        raise ValueError(f'unknown model {name!r}.{suggest(name)} visionpe.list_models() lists the '
-                         f'{len(list_models())} visionpe models')
+    check_model_name(name)
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-__all__ = ['__version__', 'create_model', 'list_models', 'grid_coords', 'Grid', 'COORD_MODES', 'BACKENDS',
+__all__ = ['__version__', 'create_model', 'list_models', 'check_model_name', 'grid_coords', 'Grid', 'COORD_MODES', 'BACKENDS',
            'use_backend', 'set_attn_backend']

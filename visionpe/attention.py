@@ -48,9 +48,9 @@ if TYPE_CHECKING:
     from .pos.base import LayerPos
 
 __all__ = [
-    'BACKENDS', 'Attention', 'attend', 'run_backend', 'resolve_backend', 'use_backend', 'set_attn_backend',
-    'xformers_available', 'flex_available', 'bias_budget', 'max_bias_bytes', 'bias_block_rows', 'attend_by_row_blocks',
-    'TEMPERATURE', 'BACKEND', 'attention_lengths',
+    'BACKENDS', 'Attention', 'attend', 'check_backend', 'run_backend', 'resolve_backend', 'use_backend',
+    'set_attn_backend', 'xformers_available', 'flex_available', 'bias_budget', 'max_bias_bytes', 'bias_block_rows',
+    'attend_by_row_blocks', 'TEMPERATURE', 'BACKEND', 'attention_lengths',
 ]
 
 BACKENDS = ('auto', 'math', 'sdpa', 'xformers', 'flex')
@@ -62,7 +62,8 @@ ScoreMod = Callable[..., torch.Tensor]
 _override = threading.local()
 
 
-def _check(name: str) -> str:
+def check_backend(name: str) -> str:
+    """``name`` if it is a known backend (``BACKENDS``), else a ValueError that lists them."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)} "
                          f"(argument attn_backend=..., or environment variable {ENV_VAR})")
@@ -72,7 +73,7 @@ def _check(name: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force one backend for every attention call inside the ``with`` block (this thread)."""
-    _check(name)
+    check_backend(name)
     prev = getattr(_override, 'name', None)
     _override.name = name
     try:
@@ -83,7 +84,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def set_attn_backend(model: nn.Module, name: str) -> nn.Module:
     """Set the backend of every visionpe attention module inside ``model``."""
-    _check(name)
+    check_backend(name)
     for m in model.modules():
         if hasattr(m, 'attn_backend'):
             m.attn_backend = name
@@ -117,7 +118,7 @@ def resolve_backend(
     """The backend one call will use. Explains itself with a warning when it must fall back."""
     name = getattr(_override, 'name', None) or (requested if requested != 'auto' else None) \
         or os.environ.get(ENV_VAR) or 'auto'
-    _check(name)
+    check_backend(name)
     if needs_probs:
         if name not in ('auto', 'math'):
             _warn_once(f'attention backend {name!r} cannot return attention probabilities, which this '
@@ -200,18 +201,9 @@ def _flex(q, k, v, scale, bias, score_mod):
     return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
 
 
-def attend(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        scale: float,
-        bias: Optional[torch.Tensor] = None,
-        score_mod: Optional[ScoreMod] = None,
-        backend: str = 'auto',
-        dropout_p: float = 0.,
-        training: bool = False,
-        need_probs: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None,
+           score_mod: Optional[ScoreMod] = None, backend: str = 'auto', dropout_p: float = 0., training: bool = False,
+           need_probs: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``softmax(scale * q k^T + bias) v`` for q, k: (B, H, N, Dk), v: (B, H, M, Dv).
 
     ``bias`` broadcasts to (B, H, N, M). ``score_mod`` (flex only) is the in-kernel equivalent
@@ -311,7 +303,7 @@ def attend_by_row_blocks(backend: str, q: torch.Tensor, k: torch.Tensor, v: torc
 
 # ------------------------------------------------------------------------------------ test-time knobs
 @torch.no_grad()
-def attention_lengths(model: nn.Module, hw: Tuple[int, int]) -> dict:
+def attention_lengths(model: nn.Module, hw: tuple[int, int]) -> dict:
     """Sequence length seen by every :class:`Attention` of ``model`` at input size ``hw`` (one forward of one
     image)."""
     seen: dict = {}
@@ -343,8 +335,8 @@ TEMPERATURE = Knob('temperature', 'attention temperature log(N)/log(N_train): "-
                    check=bool, label=lambda on: 'temp=logN', rank=80, attrs=('temperature_ref_tokens',),
                    set=_set_temperature, needs_train_size=bool)
 #: the attention backend of every attention call (:func:`use_backend`)
-BACKEND = Knob('backend', 'attention backends: auto math sdpa xformers flex', _check, flag='--backends', check=_check,
-               label=lambda b: f'attn={b}', rank=90, context=use_backend,
+BACKEND = Knob('backend', 'attention backends: auto math sdpa xformers flex', check_backend, flag='--backends',
+               check=check_backend, label=lambda b: f'attn={b}', rank=90, context=use_backend,
                find=lambda model: [m for m in model.modules() if hasattr(m, 'attn_backend')])
 register_knob(TEMPERATURE, BACKEND)
 
@@ -368,6 +360,7 @@ class Attention(nn.Module):
             proj_drop: float = 0.,
             norm_layer: Optional[Callable[..., nn.Module]] = None,
             attn_backend: str = 'auto',
+            k_bias: bool = True,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -375,11 +368,13 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.attn_backend = _check(attn_backend)
+        self.attn_backend = check_backend(attn_backend)
         #: test-time knob: when set to the training sequence length N_train, the softmax scale is
         #: multiplied by log(N) / log(N_train) (attention temperature / entropy-invariant scaling)
         self.temperature_ref_tokens: Optional[int] = None
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        #: False: the key third of the qkv bias is held at zero (DINOv3's masked k bias; it gets no gradient)
+        self.k_bias = k_bias
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.attn_drop = attn_drop
@@ -388,7 +383,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: Optional['LayerPos'] = None) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.k_bias or self.qkv.bias is None:
+            qkv = self.qkv(x)
+        else:
+            q_b, _, v_b = self.qkv.bias.chunk(3)
+            qkv = F.linear(x, self.qkv.weight, torch.cat([q_b, torch.zeros_like(q_b), v_b]))
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         scale = self.scale
         if self.temperature_ref_tokens:

@@ -6,6 +6,13 @@ our model from the upstream config, loads the upstream ``state_dict.safetensors`
 package converters, and returns every output tensor the set stores, under the same names.
 The harness compares all of them (not only logits); tensors matching the adapter's ``inputs``
 patterns are inputs and are not compared.
+
+Tolerances scale with the tensor: the error of an output is ``max|diff| / max(1, max|ref|)`` (the
+absolute difference for tensors within [-1, 1], relative for large-valued ones such as widened q/k),
+and must be at most the adapter's ``atol`` (1e-5 by default, fp32). Tensors matching the adapter's
+``exact`` patterns (e.g. a bias rounded to bf16 upstream) are compared at 1e-7 relative, entry by
+entry (``max(|diff| / |ref|)``), which catches any rounding difference. Non-finite entries (masked
+logits) must sit at the same places with the same values; integer tensors must match exactly.
 """
 from __future__ import annotations
 
@@ -21,7 +28,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from safetensors.torch import load_file
 
-__all__ = ['GoldenSet', 'golden_adapter', 'discover', 'get_adapter', 'compare_set', 'ADAPTERS']
+__all__ = ['GoldenSet', 'golden_adapter', 'discover', 'get_adapter', 'compare_set', 'scaled_error', 'may_lack_adapter',
+           'ADAPTERS', 'EXACT_RTOL']
 
 
 @dataclass
@@ -62,19 +70,30 @@ class Adapter:
     atol: float = 1e-5
     # (pattern, tolerance) for named ill-conditioned tensors; the adapter must say why in its docstring
     atol_for: Tuple[Tuple[str, float], ...] = ()
+    # patterns of tensors compared exactly (1e-7 relative), e.g. values rounded to bf16 upstream
+    exact: Tuple[str, ...] = ()
+
+    def is_exact(self, name: str) -> bool:
+        return any(fnmatch.fnmatch(name, pat) for pat in self.exact)
 
     def tolerance(self, name: str) -> float:
+        if self.is_exact(name):
+            return EXACT_RTOL
         return next((tol for pat, tol in self.atol_for if fnmatch.fnmatch(name, pat)), self.atol)
+
+
+#: relative tolerance of the ``exact`` tensors
+EXACT_RTOL = 1e-7
 
 
 ADAPTERS: Dict[str, Adapter] = {}
 
 
 def golden_adapter(*targets: str, inputs: Iterable[str] = ('input_*',), atol: float = 1e-5,
-                   atol_for: Iterable[Tuple[str, float]] = ()):
+                   atol_for: Iterable[Tuple[str, float]] = (), exact: Iterable[str] = ()):
     def deco(fn):
         for t in targets:
-            ADAPTERS[t] = Adapter(t, fn, tuple(inputs), atol, tuple(atol_for))
+            ADAPTERS[t] = Adapter(t, fn, tuple(inputs), atol, tuple(atol_for), tuple(exact))
         return fn
     return deco
 
@@ -84,10 +103,15 @@ def _load_all() -> None:
         importlib.import_module(f'{__name__}.{mod.name}')
 
 
-def discover(root: Path) -> List[GoldenSet]:
-    if not root.is_dir():
-        return []
-    return [GoldenSet(p.parent, root) for p in sorted(root.rglob('config.json'))]
+def discover(*roots: Path) -> List[GoldenSet]:
+    """Every set (folder with a ``config.json``) under the given roots; missing roots give none."""
+    return [GoldenSet(p.parent, root) for root in roots if root.is_dir() for p in sorted(root.rglob('config.json'))]
+
+
+def may_lack_adapter(gs: GoldenSet) -> bool:
+    """Sets under a ``*-next`` root hold encodings that may not be written yet: without an adapter they
+    are skipped (with the reason); a set anywhere else without an adapter is a failure."""
+    return gs.root.name.endswith('-next')
 
 
 def get_adapter(target: str) -> Optional[Adapter]:
@@ -113,11 +137,28 @@ def compare_set(gs: GoldenSet) -> List[Tuple[str, float, float]]:
         e, g = expected[k], got[k]
         assert tuple(e.shape) == tuple(g.shape), f'{gs.name}/{k}: shape {tuple(g.shape)} != {tuple(e.shape)}'
         if e.dtype in (torch.int64, torch.int32, torch.bool):
-            diff = float((e.long() != g.long()).sum())  # integer tensors must match exactly
+            rows.append((k, float((e.long() != g.long()).sum()), 0.0))  # integer tensors must match exactly
         else:
-            diff = float((e.double() - g.detach().double()).abs().max()) if e.numel() else 0.0
-        rows.append((k, diff, 0.0 if e.dtype in (torch.int64, torch.int32, torch.bool) else adapter.tolerance(k)))
+            rows.append((k, scaled_error(e, g, relative=adapter.is_exact(k)), adapter.tolerance(k)))
     return rows
+
+
+def scaled_error(ref: torch.Tensor, got: torch.Tensor, relative: bool = False) -> float:
+    """``max|diff| / max(1, max|ref|)`` over the finite entries; with ``relative``, entry by entry
+    ``max(|diff| / |ref|)`` (so that a few huge entries, such as LookHere's -3.4e38 masked logits, do
+    not hide the rest). ``inf`` when the non-finite entries differ in place or value."""
+    ref, got = ref.double(), got.detach().double()
+    finite = torch.isfinite(ref)
+    if not torch.equal(finite, torch.isfinite(got)):
+        return float('inf')
+    if not torch.equal(ref[~finite].nan_to_num(0.), got[~finite].nan_to_num(0.)):  # -inf vs +inf, nan vs inf
+        return float('inf')
+    if not finite.any():
+        return 0.0
+    ref, got = ref[finite], got[finite]
+    if relative:
+        return float(((ref - got).abs() / ref.abs().clamp_min(torch.finfo(torch.float32).tiny)).max())
+    return float((ref - got).abs().max()) / max(1.0, float(ref.abs().max()))
 
 
 def cases(tensors: Dict[str, torch.Tensor], prefix: str = 'input_') -> List[Tuple[str, int, int]]:

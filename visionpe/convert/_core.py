@@ -104,10 +104,11 @@ def load_checkpoint_file(path: Union[str, Path]) -> Any:
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
         return load_file(str(path), device='cpu')
-    try:
-        return torch.load(str(path), map_location='cpu', weights_only=True)
-    except Exception as e:  # a file from an older code base may pickle plain config objects
-        raise CheckpointMismatchError(f'cannot read {path} as a weights-only checkpoint: {e}') from e
+    from ..train.ckpt_io import CheckpointError, read_checkpoint
+    try:  # the one safe reader: says what an empty, truncated or foreign file is; refuses code-running pickles
+        return read_checkpoint(path, 'cpu')
+    except CheckpointError as e:
+        raise CheckpointMismatchError(str(e)) from None
 
 
 def detect_format(state_dict: Mapping[str, Any], model: nn.Module) -> Optional[Converter]:
@@ -147,7 +148,11 @@ def validate_state_dict(sd: StateDict, model: nn.Module, fmt: str) -> None:
     """
     own = model.state_dict()
     heads = {f'{c}.{p}' for c in _classifier_names(model) for p in ('weight', 'bias')}
+    # another number of classes: the head's first (class) dimension differs and nothing else (a head of
+    # another width is a plain shape mismatch: the whole model has another width)
     head_mismatch = [k for k in heads if k in sd and k in own and sd[k].shape != own[k].shape]
+    if any(sd[k].shape[1:] != own[k].shape[1:] for k in head_mismatch):
+        head_mismatch = []
     cfg = getattr(model, 'pretrained_cfg', None)
     if head_mismatch:
         _logger.warning(f'{fmt} checkpoint: classifier {sorted(head_mismatch)} has another number of classes '

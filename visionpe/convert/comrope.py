@@ -17,16 +17,17 @@ Upstream key                                          ours
                                                       or ``norm.*`` when the model has no fc_norm
 ``classification_head.*``                             ``head.*``
 
-The config reader gives ``vit_comrope*`` models upstream's architecture (pre-LN ``norm_pre``, quick-GELU,
-LayerNorm eps 1e-5, post-LN on the pooled class token, patch conv without bias, no LayerScale) and the
-sizes read off the keys, so an upstream file loads with
+The config reader gives ``vit_comrope*`` and ``vit_liere*`` models upstream's architecture (pre-LN
+``norm_pre``, quick-GELU, LayerNorm eps 1e-5, post-LN on the pooled class token, patch conv without bias,
+no LayerScale) and the sizes read off the keys, so an upstream file loads with
 ``timm.create_model('vit_comrope_ap_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``.
 The encoding type (AP / LD / LieRE / vanilla) is not guessed: a file of another type fails with the fix.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -81,7 +82,8 @@ def convert_comrope(sd: StateDict, model: nn.Module) -> StateDict:
     if kind != pe.comrope_type:
         raise CheckpointMismatchError(
             f"checkpoint holds ComRoPE type {kind!r} generators but the model has comrope_type="
-            f"{pe.comrope_type!r}: pass comrope_type={kind!r} (vit_comrope_{kind}_* presets for ap / ld)")
+            f"{pe.comrope_type!r}: pass comrope_type={kind!r} (presets: vit_comrope_ap_*, vit_comrope_ld_*, "
+            f"vit_liere_*)")
     freqs0 = sd.get('vision_model.encoder.layers.0.self_attn.freqs')
     if freqs0 is not None and freqs0.shape[-1] != pe.block_size:
         raise CheckpointMismatchError(
@@ -129,9 +131,9 @@ def convert_comrope(sd: StateDict, model: nn.Module) -> StateDict:
 
 
 @register_config_reader
-def comrope_config(obj: Any, model_name: str) -> Optional[Dict[str, Any]]:
-    """Architecture keywords of an upstream ComRoPE file (``vit_comrope*`` models only)."""
-    if not model_name.startswith('vit_comrope') or not isinstance(obj, Mapping):
+def comrope_config(obj: Any, model_name: str) -> dict[str, Any] | None:
+    """Architecture keywords of an upstream ComRoPE file (``vit_comrope*`` and ``vit_liere*`` models only)."""
+    if not model_name.startswith(('vit_comrope', 'vit_liere')) or not isinstance(obj, Mapping):
         return None
     try:
         sd = unwrap_state_dict(obj)
@@ -139,7 +141,7 @@ def comrope_config(obj: Any, model_name: str) -> Optional[Dict[str, Any]]:
         return None
     if not _is_comrope(sd, None):
         return None
-    kw: Dict[str, Any] = dict(pre_norm=True, act_layer='quick_gelu', norm_eps=1e-5, fc_norm=True,
+    kw: dict[str, Any] = dict(pre_norm=True, act_layer='quick_gelu', norm_eps=1e-5, fc_norm=True,
                               patch_bias=False, init_values=0, qkv_bias=True, class_token=True,
                               global_pool='token', pos_embed='none')
     cls = sd.get('vision_model.embeddings.class_embedding')

@@ -4,10 +4,16 @@ naver (``models/vit_rope.py``): LayerScale ``gamma_1/2``; RoPE-Mixed frequencies
 shape ``(2, depth, heads * d/2)``; the position buffers ``freqs_t_x/freqs_t_y`` depend on the
 training grid and are dropped (as upstream's own loader does). timm's port: ``rope.freqs`` of
 shape ``(2, depth, heads, d/2)``, LayerScale ``gamma_1/2``.
+
+The "+ APE" variants (naver ``rope_{axial,mixed}_ape_deit_*``, timm ``vit_*_patch16_rope{,_mixed}_ape_224``)
+add ``pos_embed`` ``(1, h*w, D)`` without a class-token entry (``no_embed_class``); a table of another grid
+is resampled to the model's (bicubic, antialias, as timm's loader; naver's own forward interpolates without
+antialias, which differs only when shrinking: ``pos_embed_antialias=False`` reproduces it).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch.nn as nn
 
@@ -16,9 +22,9 @@ from ._core import CheckpointMismatchError, register_converter
 
 
 def _is_ropevit(sd: Mapping[str, Any], model: nn.Module) -> bool:
+    # RoPE-Axial files (with or without an APE table) carry no frequencies: LayerScale gamma_1 into a RoPE2D model
     return any(k in sd for k in ('freqs_t_x', 'freqs', 'rope.freqs')) or (
-        'blocks.0.gamma_1' in sd and 'pos_embed' not in sd and getattr(model, 'pe', None) is not None
-        and type(model.pe).__name__ == 'RoPE2D')
+        'blocks.0.gamma_1' in sd and type(getattr(model, 'pe', None)).__name__ == 'RoPE2D')
 
 
 @register_converter('RoPE-ViT (naver rope-vit / timm eva port)', _is_ropevit, priority=10)

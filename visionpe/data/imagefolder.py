@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import default_collate
 
 from .sampling import seed_everything_from
 
-__all__ = ['SafeImageFolder', 'collate_skip_bad', 'BadSampleMonitor', 'BadDataError', 'check_image_folder',
+__all__ = ['SafeImageFolder', 'Unreadable', 'collate_skip_bad', 'BadSampleMonitor', 'BadDataError', 'check_image_folder',
            'READ_ERRORS']
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class SafeImageFolder:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, item: Union[int, Tuple[int, int]]) -> Optional[Tuple[torch.Tensor, int]]:
+    def __getitem__(self, item: Union[int, Tuple[int, int]]) -> Union[Tuple[torch.Tensor, int], 'Unreadable']:
         index, seed = item if isinstance(item, (tuple, list)) else (item, None)
         path, target = self.samples[index]
         try:
@@ -76,14 +76,22 @@ class SafeImageFolder:
                 img = self.transform(img)
         except READ_ERRORS as e:
             log.warning('skipping unreadable image %s: %s: %s', path, type(e).__name__, e)
-            return None
+            return Unreadable(str(path), f'{type(e).__name__}: {e}')
         return img, target
 
 
-def collate_skip_bad(batch: List[Optional[Tuple[Any, int]]]) -> Dict[str, Any]:
-    """Collate the readable samples: ``{'image', 'label', 'n_bad', 'n'}`` (``image`` is None if none was)."""
-    good = [b for b in batch if b is not None]
-    out: Dict[str, Any] = {'n_bad': torch.tensor(len(batch) - len(good)), 'n': torch.tensor(len(batch))}
+class Unreadable(NamedTuple):
+    """What a dataset returns for a sample it could not read: where it is and why (the error lists them)."""
+    path: str
+    reason: str
+
+
+def collate_skip_bad(batch: List[Any]) -> Dict[str, Any]:
+    """Collate the readable samples: ``{'image', 'label', 'n_bad', 'n', 'bad_paths'}`` (``image`` is None if
+    none was); an unreadable sample is an :class:`Unreadable` (its path goes to ``bad_paths``) or None."""
+    good = [b for b in batch if b is not None and not isinstance(b, Unreadable)]
+    out: Dict[str, Any] = {'n_bad': torch.tensor(len(batch) - len(good)), 'n': torch.tensor(len(batch)),
+                           'bad_paths': [b.path for b in batch if isinstance(b, Unreadable)]}
     if good:
         out['image'], out['label'] = default_collate(good)
     else:
@@ -98,16 +106,20 @@ class BadSampleMonitor:
     (:meth:`check` with ``final=True``) whatever the count.
     """
 
+    LISTED = 10  # paths kept for the error message
+
     def __init__(self, max_fraction: float = 0.001, check_after: int = 1000) -> None:
         if not 0 <= max_fraction <= 1:
             raise ValueError(f'max_bad_fraction must be in [0, 1], got {max_fraction}')
         self.max_fraction, self.check_after = max_fraction, check_after
         self.bad = 0
         self.seen = 0
+        self.paths: List[str] = []  # the first unreadable files (all of them are in the log)
 
-    def update(self, n_bad: int, n: int) -> None:
+    def update(self, n_bad: int, n: int, paths: Sequence[str] = ()) -> None:
         self.bad += int(n_bad)
         self.seen += int(n)
+        self.paths += list(paths)[:self.LISTED - len(self.paths)]
         if self.seen >= self.check_after:
             self.check()
 
@@ -115,12 +127,14 @@ class BadSampleMonitor:
         if self.seen and self.bad / self.seen > self.max_fraction:
             raise BadDataError(
                 f'{self.bad} of {self.seen} images ({100 * self.bad / self.seen:.2f}%) could not be read, more than '
-                f'the allowed {100 * self.max_fraction:.2f}% (--data.max_bad_fraction); the log lists their paths. '
-                f'Fix or remove them, or raise the threshold.')
+                f'the allowed {100 * self.max_fraction:.2f}% (--data.max_bad_fraction); first: '
+                f'{", ".join(self.paths) or "(paths not known: see the log)"} (the log names every one with its '
+                f'error). Fix or remove them, or raise the threshold.')
 
-    def state_dict(self) -> Dict[str, int]:
-        return {'bad': self.bad, 'seen': self.seen}
+    def state_dict(self) -> Dict[str, Any]:
+        return {'bad': self.bad, 'seen': self.seen, 'paths': list(self.paths)}
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.bad, self.seen = int(state.get('bad', 0)), int(state.get('seen', 0))
+        self.paths = list(state.get('paths', []))
 

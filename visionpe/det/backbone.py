@@ -18,41 +18,20 @@ an embedding the model has seen, relative to its window.
 from __future__ import annotations
 
 import math
-import types
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d
 
+from ..models.vit import VisionTransformer
+from ..pos.absolute import tile_table as tile_abs_pos
+
 __all__ = ['SimpleFeaturePyramid', 'ViTDetBackbone', 'HierarchicalFPNBackbone', 'build_backbone', 'tile_abs_pos',
            'ABS_POS_MODES']
 
-ABS_POS_MODES = ('interp', 'tile')
-
-
-def tile_abs_pos(table: torch.Tensor, new_hw: Tuple[int, int], old_hw: Tuple[int, int], num_prefix: int) -> torch.Tensor:
-    """Window-absolute table: the ``old_hw`` patch table of a ``(1, P + h0*w0, D)`` table tiled over
-    ``new_hw`` (``p[i, j] = p0[i mod h0, j mod w0]``); the P prefix rows are kept."""
-    h0, w0 = old_hw
-    h, w = new_hw
-    if (h, w) == (h0, w0):
-        return table
-    prefix, patch = table[:, :num_prefix], table[:, num_prefix:]
-    if patch.shape[1] != h0 * w0:
-        raise ValueError(f'table has {patch.shape[1]} patch rows, expected {h0}x{w0}')
-    grid = patch.reshape(1, h0, w0, -1)
-    grid = grid.repeat(1, math.ceil(h / h0), math.ceil(w / w0), 1)[:, :h, :w]
-    return torch.cat([prefix, grid.reshape(1, h * w, -1)], dim=1)
-
-
-def _tiled_abs_pos(self, grid, device):
-    """``VisionTransformer._abs_pos`` with the learned table tiled instead of resampled."""
-    if self.pos_embed_type != 'learn':
-        return type(self)._abs_pos(self, grid, device)
-    prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-    return tile_abs_pos(self.pos_embed, grid.hw, tuple(self.patch_embed.grid_size), prefix)
+ABS_POS_MODES = VisionTransformer.ABS_POS_MODES
 
 
 def _conv_ln(cin: int, cout: int, k: int) -> nn.Sequential:
@@ -123,15 +102,12 @@ class ViTDetBackbone(nn.Module):
     def __init__(self, trunk: nn.Module, strides: Sequence[int] = (8, 16, 32, 64), out_channels: int = 256,
                  abs_pos: str = 'interp') -> None:
         super().__init__()
-        if abs_pos not in ABS_POS_MODES:
-            raise ValueError(f"abs_pos must be one of {ABS_POS_MODES}, got {abs_pos!r}")
+        if not getattr(trunk, 'plain_trunk', False):
+            raise TypeError(f'{type(trunk).__name__} is not a plain single-scale trunk (plain_trunk); use '
+                            f'HierarchicalFPNBackbone')
+        trunk.abs_pos = trunk.check_abs_pos(abs_pos, trunk.pos_embed_type)  # the ViT's own option
         trunk.prune_intermediate_layers(indices=1, prune_norm=True, prune_head=True)
         self.abs_pos = abs_pos
-        if abs_pos == 'tile':
-            if getattr(trunk, 'pos_embed_type', None) != 'learn':
-                raise ValueError("abs_pos='tile' needs a learned absolute table (e.g. vit_ape_*, vit_irpe_*); "
-                                 f"{type(trunk).__name__} has pos_embed={getattr(trunk, 'pos_embed_type', None)!r}")
-            trunk._abs_pos = types.MethodType(_tiled_abs_pos, trunk)  # deepcopy rebinds it to the copy
         self.trunk = trunk
         patch = trunk.patch_embed.patch_size
         if patch[0] != patch[1]:
@@ -168,27 +144,21 @@ class HierarchicalFPNBackbone(nn.Module):
 def build_backbone(model_name: str, img_size: int, model_kwargs: Optional[Dict[str, Any]] = None,
                    out_channels: int = 256, strides: Optional[Sequence[int]] = None, abs_pos: str = 'interp',
                    out_indices: Optional[Sequence[int]] = None) -> nn.Module:
-    """The detection backbone for a zoo (or timm) model name: ViTDet pyramid for visionpe plain ViTs,
-    ``features_only`` + FPN otherwise. ``strides`` (plain ViTs): default (8, 16, 32, 64);
+    """The detection backbone for a zoo (or timm) model name: ViTDet pyramid for visionpe plain
+    single-scale trunks (class attribute ``plain_trunk``), ``features_only`` + FPN otherwise. ``strides`` (plain ViTs): default (8, 16, 32, 64);
     ``out_indices`` (hierarchical): default every stage."""
     import timm
     from timm.models import model_entrypoint
-    import visionpe  # noqa: F401  (registers the models)
-    from visionpe.models.vit import VisionTransformer
+    from ..models import check_model_name
     kwargs = dict(model_kwargs or {})
     for key in ('num_classes', 'features_only', 'img_size'):
         if key in kwargs:
             raise ValueError(f'model_kwargs must not set {key}: the detector sets it')
-    if not timm.is_model(model_name):
-        from visionpe.models._registry import suggest
-        raise ValueError(f'unknown backbone {model_name!r}.{suggest(model_name)} Use a visionpe model name '
-                         f'(visionpe.list_models()) or a timm one')
+    check_model_name(model_name, 'backbone')
     kwargs.setdefault('dynamic_img_size', True)
-    trunk_cls = model_entrypoint(model_name)
-    if model_name.startswith('vit_') and trunk_cls.__module__.startswith('visionpe'):
+    model_cls = getattr(model_entrypoint(model_name), 'model_cls', None)  # visionpe presets name their class
+    if getattr(model_cls, 'plain_trunk', False):
         trunk = timm.create_model(model_name, num_classes=0, img_size=img_size, **kwargs)
-        if not isinstance(trunk, VisionTransformer):
-            raise TypeError(f'{model_name} is not a visionpe VisionTransformer')
         return ViTDetBackbone(trunk, strides or (8, 16, 32, 64), out_channels, abs_pos)
     if strides is not None:
         raise ValueError(f'strides is only for plain ViTs (the simple feature pyramid); {model_name} takes '

@@ -17,7 +17,11 @@ box of the item's pixels above ``PIXEL_THRESHOLD``; category ids 1..10 follow ``
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -26,7 +30,10 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['SPLITS', 'ann_file', 'image_dir', 'check_coco_root', 'coco_num_classes', 'CocoDetectionSet',
-           'train_transform', 'eval_transform', 'detection_collate', 'make_fmnist_coco', 'PIXEL_THRESHOLD']
+           'train_transform', 'eval_transform', 'detection_collate', 'make_fmnist_coco', 'PIXEL_THRESHOLD',
+           'validate_coco']
+
+log = logging.getLogger(__name__)
 
 SPLITS = ('train', 'val')
 PIXEL_THRESHOLD = 16  # uint8 level above which a pixel belongs to the item (its tight box)
@@ -88,10 +95,63 @@ def eval_transform():
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 
 
+def _ids(items: list[tuple], n: int = 5) -> str:
+    return ', '.join(str(x) for x in items[:n]) + (f' and {len(items) - n} more' if len(items) > n else '')
+
+
+def validate_coco(coco: Any, image_ids: Sequence[int], image_root: Path, ann_path: Path) -> dict[str, int]:
+    """Check a COCO annotation set when a dataset is built, and repair its boxes in place.
+
+    Errors (nothing can be trained or scored with them), naming the ids: an annotation whose ``category_id``
+    is not in ``categories`` (``ValueError``); an image of ``image_ids`` whose file is missing
+    (``FileNotFoundError``). Repairs, logged with their count and first annotation ids: a box
+    (``[x, y, w, h]``) that runs past its image is clipped to it; one with ``w <= 0`` or ``h <= 0``, a
+    non-finite value, or wholly outside its image is dropped. Returns ``{'clipped': n, 'dropped': m}``.
+    """
+    cats = set(coco.cats)
+    unknown = [a for a in coco.dataset.get('annotations', []) if a.get('category_id') not in cats]
+    if unknown:
+        raise ValueError(f'{ann_path}: {len(unknown)} annotation(s) with a category_id that is not among its '
+                         f'categories {sorted(cats)}: ' + _ids([f'annotation id {a["id"]} (image id {a["image_id"]}, '
+                                                                f'category_id {a.get("category_id")})' for a in unknown])
+                         + '; fix their category_id or add the category to "categories"')
+    missing = [i for i in image_ids if not (image_root / coco.imgs[i]['file_name']).is_file()]
+    if missing:
+        raise FileNotFoundError(f'{ann_path}: {len(missing)} image file(s) missing from {image_root}: '
+                                + _ids([f'image id {i} ({coco.imgs[i]["file_name"]})' for i in missing])
+                                + '; restore the files or remove these images from the annotation file')
+    kept, clipped, dropped = [], [], []
+    for a in coco.dataset.get('annotations', []):
+        img = coco.imgs.get(a['image_id'], {})
+        x, y, w, h = (float(v) for v in a['bbox'])
+        x1, y1 = x + w, y + h
+        if 'width' in img and 'height' in img:
+            x1, y1 = min(x1, float(img['width'])), min(y1, float(img['height']))
+        x0, y0 = max(x, 0.0), max(y, 0.0)
+        if not all(map(math.isfinite, (x, y, w, h))) or w <= 0 or h <= 0 or x1 <= x0 or y1 <= y0:
+            dropped.append(a['id'])
+            continue
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            clipped.append(a['id'])
+            new = [x0, y0, x1 - x0, y1 - y0]
+            a = {**a, 'bbox': new, 'area': float(a.get('area', w * h)) * (new[2] * new[3]) / (w * h)}
+        kept.append(a)
+    if clipped or dropped:
+        log.warning('%s: %d box%s clipped to its image, %d dropped (width or height <= 0, not finite, or outside the '
+                    'image); clipped annotation ids %s, dropped annotation ids %s', ann_path, len(clipped),
+                    '' if len(clipped) == 1 else 'es', len(dropped), clipped[:10], dropped[:10])
+        coco.dataset['annotations'] = kept
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints 'creating index...'
+            coco.createIndex()
+    return {'clipped': len(clipped), 'dropped': len(dropped)}
+
+
 class CocoDetectionSet(torch.utils.data.Dataset):
     """``torchvision.datasets.CocoDetection`` wrapped for transforms v2; every item is ``(image, target)``
     with ``target = {'boxes', 'labels', 'image_id'}`` (empty ``boxes`` of shape (0, 4) for an image
-    without annotations). ``max_images`` keeps the first images of the annotation file (sorted ids)."""
+    without annotations). ``max_images`` keeps the first images of the annotation file (sorted ids).
+    The annotations are checked when the set is built (:func:`validate_coco`): ``repairs`` counts the boxes
+    clipped and dropped."""
 
     def __init__(self, root: str | Path, split: str, transforms=None, max_images: Optional[int] = None) -> None:
         from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
@@ -104,6 +164,7 @@ class CocoDetectionSet(torch.utils.data.Dataset):
             base.ids = base.ids[:max_images]
         self.coco = base.coco
         self.ids: List[int] = list(base.ids)
+        self.repairs = validate_coco(self.coco, self.ids, image_dir(root, split), ann_file(root, split))
         self.ds = wrap_dataset_for_transforms_v2(base, target_keys=('boxes', 'labels', 'image_id'))
 
     def __len__(self) -> int:

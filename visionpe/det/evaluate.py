@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from ..train.ckpt_io import read_checkpoint
 from .data import CocoDetectionSet, detection_collate, eval_transform
 from .detector import build_detector, set_test_size, split_name
 
@@ -63,7 +64,8 @@ def coco_ap(coco_gt: Any, results: List[Dict[str, Any]], image_ids: Optional[Seq
     return {k: (float(v) if v >= 0 else math.nan) for k, v in zip(AP_KEYS, ev.stats[:6])}
 
 
-def load_detector(model_name: str, checkpoint: Optional[str] = None, **overrides: Any) -> nn.Module:
+def load_detector(model_name: str, checkpoint: Optional[str] = None, *, trust: bool | None = None,
+                  **overrides: Any) -> nn.Module:
     """The detector (eval mode) of ``checkpoint``: a ``train.py`` detection ``.ckpt`` (its hyper-parameters
     rebuild the model) or a state-dict file of :func:`build_detector` (then ``overrides`` must give what
     the model was built with: ``num_classes``, ``model_kwargs`` ...). ``checkpoint=None``: random weights.
@@ -71,17 +73,16 @@ def load_detector(model_name: str, checkpoint: Optional[str] = None, **overrides
     ``model_name``: the backbone (``vit_rope2d_small``) or detector name (``fcos_vit_rope2d_small``).
     ``overrides``: :func:`build_detector` keywords (e.g. ``abs_pos='tile'``, ``img_size``); any other
     keyword is a backbone option merged into ``model_kwargs`` (e.g. ``window_policy='scale'``).
+    The file is read by :func:`visionpe.train.ckpt_io.read_checkpoint` (code-running pickles refused unless
+    ``trust``; ``None``: the enclosing ``ckpt_io.trusting`` block's choice).
     """
     det_kw = {k: v for k, v in overrides.items() if k in _DETECTOR_ARGS}
     backbone_kw = {k: v for k, v in overrides.items() if k not in _DETECTOR_ARGS}
     state = None
     if checkpoint is not None:
         path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f'checkpoint {path} does not exist')
-        # Lightning checkpoints are pickles (optimizer and loop state): load only files you trust
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-        if isinstance(ckpt, dict) and 'hyper_parameters' in ckpt and 'state_dict' in ckpt:
+        ckpt = read_checkpoint(path, 'cpu', trust=trust)
+        if 'hyper_parameters' in ckpt and 'state_dict' in ckpt:
             hp = ckpt['hyper_parameters']
             if split_name(hp.get('model_name', '')) != split_name(model_name):
                 raise ValueError(f'{path} holds a detector on {hp.get("model_name")!r}, not {model_name!r}')
@@ -91,7 +92,7 @@ def load_detector(model_name: str, checkpoint: Optional[str] = None, **overrides
             det_kw = {**{k: hp[k] for k in _HPARAM_ARGS if k in hp}, **det_kw}
             state = {k[len('detector.'):]: v for k, v in ckpt['state_dict'].items() if k.startswith('detector.')}
         else:
-            state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
+            state = ckpt.get('state_dict', ckpt)
             if not isinstance(state, dict):
                 raise ValueError(f'{path} is neither a train.py checkpoint nor a state dict')
     if backbone_kw:

@@ -16,6 +16,9 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..train.callbacks import save_final_last_checkpoints
+from ..train.module import with_warmup_cosine
+from ..train.resume import ResumeCheck
 from .data import CocoDetectionSet, coco_num_classes, detection_collate, eval_transform, train_transform
 from .detector import build_detector
 
@@ -45,7 +48,7 @@ def detector_param_groups(detector: nn.Module, weight_decay: float, layer_decay:
     return [g for g in groups if g['params']]
 
 
-class ObjectDetector(pl.LightningModule):
+class ObjectDetector(ResumeCheck, pl.LightningModule):
     """FCOS on a zoo backbone (see :func:`visionpe.det.detector.build_detector`).
 
     Args:
@@ -55,7 +58,13 @@ class ObjectDetector(pl.LightningModule):
             shorter side; validation runs at the same size).
         fpn_channels, strides, out_indices, abs_pos, head_convs: detector options.
         opt, lr, weight_decay, layer_decay, warmup_epochs, warmup_lr, min_lr, sched: the optimizer recipe.
+
+    Resuming checks the options against the checkpoint's as :class:`visionpe.train.VisionClassifier` does;
+    only ``score_thresh`` (evaluation) may differ.
     """
+
+    RESUME_FREE = ('score_thresh',)
+    RESUME_OPT_IN: tuple[str, ...] = ()
 
     def __init__(
             self,
@@ -110,6 +119,9 @@ class ObjectDetector(pl.LightningModule):
             self.log(f'train/{k}', v, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
+    def on_train_end(self) -> None:
+        save_final_last_checkpoints(self.trainer)
+
     # ------------------------------------------------------------------ validation: COCO AP
     def on_validation_epoch_start(self) -> None:
         self._results = []
@@ -138,28 +150,13 @@ class ObjectDetector(pl.LightningModule):
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         from timm.optim import create_optimizer_v2
-        from timm.scheduler import CosineLRScheduler
         hp = self.hparams
         kwargs: Dict[str, Any] = {}
         if hp.opt_betas is not None:
             kwargs['betas'] = tuple(hp.opt_betas)
         groups = detector_param_groups(self.detector, hp.weight_decay, hp.layer_decay)
         optimizer = create_optimizer_v2(groups, opt=hp.opt, lr=hp.lr, weight_decay=hp.weight_decay, **kwargs)
-        if hp.sched == 'none':
-            return optimizer
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError('a cosine schedule needs a finite run: set --trainer.max_epochs or --trainer.max_steps')
-        if self.trainer.train_dataloader is None:
-            self.trainer.fit_loop.setup_data()
-        steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
-        warmup = int(round(hp.warmup_epochs * steps_per_epoch))
-        if int(total) <= warmup:
-            raise ValueError(f'the run has {int(total)} optimizer steps, not more than the {warmup} warmup steps '
-                             f'({hp.warmup_epochs} epochs): lower --model.warmup_epochs or train longer')
-        scheduler = CosineLRScheduler(optimizer, t_initial=int(total) - warmup, lr_min=hp.min_lr, warmup_t=warmup,
-                                      warmup_lr_init=hp.warmup_lr, warmup_prefix=True, t_in_epochs=False)
-        return {'optimizer': optimizer, 'lr_scheduler': {'scheduler': scheduler, 'interval': 'step'}}
+        return with_warmup_cosine(self, optimizer)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         scheduler.step_update(num_updates=self.global_step)

@@ -35,7 +35,7 @@ DEFAULT_RESOLUTIONS = (32, 48, 64, 96, 128)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog='eval_resolution.py', formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        prog='eval_resolution.py', allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Evaluate models at many resolutions (train at one, test at many) and write CSV, JSON, '
                     'Markdown and a PNG plot into a run folder.',
         epilog='With no arguments: the model trained by `python train.py` '
@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--max-bad-fraction', type=float, default=MAX_BAD_FRACTION,
                    help='image folders: unreadable images are skipped and listed; stop when more than this '
                         f'fraction of them is unreadable (default {MAX_BAD_FRACTION}, as training)')
-    p.add_argument('--no-ema', action='store_true', help='train.py checkpoints: the raw weights, not the EMA ones')
     p.add_argument('--trust-checkpoint', action='store_true',
-                   help='load .ckpt files whose pickle asks for code (only files you made or trust)')
+                   help='load .ckpt files even if their pickle asks for more than tensors and plain values (it could '
+                        'run code): only for files you made or trust')
+    p.add_argument('--no-ema', action='store_true', help='train.py checkpoints: the raw weights, not the EMA ones')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     k = p.add_argument_group('test-time knobs (declared by the encodings and models; each is swept like a '
                              'resolution; a knob a model lacks is not applicable to it)')
@@ -108,9 +109,9 @@ def default_checkpoint(run_dir: Path = DEFAULT_RUN) -> Path:
         f'the default Fashion-MNIST model there), or pass --models NAME --checkpoints PATH')
 
 
-def _ckpt_model_name(path: str, trust: bool = False) -> str:
+def _ckpt_model_name(path: str) -> str:
     from ..train.ckpt_io import checkpoint_hparams
-    return checkpoint_hparams(path, trust=trust)['model_name']
+    return checkpoint_hparams(path)['model_name']
 
 
 def knob_space(args: argparse.Namespace) -> KnobSpace:
@@ -133,7 +134,7 @@ def model_sources(args: argparse.Namespace) -> list[ModelSource]:
         raise ValueError(f'--checkpoints has {len(ckpts)} entries for {len(names)} --models; give one per model '
                          f'(in the same order; "none" for local weights, "{RANDOM}" for random init)')
     if not names:
-        names = [_ckpt_model_name(c, args.trust_checkpoint) for c in ckpts]
+        names = [_ckpt_model_name(c) for c in ckpts]
     ckpts = [None if c in (None, 'none') else c for c in (ckpts or [None] * len(names))]
     kw_list: list[dict[str, Any]] = [{}] * len(names)
     if args.model_kwargs:
@@ -146,8 +147,7 @@ def model_sources(args: argparse.Namespace) -> list[ModelSource]:
         if len(parsed) not in (1, len(names)):
             raise ValueError(f'--model-kwargs: give one JSON object for all models or one per model ({len(names)})')
         kw_list = parsed * len(names) if len(parsed) == 1 else parsed
-    return [ModelSource(n, c, dict(kw), use_ema=not args.no_ema, trust=args.trust_checkpoint)
-            for n, c, kw in zip(names, ckpts, kw_list)]
+    return [ModelSource(n, c, dict(kw), use_ema=not args.no_ema) for n, c, kw in zip(names, ckpts, kw_list)]
 
 
 def config_from_args(args: argparse.Namespace, models: list[ModelSource]) -> EvalConfig:
@@ -225,8 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    from ..train.ckpt_io import trusting
     try:
-        result, out = run_from_args(args, argv)
+        with trusting(args.trust_checkpoint):  # every checkpoint read below: ckpt_io.read_checkpoint(trust=None)
+            result, out = run_from_args(args, argv)
     except (ValueError, FileNotFoundError, TypeError, KeyError, RuntimeError) as e:
         parser.exit(2, f'{parser.prog}: error: {e}\n')
     except KeyboardInterrupt:

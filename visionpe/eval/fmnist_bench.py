@@ -63,24 +63,24 @@ def train_encoding(pe: str, bench_dir: Path = BENCH_DIR, epochs: int | None = No
     if done.is_file() and last.is_file() and not retrain:
         log.info('vit_%s_tiny: using the cached checkpoint %s', pe, last)
         return last, None
-    from ..train.cli import main
+    from ..train import fit
     run_dir.mkdir(parents=True, exist_ok=True)
     done.unlink(missing_ok=True)
-    resume: list[str] = []
+    resume: Path | None = None
     if last.is_file():
         if retrain:
             last.unlink()
         else:
             log.info('vit_%s_tiny: resuming the unfinished training from %s', pe, last)
-            resume = ['--ckpt_path', str(last)]
+            resume = last
     config = run_dir / 'config.yaml'
     config.write_text(yaml.safe_dump(bench_config(pe, run_dir, epochs), sort_keys=False))
     t0 = time.perf_counter()
-    main(['fit', '--config', str(config), *train_args, *resume])
+    fit(config, args=train_args, ckpt_path=resume)
     seconds = time.perf_counter() - t0
     if not last.is_file():
         raise RuntimeError(f'training vit_{pe}_tiny wrote no {last} (check the ModelCheckpoint callbacks in {config})')
-    done.write_text(json.dumps(dict(seconds=seconds, args=list(train_args), resumed=bool(resume))))
+    done.write_text(json.dumps(dict(seconds=seconds, args=list(train_args), resumed=resume is not None)))
     return last, seconds
 
 

@@ -51,7 +51,7 @@ class ModelSource:
     checkpoint: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     use_ema: bool = True
-    trust: bool = False  # unpickle a .ckpt that asks for code (only for files the user vouches for)
+    trust: bool | None = None  # unpickle a .ckpt that asks for code (None: ckpt_io.trusting's choice)
 
     @property
     def is_lightning(self) -> bool:
@@ -67,14 +67,10 @@ class ModelSource:
     def check(self, task: str = 'cls') -> None:
         """Fail early on an unknown name, a missing file, or a ``train.py`` checkpoint of another model or
         task."""
-        import timm
-        import visionpe  # noqa: F401  (registers the visionpe models)
+        import visionpe
         if self.checkpoint not in (None, RANDOM) and not Path(self.checkpoint).is_file():
             raise FileNotFoundError(f'checkpoint {self.checkpoint} (for model {self.name}) does not exist')
-        if not timm.is_model(self.name.split('.')[0]):
-            from ..models._registry import suggest
-            raise ValueError(f'unknown model {self.name!r}.{suggest(self.name)} Use a visionpe name '
-                             f'(visionpe.list_models()) or a timm one (timm.list_models())')
+        visionpe.check_model_name(self.name)
         if self.is_lightning and task == 'cls':
             hp = self.hparams()
             if is_detection_hparams(hp):
@@ -99,9 +95,8 @@ class ModelSource:
         kwargs = {**self.kwargs, **overrides}
         if self.is_lightning:
             from ..train.checkpoint import load_model_from_checkpoint
-            trust = {'trust': True} if self.trust else {}
             model, info = _with_dynamic_size(lambda **kw: load_model_from_checkpoint(
-                self.checkpoint, 'cpu', use_ema=self.use_ema, **trust, **kw), kwargs)
+                self.checkpoint, 'cpu', use_ema=self.use_ema, trust=self.trust, **kw), kwargs)
             if num_classes is not None and info['num_classes'] != num_classes:
                 raise ValueError(f'{self.checkpoint}: the model was trained with {info["num_classes"]} classes but '
                                  f'the data has {num_classes}; evaluate it on data with the same classes')

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..benchmark import peak_memory
+from ..models._base import nearest_multiples
 from .data import FMNIST, DataSpec, EvalImages, num_classes_of, parse_data
 from .engine import Case, EvalResult, Plan, Task, sweep
 from .models import KnobSpace, ModelSource, patch_size_of, train_resolution
@@ -103,10 +104,6 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
                 peak_mem_mb=pm.mib, n_images=n)
 
 
-def _near(v: int, p: int) -> list[int]:
-    return sorted({max(p, v // p * p), -(-v // p) * p})
-
-
 def check_resolutions(resolutions: Sequence[int], patch: tuple[int, int] | None, who: str) -> None:
     """Every resolution must be a multiple of the patch size (else the patch grid would drop pixels)."""
     for r in resolutions:
@@ -116,7 +113,7 @@ def check_resolutions(resolutions: Sequence[int], patch: tuple[int, int] | None,
         return
     bad = [r for r in resolutions if r % patch[0] or r % patch[1]]
     if bad:
-        sugg = '; '.join(f'{r} -> {" or ".join(map(str, _near(r, max(patch))))}' for r in bad)
+        sugg = '; '.join(f'{r} -> {" or ".join(map(str, nearest_multiples(r, max(patch))))}' for r in bad)
         raise ValueError(f'resolution(s) {bad} not a multiple of the patch size {patch[0]}x{patch[1]} of {who}; '
                          f'nearest valid sizes: {sugg}')
 

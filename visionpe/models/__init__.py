@@ -1,13 +1,16 @@
-"""Model files: each composes layers and registers its presets with timm on import."""
-from ._registry import list_models
-from . import vit  # noqa: F401
+"""Model files: each composes layers and registers its presets with timm on import.
+
+Every module of this package whose name does not start with ``_`` is a model family and is imported
+here (``pkgutil``), so a new family file registers itself without being listed anywhere.
+"""
+import importlib
+import pkgutil
+
+from ._registry import check_model_name, list_models
 from .vit import VisionTransformer
 
-for _family in ('swin', 'cswin', 'rst'):
-    try:
-        __import__(f'{__name__}.{_family}')
-    except ModuleNotFoundError as _e:  # family not written yet
-        if _e.name != f'{__name__}.{_family}':
-            raise
+for _mod in pkgutil.iter_modules(__path__):
+    if not _mod.name.startswith('_'):
+        importlib.import_module(f'{__name__}.{_mod.name}')
 
-__all__ = ['VisionTransformer', 'list_models']
+__all__ = ['VisionTransformer', 'list_models', 'check_model_name']

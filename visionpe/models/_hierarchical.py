@@ -1,54 +1,64 @@
 """What the 4-stage NHWC backbones share (CSWin, RST; Swin takes the classifier mixin).
 
-``HierarchicalBase`` holds timm's housekeeping once: input checks, ``group_matcher``, gradient
-checkpointing, ``set_input_size``, ``forward_intermediates`` / ``prune_intermediate_layers``, the
-pooled classifier head and feature info, weight init (skipped on the meta device). ``ConvStem``
-and ``ConvMerge`` are CSWin's stem (conv 7x7 / 4) and patch merging (conv 3x3 / 2), both NHWC out.
+``HierarchicalBase`` adds to :class:`~visionpe.models._base.TimmBackbone` (the timm contract) the
+conv-stem specifics: ``group_matcher``, ``set_input_size``, the pooled classifier head and feature
+info, weight init (skipped on the meta device). ``ConvStem`` and ``ConvMerge`` are CSWin's stem
+(conv 7x7 / 4) and patch merging (conv 3x3 / 2), both NHWC out.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, to_2tuple, trunc_normal_
-from timm.models._features import feature_take_indices
+from timm.layers import ClassifierHead, calculate_drop_path_rates, to_2tuple, trunc_normal_
 
-__all__ = ['HierarchicalBase', 'ClassifierHeadMixin', 'ConvStem', 'ConvMerge', 'IntOr4', 'to_4']
+from ..attention import check_backend
+from ._base import TimmBackbone
 
-IntOr4 = Union[int, Sequence[int]]
+__all__ = ['HierarchicalBase', 'ClassifierHeadMixin', 'ConvNorm', 'ConvStem', 'ConvMerge', 'IntOr4', 'to_4']
+
+IntOr4 = int | Sequence[int]
 
 
-def to_4(v: IntOr4, name: str) -> Tuple[int, ...]:
+def to_4(v: IntOr4, name: str) -> tuple[int, ...]:
     t = (v,) * 4 if isinstance(v, (int, float)) else tuple(v)
     if len(t) != 4:
         raise ValueError(f'{name} needs one value per stage (4), got {v!r}')
     return t
 
 
-class ConvStem(nn.Module):
-    """Conv2d(in, dim, 7, stride 4, padding 2) + LayerNorm over channels; NCHW in, NHWC out."""
+class ConvNorm(nn.Module):
+    """Conv2d + LayerNorm over channels, NHWC out; the input is NCHW images or (``nhwc_in``) an NHWC map."""
 
-    def __init__(self, in_chans: int, dim: int, norm_layer: Callable[..., nn.Module]):
+    def __init__(self, in_dim: int, out_dim: int, kernel_size: int, stride: int, padding: int,
+                 norm_layer: Callable[..., nn.Module], nhwc_in: bool):
         super().__init__()
-        self.conv = nn.Conv2d(in_chans, dim, kernel_size=7, stride=4, padding=2)
-        self.norm = norm_layer(dim)
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=kernel_size, stride=stride, padding=padding)
+        self.norm = norm_layer(out_dim)
+        self.nhwc_in = nhwc_in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nhwc_in:
+            # contiguous NCHW as upstream: a channels-last view picks another conv kernel (other rounding)
+            x = x.permute(0, 3, 1, 2).contiguous()
         return self.norm(self.conv(x).permute(0, 2, 3, 1))
 
 
-class ConvMerge(nn.Module):
+class ConvStem(ConvNorm):
+    """CSWin's stem: Conv2d(in, dim, 7, stride 4, padding 2) + LayerNorm; NCHW in, NHWC out."""
+
+    def __init__(self, in_chans: int, dim: int, norm_layer: Callable[..., nn.Module]):
+        super().__init__(in_chans, dim, 7, 4, 2, norm_layer, nhwc_in=False)
+
+
+class ConvMerge(ConvNorm):
     """Patch merging: Conv2d(dim, out, 3, stride 2, padding 1) + LayerNorm; NHWC in and out."""
 
     def __init__(self, dim: int, out_dim: int, norm_layer: Callable[..., nn.Module]):
-        super().__init__()
-        self.conv = nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1)
-        self.norm = norm_layer(out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # contiguous NCHW as upstream: a channels-last view picks another conv kernel (other rounding)
-        return self.norm(self.conv(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1))
+        super().__init__(dim, out_dim, 3, 2, 1, norm_layer, nhwc_in=True)
 
 
 class ClassifierHeadMixin:
@@ -58,7 +68,7 @@ class ClassifierHeadMixin:
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features)
         self.head_hidden_size = self.head.num_features
@@ -69,18 +79,41 @@ class ClassifierHeadMixin:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
 
-class HierarchicalBase(ClassifierHeadMixin, nn.Module):
-    """timm housekeeping shared by the 4-stage NHWC backbones (CSWin, RST).
+class HierarchicalBase(ClassifierHeadMixin, TimmBackbone):
+    """The 4-stage NHWC backbones with a conv stem (CSWin, RST): ``stem``, then ``stages``.
 
-    Subclasses set ``stem``, ``stages``, ``norm``, ``head``, ``feature_info``, ``num_features``,
-    ``img_size`` and ``dynamic_img_size``.
+    The constructor takes the arguments every such model shares and builds the stem; a subclass
+    passes them on (``**kwargs``), builds ``stages`` from the stored options (``dims``, ``mlp_ratio``,
+    ``qkv_bias``, ``proj_drop_rate``, ``attn_drop_rate``, ``drop_path_rate``, ``norm_layer``,
+    ``attn_backend``) and calls :meth:`_finish`. The timm contract comes from
+    :class:`~visionpe.models._base.TimmBackbone`.
+
+    Args:
+        img_size: default input size (strict unless ``dynamic_img_size``: any size per call).
+        embed_dim: stage-1 width; stage i has ``embed_dim * 2**i`` channels.
+        norm_eps: LayerNorm epsilon (upstream 1e-5).
+        attn_backend: ``auto | math | sdpa | xformers | flex`` (:mod:`visionpe.attention`).
     """
     output_fmt = 'NHWC'
     POOL_TYPES = ('', 'avg', 'max', 'avgmax', 'catavgmax')
+    min_input_side = 3
+    min_input_reason = 'the 7x7 stride-4 stem needs at least 3x3 pixels'
 
-    def _setup(self, in_chans: int, num_classes: int, global_pool: str, img_size: Union[int, Tuple[int, int]],
-               dynamic_img_size: bool, embed_dim: int) -> None:
-        """The common constructor attributes (call first in __init__); stage widths double per stage."""
+    def __init__(
+            self,
+            img_size: int | tuple[int, int] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: int = 96,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            drop_rate: float = 0., proj_drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.,
+            norm_eps: float = 1e-5,
+            dynamic_img_size: bool = False,
+            attn_backend: str = 'auto',
+    ) -> None:
+        super().__init__()
         if global_pool not in self.POOL_TYPES:
             raise ValueError(f"global_pool must be one of {', '.join(map(repr, self.POOL_TYPES))}; got {global_pool!r}")
         self.num_classes = num_classes
@@ -90,89 +123,31 @@ class HierarchicalBase(ClassifierHeadMixin, nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.embed_dim = embed_dim
         self.dims = [embed_dim * 2 ** i for i in range(4)]
+        self.mlp_ratio, self.qkv_bias = mlp_ratio, qkv_bias
+        self.drop_rate, self.proj_drop_rate, self.attn_drop_rate = drop_rate, proj_drop_rate, attn_drop_rate
+        self.drop_path_rate = drop_path_rate
+        self.attn_backend = check_backend(attn_backend)
+        self.norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        self.stem = ConvStem(in_chans, embed_dim, self.norm_layer)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f'expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}')
-        H, W = x.shape[-2:]
-        if H < 3 or W < 3:
-            raise ValueError(f'image size {H}x{W} is too small: the 7x7 stride-4 stem needs at least 3x3 pixels')
-        if not self.dynamic_img_size and (H, W) != tuple(self.img_size):
-            h0, w0 = self.img_size
-            raise ValueError(
-                f'this model was built for {h0}x{w0} images and got {H}x{W}; create it with '
-                f'dynamic_img_size=True (any size per call) or call model.set_input_size(({H}, {W}))')
+    def drop_path_rates(self, depth: Sequence[int]) -> list[list[float]]:
+        """Stochastic depth per block, rising linearly over all blocks, grouped by stage."""
+        dpr = calculate_drop_path_rates(self.drop_path_rate, list(depth), stagewise=False)
+        starts = [sum(depth[:i]) for i in range(len(depth))]
+        return [dpr[a:a + d] for a, d in zip(starts, depth)]
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None,
-                       patch_size: Optional[Any] = None) -> None:
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: Any = None) -> None:
         """Change the default input size. Nothing here depends on it except the strict size check."""
         if patch_size is not None:
             raise ValueError(f'{type(self).__name__} has a fixed 7x7 stride-4 conv stem; patch_size cannot change')
         if img_size is not None:
             self.img_size = to_2tuple(img_size)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        x = self.stages(self.stem(x))
-        return self.norm(x)
+    def _stem(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        return self.stem(x), None
 
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's hierarchical API: NCHW stage outputs (final norm on the last one if ``norm``)."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW' for {type(self).__name__}, got {output_fmt!r}")
-        self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        num_stages = len(self.stages)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        intermediates = []
-        x = self.stem(x)
-        i = -1
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == num_stages - 1 else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous())
-        if intermediates_only:
-            return intermediates
-        if i == num_stages - 1:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _unit(self, i: int, x: torch.Tensor, ctx: Any) -> torch.Tensor:
+        return self.stages[i](x)
 
     def _init_weights(self, m: nn.Module) -> None:
         # upstream: trunc_normal(.02) Linear weights with zero bias, LayerNorm 1 / 0, convs PyTorch default
@@ -184,11 +159,12 @@ class HierarchicalBase(ClassifierHeadMixin, nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def _finish(self, num_classes: int, global_pool: str, drop_rate: float) -> None:
-        """Head, feature info from ``self.dims`` and weight init (call at the end of __init__)."""
+    def _finish(self) -> None:
+        """Final norm, head, feature info from ``self.dims`` and weight init (call at the end of __init__)."""
         self.num_features = self.dims[-1]
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt=self.output_fmt)
+        self.norm = self.norm_layer(self.num_features)
+        self.head = ClassifierHead(self.num_features, self.num_classes, pool_type=self.global_pool,
+                                   drop_rate=self.drop_rate, input_fmt=self.output_fmt)
         self.head_hidden_size = self.head.num_features
         self.feature_info = [dict(num_chs=d, reduction=4 * 2 ** i, module=f'stages.{i}')
                              for i, d in enumerate(self.dims)]

@@ -16,10 +16,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-__all__ = ['register_presets', 'model_builder', 'list_models', 'default_cfg', 'local_weights',
-           'resolve_pretrained_kwargs']
+__all__ = ['register_presets', 'model_builder', 'list_models', 'check_model_name', 'preset_kwargs', 'default_cfg',
+           'local_weights', 'resolve_pretrained_kwargs']
 
 _MODELS: Dict[str, str] = {}  # name -> family (file) name
+_PRESETS: Dict[str, Dict[str, Any]] = {}  # name -> the preset's constructor keywords
 WEIGHTS_ENV = 'VISIONPE_WEIGHTS_DIR'
 
 
@@ -83,6 +84,7 @@ def model_builder(cls: type, out_indices: Union[OutIndices, Callable[[Dict[str, 
             cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
             feature_cfg=dict(out_indices=kwargs.pop('out_indices', default), feature_cls='getter'), **kwargs)
     build.__name__ = build.__qualname__ = f'build_{cls.__name__}'
+    build.model_cls = cls
     return build
 
 
@@ -105,9 +107,11 @@ def register_presets(
         entry.__name__ = entry.__qualname__ = name
         entry.__module__ = module_name
         entry.__doc__ = description
+        entry.model_cls = getattr(builder, 'model_cls', None)  # capabilities are class attributes (plain_trunk)
         setattr(mod, name, entry)
         register_model(entry)
         _MODELS[name] = family
+        _PRESETS[name] = dict(preset)
     return list(table)
 
 
@@ -118,6 +122,23 @@ def list_models(pattern: str = '*', family: Optional[str] = None) -> List[str]:
                   if fnmatch.fnmatch(n, pattern) and (family is None or f == family))
 
 
+def preset_kwargs(name: str) -> Dict[str, Any]:
+    """The constructor keywords of a registered preset (a copy)."""
+    if name not in _PRESETS:
+        raise ValueError(f'{name!r} is not a visionpe preset.{suggest(name)}')
+    return dict(_PRESETS[name])
+
+
 def suggest(name: str) -> str:
     close = difflib.get_close_matches(name, list(_MODELS), n=3, cutoff=0.5)
     return f" Did you mean {', '.join(close)}?" if close else ''
+
+
+def check_model_name(name: str, what: str = 'model') -> str:
+    """``name`` if it is a visionpe or timm model name (a ``.tag`` suffix allowed), else a ValueError
+    with close visionpe names and where to list them."""
+    import timm
+    if not timm.is_model(name.split('.')[0]):
+        raise ValueError(f'unknown {what} {name!r}.{suggest(name)} Use a visionpe model name '
+                         f'(visionpe.list_models(), {len(_MODELS)} models) or a timm one (timm.list_models())')
+    return name

@@ -1,6 +1,6 @@
 """CSWin Transformer with LePE (Dong et al., "CSWin Transformer: A General Vision Transformer Backbone
-with Cross-Shaped Windows", CVPR 2022; microsoft/CSWin-Transformer ``models/cswin.py``; SPECS.md
-section 6). Registered presets ``cswin_<size>``.
+with Cross-Shaped Windows", CVPR 2022; microsoft/CSWin-Transformer ``models/cswin.py``;
+docs/encodings.md, "CSWin: LePE"). Registered presets ``cswin_<size>``.
 
 Per block the channels (and heads) split in half: the first half attends inside *vertical* stripes
 (full height x ``sw`` columns), the second inside *horizontal* stripes (``sw`` rows x full width);
@@ -22,19 +22,17 @@ branch (different state dict). The structure is fixed at construction; other inp
 """
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, calculate_drop_path_rates
-from timm.models._manipulate import checkpoint
+from timm.layers import DropPath, Mlp
 
-from ..attention import _check as check_backend
-from ..attention import attend
+from ..attention import attend, check_backend
 from ..grid import GridCache
 from ..pos.lepe import LePE
+from ._base import maybe_checkpoint
 from ._hierarchical import ConvMerge, ConvStem, HierarchicalBase, IntOr4, to_4
 from ._registry import default_cfg, model_builder, register_presets
 
@@ -182,70 +180,41 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            for blk in self.blocks:
-                x = checkpoint(blk, x)
-            return x
-        return self.blocks(x)
+        for blk in self.blocks:
+            x = maybe_checkpoint(self.grad_checkpointing, blk, x)
+        return x
 
 
 class CSWinTransformer(HierarchicalBase):
     """CSWin: cross-shaped stripe attention with LePE, 4 stages at strides 4, 8, 16, 32.
 
-    Args:
-        img_size: default input size (strict unless ``dynamic_img_size``); also decides the upstream
-            "stage side == stripe width" full-attention switch at construction.
+    Args (the others are :class:`~visionpe.models._hierarchical.HierarchicalBase`'s: ``img_size``,
+    ``in_chans``, ``num_classes``, ``global_pool``, ``mlp_ratio``, ``qkv_bias``, drop rates,
+    ``norm_eps``, ``dynamic_img_size``, ``attn_backend``):
         embed_dim: stage-1 width (stage i has ``embed_dim * 2**i`` channels).
         depth, num_heads, split_size: per stage (4 values); ``split_size[-1]`` is unused (global).
-        norm_eps: LayerNorm epsilon (upstream 1e-5).
-        attn_backend: ``auto | math | sdpa | xformers | flex`` (:mod:`visionpe.attention`).
+            ``img_size`` also decides the upstream "stage side == stripe width" full-attention switch.
     """
 
-    def __init__(
-            self,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = 'avg',
-            embed_dim: int = 64,
-            depth: IntOr4 = (1, 2, 21, 1),
-            num_heads: IntOr4 = (2, 4, 8, 16),
-            split_size: IntOr4 = (1, 2, 7, 7),
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
-            drop_rate: float = 0.,
-            proj_drop_rate: float = 0.,
-            attn_drop_rate: float = 0.,
-            drop_path_rate: float = 0.,
-            norm_eps: float = 1e-5,
-            dynamic_img_size: bool = False,
-            attn_backend: str = 'auto',
-    ) -> None:
-        super().__init__()
+    def __init__(self, embed_dim: int = 64, depth: IntOr4 = (1, 2, 21, 1), num_heads: IntOr4 = (2, 4, 8, 16),
+                 split_size: IntOr4 = (1, 2, 7, 7), **kwargs: Any) -> None:
+        super().__init__(embed_dim=embed_dim, **kwargs)
         depth, num_heads = to_4(depth, 'depth'), to_4(num_heads, 'num_heads')
         split_size = to_4(split_size, 'split_size')
         if any(s < 1 for s in split_size):
             raise ValueError(f'split_size (stripe widths) must be >= 1, got {split_size}')
-        check_backend(attn_backend)
-        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
-        self._setup(in_chans, num_classes, global_pool, img_size, dynamic_img_size, embed_dim)
         self.split_size = split_size
-
-        self.stem = ConvStem(in_chans, embed_dim, norm_layer)
-        dpr = calculate_drop_path_rates(drop_path_rate, list(depth), stagewise=False)
-        stages, k = [], 0
-        for i in range(4):
+        stages = []
+        for i, dpr in enumerate(self.drop_path_rates(depth)):
             side = [s // (4 * 2 ** i) for s in self.img_size]
             full = i == 3 or side[0] == side[1] == split_size[i]  # upstream: last stage, or side == sw
-            blocks = [CSWinBlock(self.dims[i], num_heads[i], split_size[i], full, mlp_ratio, qkv_bias,
-                                 proj_drop_rate, attn_drop_rate, dpr[k + j], norm_layer, nn.GELU, attn_backend)
-                      for j in range(depth[i])]
-            k += depth[i]
-            down = ConvMerge(self.dims[i - 1], self.dims[i], norm_layer) if i else None
+            blocks = [CSWinBlock(self.dims[i], num_heads[i], split_size[i], full, self.mlp_ratio, self.qkv_bias,
+                                 self.proj_drop_rate, self.attn_drop_rate, dp, self.norm_layer, nn.GELU,
+                                 self.attn_backend) for dp in dpr]
+            down = ConvMerge(self.dims[i - 1], self.dims[i], self.norm_layer) if i else None
             stages.append(Stage(down, blocks))
         self.stages = nn.Sequential(*stages)
-        self.norm = norm_layer(self.dims[-1])
-        self._finish(num_classes, global_pool, drop_rate)
+        self._finish()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
@@ -276,8 +245,8 @@ CSWIN_DEFAULTS: Dict[str, Any] = dict(mlp_ratio=4., qkv_bias=True, norm_eps=1e-5
 
 def _cfg(size: int) -> Dict[str, Any]:
     return default_cfg(input_size=(3, size, size), pool_size=(size // 32, size // 32),
-                       crop_pct=0.9 if size == 224 else 1.0, fixed_input_size=False,
-                       first_conv='stem.conv', classifier='head.fc', license='mit')
+                       crop_pct=0.9 if size == 224 else 1.0, first_conv='stem.conv', classifier='head.fc',
+                       license='mit')
 
 
 CSWIN_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {

@@ -1,10 +1,10 @@
 """Radial-strip transformer (RST: "Spread Your Wings: A Radial Strip Transformer for Image Deblurring",
-arXiv 2404.00358; official code Calvin11311/MDT ``basicsr/models/archs/mdt_arch.py``; SPECS.md
-section 11), as a hierarchical classification / detection backbone ``rst_<size>``.
+arXiv 2404.00358; official code Calvin11311/MDT ``basicsr/models/archs/mdt_arch.py``;
+docs/encodings.md, "Radial-strip transformer"), as a hierarchical classification / detection backbone ``rst_<size>``.
 
 Four stages at strides 4, 8, 16, 32 (CSWin's conv stem and conv merges), each block
 ``x + StripAttention(LN(x))``, ``x + Mlp(LN(x))``. :class:`StripAttention` attends inside strips
-(:mod:`visionpe.pos.strips`):
+(:mod:`visionpe.models._strips`):
 
 ``strips='polar'`` (default of the backbones, the paper's idea): tokens binned by azimuth sector x
     radius ring about the map centre, odd blocks use the half-shifted partition; logit bias = angular
@@ -24,23 +24,20 @@ with the golden sets.
 """
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates
-from timm.models._manipulate import checkpoint
+from timm.layers import DropPath, LayerNorm2d, Mlp
 
-from ..attention import _check as check_backend
-from ..attention import resolve_backend, run_backend
+from ..attention import check_backend, resolve_backend, run_backend
 from ..grid import Grid, GridCache
-from ..pos import EncodingContext, build_encoding
-from ..pos.rope import apply_rope
-from ..pos.strips import StripBias, StripLayout, StripSpec
+from ..pos import EncodingContext, LayerPos, PosEncoding, build_encoding
+from ._base import maybe_checkpoint
+from ._hierarchical import ConvMerge, HierarchicalBase, IntOr4, to_4
 from ._registry import default_cfg, model_builder, register_presets
-from ._hierarchical import ConvMerge, ConvStem, HierarchicalBase, to_4
+from ._strips import StripBias, StripLayout, StripSpec
 
 __all__ = ['RadialStripTransformer', 'StripAttention', 'RSTBlock', 'RSASBlock', 'DFFN', 'RST_SIZES']
 
@@ -48,9 +45,10 @@ __all__ = ['RadialStripTransformer', 'StripAttention', 'RSTBlock', 'RSASBlock', 
 class StripAttention(nn.Module):
     """Multi-head attention inside strips (radial strip attention solver, RSAS).
 
-    ``forward(x, layout=None, rope=None)``: x (B, H, W, C) -> (B, H, W, C). ``layout`` is the strip
-    layout of this grid (built and cached per grid when not given), ``rope`` optional (sin, cos)
-    rotary tables of shape (H*W, head_dim) applied to q and k before partitioning. Key names follow
+    ``forward(x, layout=None, pos=None)``: x (B, H, W, C) -> (B, H, W, C). ``layout`` is the strip
+    layout of this grid (built and cached per grid when not given), ``pos`` an optional rotary
+    encoding bound to this block (:class:`~visionpe.pos.base.LayerPos`) that rotates q and k
+    before partitioning. Key names follow
     upstream ``WindowAttention``: ``qkv``, ``proj``; the bias tables live in ``rel_pos``
     (``a_p, b_p, a_r, b_r``).
     """
@@ -85,16 +83,16 @@ class StripAttention(nn.Module):
             return lay.mask[None].expand(self.num_heads, nW, L, L).reshape(1, self.num_heads * nW, L, L)
         return None
 
-    def forward(self, x: torch.Tensor, layout: Optional[StripLayout] = None,
-                rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: Optional[StripLayout] = None, pos: Optional[LayerPos] = None
+                ) -> torch.Tensor:
         B, H, W, C = x.shape
         lay = layout if layout is not None else self.layout(H, W, x.device)
         if lay.grid_hw != (H, W):
             raise ValueError(f'strip layout built for a {lay.grid_hw} grid used on {H}x{W}')
         qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, d)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if pos is not None:
+            q, k = pos.rotate(q, k)
         backend = resolve_backend(self.attn_backend, x.device, training=self.training)
         if backend == 'xformers' and self.rel_pos is None:
             out = self._packed_xformers(q, k, v, lay)
@@ -153,17 +151,17 @@ class RSTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
-    def forward(self, x: torch.Tensor, layout: StripLayout, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-                ) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), layout, rope))
+    def forward(self, x: torch.Tensor, layout: StripLayout, pos: Optional[LayerPos] = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), layout, pos))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class RSTStage(nn.Module):
-    """Downsampling, then blocks alternating plain / shifted strip layouts; shares layouts and RoPE tables."""
+    """Downsampling, then blocks alternating plain / shifted strip layouts; shares layouts and the state
+    of its rotary encoding (``rope``, a :class:`~visionpe.pos.base.PosEncoding` over the stage's grid)."""
 
     def __init__(self, downsample: Optional[nn.Module], blocks: List[RSTBlock], spec: StripSpec, shift: bool,
-                 rope: Optional[nn.Module]):
+                 rope: Optional[PosEncoding]):
         super().__init__()
         self.downsample = downsample if downsample is not None else nn.Identity()
         self.blocks = nn.ModuleList(blocks)
@@ -177,64 +175,46 @@ class RSTStage(nn.Module):
         B, H, W, C = x.shape
         layouts = [get_layout(self._layouts, self.spec, H, W, x.device, shifted=s)
                    for s in ((False, True) if self.shift and len(self.blocks) > 1 else (False,))]
-        rope = self.rope.prepare(Grid(H, W, 0)) if self.rope is not None else None
+        state = self.rope.prepare(Grid(H, W, 0)) if self.rope is not None else None
         for i, blk in enumerate(self.blocks):
-            lay = layouts[i % len(layouts)]
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, lay, rope)
-            else:
-                x = blk(x, lay, rope)
+            pos = LayerPos(self.rope, i, state) if self.rope is not None else None
+            x = maybe_checkpoint(self.grad_checkpointing, blk, x, layouts[i % len(layouts)], pos)
         return x
 
 
 class RadialStripTransformer(HierarchicalBase):
     """4-stage backbone with radial-strip attention (see module docstring).
 
-    Args (per-stage ones take 4 values or one for all):
+    Args (per-stage ones take 4 values or one for all; the others are
+    :class:`~visionpe.models._hierarchical.HierarchicalBase`'s, e.g. ``img_size``, ``dynamic_img_size``):
         strips: ``'polar'`` or ``'row'``.
         num_sectors, ring_width, azimuth_bins: polar strips (``azimuth_bins`` a multiple of ``num_sectors``;
             ``azimuth_bins / num_sectors`` azimuth offsets per strip; ring width in tokens).
         strip_len: row strips' ``Ww``.
         shift: alternate plain and half-shifted (polar) / transposed (row) strips between blocks.
         strip_bias: the Fourier bias tables; rope: 2-D RoPE over polar coordinates (theta ``rope_theta``).
-        img_size / dynamic_img_size: strict default size, or any size per call.
     """
 
     def __init__(
             self,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = 'avg',
             embed_dim: int = 96,
-            depth: Union[int, Sequence[int]] = (2, 2, 6, 2),
-            num_heads: Union[int, Sequence[int]] = (3, 6, 12, 24),
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
+            depth: IntOr4 = (2, 2, 6, 2),
+            num_heads: IntOr4 = (3, 6, 12, 24),
             strips: str = 'polar',
-            num_sectors: Union[int, Sequence[int]] = (16, 8, 4, 1),
-            ring_width: Union[int, Sequence[int]] = (4, 4, 4, 8),
-            azimuth_bins: Union[int, Sequence[int]] = (128, 64, 32, 16),
-            strip_len: Union[int, Sequence[int]] = (56, 28, 14, 7),
+            num_sectors: IntOr4 = (16, 8, 4, 1),
+            ring_width: IntOr4 = (4, 4, 4, 8),
+            azimuth_bins: IntOr4 = (128, 64, 32, 16),
+            strip_len: IntOr4 = (56, 28, 14, 7),
             shift: bool = True,
             strip_bias: bool = True,
             rope: bool = True,
             rope_theta: float = 100.,
-            drop_rate: float = 0.,
-            proj_drop_rate: float = 0.,
-            attn_drop_rate: float = 0.,
-            drop_path_rate: float = 0.,
-            norm_eps: float = 1e-5,
-            dynamic_img_size: bool = False,
-            attn_backend: str = 'auto',
+            **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(embed_dim=embed_dim, **kwargs)
         depth, num_heads = to_4(depth, 'depth'), to_4(num_heads, 'num_heads')
         sectors, rings = to_4(num_sectors, 'num_sectors'), to_4(ring_width, 'ring_width')
         bins, lens = to_4(azimuth_bins, 'azimuth_bins'), to_4(strip_len, 'strip_len')
-        check_backend(attn_backend)
-        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
-        self._setup(in_chans, num_classes, global_pool, img_size, dynamic_img_size, embed_dim)
         self.strips = strips
         for i, (d, h) in enumerate(zip(self.dims, num_heads)):
             if d % h:
@@ -242,27 +222,23 @@ class RadialStripTransformer(HierarchicalBase):
             if rope and (d // h) % 4:
                 raise ValueError(f'stage {i}: 2-D RoPE needs a head dim divisible by 4, got {d // h} '
                                  f'(use other num_heads or rope=False)')
-
-        self.stem = ConvStem(in_chans, embed_dim, norm_layer)
-        dpr = calculate_drop_path_rates(drop_path_rate, list(depth), stagewise=False)
-        stages, k = [], 0
-        for i in range(4):
+        stages = []
+        for i, dpr in enumerate(self.drop_path_rates(depth)):
             spec = StripSpec(strips, strip_len=lens[i], num_sectors=sectors[i], ring_width=rings[i],
                              azimuth_bins=bins[i])
-            blocks = [RSTBlock(self.dims[i], num_heads[i], spec, mlp_ratio, qkv_bias, strip_bias, proj_drop_rate,
-                               attn_drop_rate, dpr[k + j], norm_layer, attn_backend) for j in range(depth[i])]
-            k += depth[i]
+            blocks = [RSTBlock(self.dims[i], num_heads[i], spec, self.mlp_ratio, self.qkv_bias, strip_bias,
+                               self.proj_drop_rate, self.attn_drop_rate, dp, self.norm_layer, self.attn_backend)
+                      for dp in dpr]
             pe = None
             if rope:
                 side = tuple(s // (4 * 2 ** i) for s in self.img_size)
                 ctx = EncodingContext(dim=self.dims[i], depth=depth[i], num_heads=num_heads[i], grid_size=side,
                                       num_prefix_tokens=0)
                 pe = build_encoding('rope2d', ctx, rope_type='axial', theta=rope_theta, coord_mode='polar')
-            down = ConvMerge(self.dims[i - 1], self.dims[i], norm_layer) if i else None
+            down = ConvMerge(self.dims[i - 1], self.dims[i], self.norm_layer) if i else None
             stages.append(RSTStage(down, blocks, spec, shift, pe))
         self.stages = nn.Sequential(*stages)
-        self.norm = norm_layer(self.dims[-1])
-        self._finish(num_classes, global_pool, drop_rate)
+        self._finish()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
@@ -347,5 +323,5 @@ RST_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     f'rst_{size}': (desc, {**RST_DEFAULTS, **kw}) for size, (desc, kw) in RST_SIZES.items()}
 
 register_presets(__name__, RST_PRESETS, model_builder(RadialStripTransformer, (0, 1, 2, 3)), {
-    n: default_cfg(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, fixed_input_size=False,
-                   first_conv='stem.conv', classifier='head.fc') for n in RST_PRESETS})
+    n: default_cfg(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, first_conv='stem.conv',
+                   classifier='head.fc') for n in RST_PRESETS})

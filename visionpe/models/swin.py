@@ -9,10 +9,10 @@ load one to one. What changes:
   window mask exists (shifted windows or padding), windows are folded into the head axis:
   q, k, v ``(B, nW * heads, N, d)`` with one 4-D bias ``(1, nW * heads, N, N)`` = position bias +
   mask, so the bias never grows with the batch (timm expands it to ``(B * nW, heads, N, N)``);
-* position inside a window is any of: Swin's bias table (``rel_pos_bias='table'``, SPECS section
-  5), SwinV2's continuous log-spaced bias (``'cpb'``), and/or a rotary encoding from
-  :mod:`visionpe.pos` on window-local coordinates (``pe='rope2d'``: RoPE-ViT's Swin, SPECS
-  section 7; one encoding per stage, RoPE-Mixed frequencies ``layers.{i}.pe.freqs`` of shape
+* position inside a window is any of: Swin's bias table (``rel_pos_bias='table'``, docs/encodings.md,
+  "Swin"), SwinV2's continuous log-spaced bias (``'cpb'``), and/or a rotary encoding from
+  :mod:`visionpe.pos` on window-local coordinates (``pe='rope2d'``: RoPE-ViT's Swin, same
+  section; one encoding per stage, RoPE-Mixed frequencies ``layers.{i}.pe.freqs`` of shape
   ``(2, depth_i, heads_i, d_i / 2)``, no weight decay);
 * any input size, two ways (per-call with ``dynamic_img_size=True``, chosen by ``window_policy``):
   ``'keep'`` keeps every window and pads the map to a window multiple; with ``pad_mask=True``
@@ -33,20 +33,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, to_2tuple, to_ntuple
-from timm.models._features import feature_take_indices
 from timm.models._input import update_model_input_size
-from timm.models._manipulate import checkpoint
 from timm.models.swin_transformer import (PatchMerging, calc_stage_window_sizes, resolve_stage_window_sizes,
                                           resolve_window_args, window_partition, window_reverse)
 from timm.models.vision_transformer import init_weights_vit_timm
 
-from ..attention import resolve_backend, run_backend, _check as _check_backend
+from ..attention import check_backend, resolve_backend, run_backend
 from ..grid import Grid, GridCache
 from ..pos import EncodingContext, build_encoding
 from ..pos.base import LayerPos, PosEncoding
-from ..pos.rpb import (RPB_RESIZE_MODES, bias_from_table, log_spaced_coords, make_cpb_mlp, relative_position_index,
-                       resize_rpb_table)
+from ._base import TimmBackbone, maybe_checkpoint
 from ._hierarchical import ClassifierHeadMixin
+from ._window import (RPB_RESIZE_MODES, bias_from_table, continuous_bias, log_spaced_coords, make_cpb_mlp,
+                      relative_position_index, resize_rpb_table)
 from ._registry import default_cfg, model_builder, register_presets
 
 __all__ = ['SwinTransformer', 'SwinTransformerStage', 'SwinTransformerBlock', 'WindowAttention',
@@ -140,7 +139,7 @@ class WindowAttention(nn.Module):
         self.ref_window_size = self.window_size  # cpb normalises offsets by the training window
         self.rel_pos_bias = rel_pos_bias
         self.rpb_resize = rpb_resize
-        self.attn_backend = _check_backend(attn_backend)
+        self.attn_backend = check_backend(attn_backend)
         wh, ww = self.window_size
         if rel_pos_bias == 'table':
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
@@ -192,8 +191,7 @@ class WindowAttention(nn.Module):
             key = ('cpb_coords', window, self.ref_window_size)
             coords = self._cache.get(key, self.qkv.weight.device,
                                      lambda: log_spaced_coords(window, self.ref_window_size))
-            return bias_from_table(16 * torch.sigmoid(self.cpb_mlp(coords.to(self.qkv.weight.dtype))),
-                                   self._index(window))
+            return continuous_bias(self.cpb_mlp, coords.to(self.qkv.weight.dtype), self._index(window))
         return None
 
     def forward(
@@ -216,7 +214,8 @@ class WindowAttention(nn.Module):
             # fold windows into heads: one (1, nW * heads, N, N) bias for the whole batch
             bias = (mask + bias).reshape(1, -1, N, N) if bias is not None else mask
             batch = B_ * self.num_heads // bias.shape[1]
-            q, k, v = (t.reshape(batch, -1, N, self.head_dim) for t in (q, k, v))
+            # each tensor keeps its own width: an encoding may widen q and k (``keeps_head_dim=False``, PoPE)
+            q, k, v = (t.reshape(batch, -1, N, t.shape[-1]) for t in (q, k, v))
         backend = resolve_backend(self.attn_backend, x.device, training=self.training)
         out, _ = run_backend(backend, q, k, v, self.scale, bias, dropout_p=self.attn_drop, training=self.training)
         out = out.reshape(B_, self.num_heads, N, self.head_dim).transpose(1, 2).reshape(B_, N, -1)
@@ -331,6 +330,7 @@ class SwinTransformerStage(nn.Module):
     """Patch merging (stages > 0), then ``depth`` blocks alternating plain and shifted windows.
 
     Owns the stage's rotary encoding (``pe``, built on the window grid) and a cache of window masks.
+    ``block_kwargs`` go to every :class:`SwinTransformerBlock` (``num_heads``, ``window_size``, ...).
     """
 
     def __init__(
@@ -340,21 +340,11 @@ class SwinTransformerStage(nn.Module):
             input_resolution: Tuple[int, int],
             depth: int,
             downsample: bool = True,
-            num_heads: int = 4,
-            head_dim: Optional[int] = None,
-            window_size: Window = (7, 7),
-            always_partition: bool = False,
-            pad_mask: bool = True,
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
             drop_path: Union[List[float], float] = 0.,
             norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-            act_layer: Callable[..., nn.Module] = nn.GELU,
             pe: Optional[str] = None,
             pe_options: Optional[Dict[str, Any]] = None,
-            **attn_kwargs: Any,
+            **block_kwargs: Any,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -367,24 +357,20 @@ class SwinTransformerStage(nn.Module):
             raise ValueError(f'a stage without downsampling keeps its width; got dim {dim} -> out_dim {out_dim}')
         self.blocks = nn.Sequential(*[
             SwinTransformerBlock(
-                out_dim, self.output_resolution, num_heads=num_heads, head_dim=head_dim, window_size=window_size,
-                shifted=i % 2 == 1, always_partition=always_partition, pad_mask=pad_mask, mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop,
-                drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
-                act_layer=act_layer, norm_layer=norm_layer, **attn_kwargs)
+                out_dim, self.output_resolution, shifted=i % 2 == 1, norm_layer=norm_layer,
+                drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path, **block_kwargs)
             for i in range(depth)])
         attn = self.blocks[0].attn
         self.pe: Optional[PosEncoding] = None
         if pe is not None:
-            ctx = EncodingContext(dim=attn.head_dim * attn.num_heads, depth=depth, num_heads=num_heads,
+            ctx = EncodingContext(dim=attn.head_dim * attn.num_heads, depth=depth, num_heads=attn.num_heads,
                                   grid_size=self.blocks[0].window_size, num_prefix_tokens=0)
             self.pe = build_encoding(pe, ctx, **(pe_options or {}))
-            unsupported = set(self.pe.hooks) - {'rotate'}
-            if unsupported or self.pe.needs_probs:
+            if not self.pe.qk_only:
                 raise ValueError(
-                    f"position encoding {pe!r} acts through {sorted(self.pe.hooks)}; Swin windows take rotary "
-                    f"encodings only (hook 'rotate', e.g. pe='rope2d'); window bias comes from rel_pos_bias="
-                    f"'table' or 'cpb'")
+                    f"position encoding {pe!r} acts through {sorted(self.pe.hooks)}; Swin windows take encodings "
+                    f"that act on q and k only (capability PosEncoding.qk_only: hook 'rotate', e.g. pe='rope2d' "
+                    f"or 'pope2d'); window bias comes from rel_pos_bias='table' or 'cpb'")
         self._masks = GridCache(max_entries=16)
 
     def set_input_size(self, feat_size: Tuple[int, int], window_size: Window,
@@ -419,14 +405,11 @@ class SwinTransformerStage(nn.Module):
                 if win not in states:
                     states[win] = self.pe.prepare(Grid(win[0], win[1], 0))
                 pos = LayerPos(self.pe, j, states[win])
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, win, shift, mask, pos)
-            else:
-                x = blk(x, win, shift, mask, pos)
+            x = maybe_checkpoint(self.grad_checkpointing, blk, x, win, shift, mask, pos)
         return x
 
 
-class SwinTransformer(ClassifierHeadMixin, nn.Module):
+class SwinTransformer(ClassifierHeadMixin, TimmBackbone):
     """Swin Transformer (timm's layout and key names) with a choice of window position encoding.
 
     Args beyond timm's ``SwinTransformer`` ones:
@@ -441,6 +424,9 @@ class SwinTransformer(ClassifierHeadMixin, nn.Module):
             stage, built on the window grid); every remaining keyword is an option of it.
         attn_backend: ``auto | math | sdpa | xformers | flex`` (see :mod:`visionpe.attention`).
     """
+
+    units_attr = 'layers'
+    stem_pattern = r'^patch_embed'
 
     def __init__(
             self,
@@ -459,10 +445,7 @@ class SwinTransformer(ClassifierHeadMixin, nn.Module):
             dynamic_img_size: bool = False,
             mlp_ratio: float = 4.,
             qkv_bias: bool = True,
-            drop_rate: float = 0.,
-            proj_drop_rate: float = 0.,
-            attn_drop_rate: float = 0.,
-            drop_path_rate: float = 0.,
+            drop_rate: float = 0., proj_drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.,
             norm_eps: float = 1e-5,
             rel_pos_bias: str = 'table',
             rpb_resize: str = 'bicubic',
@@ -503,6 +486,10 @@ class SwinTransformer(ClassifierHeadMixin, nn.Module):
         self._ref_window_sizes = windows  # set_input_size / window_policy='scale' scale these with the grid
         self._ref_grid_size = patch_grid
         head_dim = to_ntuple(self.num_layers)(head_dim)
+        for i, (width, heads) in enumerate(zip(embed_dim, num_heads)):  # as ViT: no silently truncated head dim
+            if head_dim[i] is None and width % heads:
+                raise ValueError(f'stage {i}: width {width} is not divisible by num_heads {heads}; choose num_heads '
+                                 f'that divide embed_dim * 2**stage, or set head_dim')
         mlp_ratio = to_ntuple(self.num_layers)(mlp_ratio)
         dpr = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)
         attn_kwargs = dict(rel_pos_bias=rel_pos_bias, rpb_resize=rpb_resize, cpb_hidden=cpb_hidden,
@@ -544,22 +531,6 @@ class SwinTransformer(ClassifierHeadMixin, nn.Module):
                 out |= {f'layers.{i}.pe.{n}' for n in stage.pe.no_weight_decay()}
         return out
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^patch_embed',
-            blocks=r'^layers\.(\d+)' if coarse else [
-                (r'^layers\.(\d+).downsample', (0,)),
-                (r'^layers\.(\d+)\.\w+\.(\d+)', None),
-                (r'^layers\.(\d+)\.pe\.', (0,)),
-                (r'^norm', (99999,)),
-            ])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
-
     def set_input_size(
             self,
             img_size: Optional[Tuple[int, int]] = None,
@@ -588,85 +559,22 @@ class SwinTransformer(ClassifierHeadMixin, nn.Module):
         update_model_input_size(self, self.patch_embed.img_size, patch_size=patch_size, window_size=windows,
                                 always_partition=always_partition)
 
-    # ------------------------------------------------------------------ forward
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f'expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}')
-        H, W = x.shape[-2:]
-        ph, pw = self.patch_embed.patch_size
-        if H % ph or W % pw:
-            def near(v, p):
-                return sorted({max(p, v // p * p), (v + p - 1) // p * p})
-            raise ValueError(f'image size {H}x{W} is not a multiple of the patch size {ph}x{pw}; resize or crop to '
-                             f'height in {near(H, ph)} and width in {near(W, pw)}')
-        if self.patch_embed.strict_img_size and (H, W) != tuple(self.patch_embed.img_size):
-            h0, w0 = self.patch_embed.img_size
-            raise ValueError(f'this model was built for {h0}x{w0} images and got {H}x{W}; create it with '
-                             f'dynamic_img_size=True (any size per call) or call model.set_input_size(({H}, {W}))')
-
+    # ------------------------------------------------------------------ forward (timm contract: TimmBackbone)
     def _call_windows(self, grid: Tuple[int, int]) -> List[Optional[Tuple[Window, ...]]]:
         """Per-stage target window of this call: None keeps the stored windows."""
         if self.window_policy == 'keep' or grid == tuple(self.patch_embed.grid_size):
             return [None] * len(self.layers)
         return list(calc_stage_window_sizes(grid, self._ref_window_sizes, self._ref_grid_size))
 
-    def _stages(self, x: torch.Tensor, stop_at: Optional[int] = None):
-        """Patch embedding, then yields ``(i, x)`` after every stage."""
-        self._check_input(x)
+    def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[Optional[Tuple[Window, ...]]]]:
         x = self.patch_embed(x)
-        windows = self._call_windows((x.shape[1], x.shape[2]))
-        for i, (stage, win) in enumerate(zip(self.layers, windows)):
-            x = stage(x, win)
-            yield i, x
-            if stop_at is not None and i >= stop_at:
-                return
+        return x, self._call_windows((x.shape[1], x.shape[2]))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for _, x in self._stages(x):
-            pass
-        return self.norm(x)
+    def _unit(self, i: int, x: torch.Tensor, windows: List[Optional[Tuple[Window, ...]]]) -> torch.Tensor:
+        return self.layers[i](x, windows[i])
 
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's API: ``(final NHWC features, [NCHW stage outputs])``; the final norm only on the last stage."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW' (got {output_fmt!r})")
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        last = len(self.layers) - 1
-        intermediates, i = [], -1
-        for i, x in self._stages(x, stop_at=max_index if stop_early else None):
-            if i in take_indices:
-                y = self.norm(x) if norm and i == last else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous())
-        if intermediates_only:
-            return intermediates
-        if i == last:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        prune_end = max_index < len(self.layers) - 1
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        self.layers = self.layers[:max_index + 1]
+    def _pruned(self, max_index: int) -> None:
         self._ref_window_sizes = self._ref_window_sizes[:max_index + 1]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,21 +11,22 @@ Presets are data: ``VIT_SIZES`` x ``VIT_ENCODINGS`` below, every entry overridab
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import (DropPath, LayerScale, Mlp, PatchEmbed, calculate_drop_path_rates, get_act_layer,
-                         trunc_normal_)
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint
+import torch.nn.functional as F
+from timm.layers import (DropPath, LayerScale, Mlp, PatchEmbed, SwiGLU, calculate_drop_path_rates, get_act_layer,
+                         to_2tuple, trunc_normal_)
+from timm.layers.patch_embed import PatchEmbedResamplerFixedOrigSize
 from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_timm
 
 from ..attention import Attention
-from ..grid import Grid, GridCache, check_coord_mode
+from ..grid import CoordAug, CoordDraw, Grid, GridCache, check_coord_mode
 from ..pos import EncodingContext, build_encoding
-from ..pos.absolute import SINCOS_COORD_MODE, resample_table, sincos_2d
+from ..pos.absolute import SINCOS_COORD_MODE, resample_table, sample_table_cape, sincos_2d, tile_table
 from ..pos.base import LayerPos, PosEncoding
+from ._base import TimmBackbone, maybe_checkpoint
 from ._registry import default_cfg, model_builder, register_presets
 
 __all__ = ['VisionTransformer', 'Block', 'VIT_SIZES', 'VIT_ENCODINGS', 'VIT_DEFAULTS']
@@ -49,16 +50,21 @@ class Block(nn.Module):
             act_layer: Callable[..., nn.Module] = nn.GELU,
             norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
             attn_backend: str = 'auto',
+            k_bias: bool = True,
+            mlp_layer: str = 'mlp',
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
                               attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
-                              attn_backend=attn_backend)
+                              attn_backend=attn_backend, k_bias=k_bias)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        if mlp_layer == 'swiglu':  # SiLU(fc1_g x) * fc1_x x, hidden width rounded up to a multiple of 8 (DINOv3)
+            self.mlp = SwiGLU(dim, int(dim * mlp_ratio), drop=proj_drop, align_to=8)
+        else:
+            self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
@@ -85,7 +91,7 @@ class MlpHead(nn.Module):
         return x if pre_logits else self.fc2(x)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(TimmBackbone):
     """ViT whose only position-dependent parts are ``pos_embed`` (absolute) and ``pe`` (any encoding).
 
     Args (beyond timm's VisionTransformer ones):
@@ -93,11 +99,30 @@ class VisionTransformer(nn.Module):
         pos_embed_interp / pos_embed_antialias: how a learned table is resampled to another grid
             (timm's defaults: bicubic with antialias).
         pos_embed_coord_mode: coordinate mode of the sin-cos table (see :mod:`visionpe.grid`).
+        abs_pos: how a learned table meets another grid: ``'interp'`` (resampled, ``pos_embed_interp``)
+            or ``'tile'`` (window-absolute: the training-size table repeated, Bolya et al. 2023,
+            "Window Attention is Bugged"; used by the detector at large inputs).
+        qkv_k_bias: False holds the key part of the qkv bias at zero (DINOv3's masked k bias).
+        mlp_layer: ``'mlp'`` (fc1, act, fc2) or ``'swiglu'`` (timm's SwiGLU, hidden width aligned to 8: DINOv3's
+            ``plus`` sizes).
         pe: name of a registered encoding (``visionpe.pos.list_encodings()``) or None; every
             remaining keyword is an option of that encoding.
         head: ``'linear'`` or ``'mlp_tanh'`` (hidden size ``head_hidden_dim``).
         attn_backend: ``auto | math | sdpa | xformers | flex`` (see :mod:`visionpe.attention`).
+        coord_aug: coordinate augmentation in training, ``dict(shift=, jitter=, rescale=, per_sample=)``
+            (:class:`visionpe.grid.CoordAug`, DINOv3's semantics): every consumer of token coordinates
+            (the encoding ``pe``, a sin-cos table, a learned table through CAPE sampling) gets the same draw.
+        flexi_patch_sizes: FlexiViT patch-size randomisation (Beyer et al., CVPR 2023): in training every
+            batch runs at a patch size drawn uniformly from this list, the kernel resampled from the stored
+            one with timm's pseudo-inverse resize (``resample_patch_embed``). ``set_patch_size`` fixes it.
     """
+    units_attr = 'blocks'
+    norm_every_unit = True
+    intermediate_fmts = ('NCHW', 'NLC')
+    pad_hint = ', or create the model with dynamic_img_pad=True'
+    plain_trunk = True
+    stem_pattern = r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre|pe\.'
+    ABS_POS_MODES = ('interp', 'tile')
 
     test_knobs = (SINCOS_COORD_MODE,)  # the sin-cos table's coordinate mode (pos_embed='sincos')
 
@@ -113,6 +138,8 @@ class VisionTransformer(nn.Module):
             num_heads: int = 12,
             mlp_ratio: float = 4.,
             qkv_bias: bool = True,
+            qkv_k_bias: bool = True,
+            mlp_layer: str = 'mlp',
             qk_norm: bool = False,
             proj_bias: bool = True,
             init_values: Optional[float] = None,
@@ -123,6 +150,7 @@ class VisionTransformer(nn.Module):
             pos_embed_interp: str = 'bicubic',
             pos_embed_antialias: bool = True,
             pos_embed_coord_mode: str = 'index',
+            abs_pos: str = 'interp',
             pre_norm: bool = False,
             final_norm: bool = True,
             fc_norm: Optional[bool] = None,
@@ -139,6 +167,8 @@ class VisionTransformer(nn.Module):
             head_hidden_dim: Optional[int] = None,
             patch_bias: Optional[bool] = None,
             attn_backend: str = 'auto',
+            coord_aug: Optional[Union[Dict[str, Any], CoordAug]] = None,
+            flexi_patch_sizes: list[int] | None = None,
             pe: Optional[str] = None,
             **pe_options: Any,
     ) -> None:
@@ -149,6 +179,9 @@ class VisionTransformer(nn.Module):
             raise ValueError("global_pool='token' needs class_token=True (use global_pool='avg' without one)")
         if pos_embed not in ('learn', 'sincos', 'none'):
             raise ValueError(f"pos_embed must be 'learn', 'sincos' or 'none'; got {pos_embed!r}")
+        self.abs_pos = self.check_abs_pos(abs_pos, pos_embed)
+        if mlp_layer not in ('mlp', 'swiglu'):
+            raise ValueError(f"mlp_layer must be 'mlp' or 'swiglu'; got {mlp_layer!r}")
         if head not in ('linear', 'mlp_tanh'):
             raise ValueError(f"head must be 'linear' or 'mlp_tanh'; got {head!r}")
         if pe is None and pe_options:
@@ -167,7 +200,6 @@ class VisionTransformer(nn.Module):
         self.has_class_token = class_token
         self.no_embed_class = no_embed_class
         self.dynamic_img_size = dynamic_img_size
-        self.grad_checkpointing = False
         self.attn_backend = attn_backend
 
         self.patch_embed = PatchEmbed(
@@ -198,7 +230,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
                   init_values=init_values, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                  drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer, attn_backend=attn_backend)
+                  drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer, attn_backend=attn_backend,
+                  k_bias=qkv_k_bias, mlp_layer=mlp_layer)
             for i in range(depth)])
         reduction = self.patch_embed.feat_ratio() if hasattr(self.patch_embed, 'feat_ratio') else patch_size
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
@@ -207,12 +240,104 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head_type = head
         self.head_hidden_size = embed_dim
+        self.coord_aug = self._check_coord_aug(CoordAug.from_option(coord_aug))
+        self.flexi_patch_sizes = self._check_flexi(flexi_patch_sizes)
+        self._patch_override: Optional[Tuple[int, int]] = None
+        self.patch_resampler = PatchEmbedResamplerFixedOrigSize(tuple(self.patch_embed.patch_size)) \
+            if self.flexi_patch_sizes else None
         if head == 'mlp_tanh':
             self.head_hidden_size = head_hidden_dim or int(embed_dim * mlp_ratio)
             self.head = MlpHead(embed_dim, self.head_hidden_size, num_classes)
         else:
             self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
+
+    # ------------------------------------------------------------------ resolution-robust training options
+    def _check_coord_aug(self, aug: Optional[CoordAug]) -> Optional[CoordAug]:
+        if aug is None or not aug.active:
+            return None
+        consumers = []
+        if self.pos_embed_type in ('learn', 'sincos'):
+            if self.pos_embed_type == 'sincos' and self.pos_embed_coord_mode == 'polar':
+                raise ValueError("coord_aug does not apply to a sin-cos table over polar coordinates "
+                                 "(pos_embed_coord_mode='polar')")
+            consumers.append(f'pos_embed={self.pos_embed_type!r}')
+        if self.pe is not None:
+            name = getattr(self.pe, 'encoding_name', type(self.pe).__name__)
+            support = self.pe.coord_aug_support
+            if support is None:
+                raise ValueError(
+                    f"coord_aug does not apply to the encoding {name!r}: it reads no continuous token coordinates. "
+                    f"It applies to rope2d, comrope, pope2d, lookhere, lape and to absolute tables "
+                    f"(pos_embed='learn' via CAPE sampling, 'sincos'); remove coord_aug for this model")
+            if getattr(self.pe, 'coord_mode', None) == 'polar':
+                raise ValueError(f"coord_aug (shift / jitter / rescale) is defined on Cartesian coordinates; "
+                                 f"the encoding {name!r} uses coord_mode='polar'")
+            if aug.per_sample and support != 'sample':
+                raise ValueError(f"coord_aug per_sample=True is not supported by the encoding {name!r} (its "
+                                 f"tables are shared by the batch): use per_sample=False (one draw per batch)")
+            consumers.append(f'pe={name!r}')
+        if not consumers:
+            raise ValueError("coord_aug needs a consumer of token coordinates, but this model has "
+                             "pos_embed='none' and no position encoding")
+        return aug
+
+    def _check_flexi(self, sizes: list[int] | None) -> Optional[Tuple[int, ...]]:
+        if not sizes:
+            return None
+        if isinstance(sizes, int) or any(isinstance(p, bool) or not isinstance(p, int) or p <= 0 for p in sizes):
+            raise ValueError(f'flexi_patch_sizes must be a list of positive integers, got {sizes!r}')
+        H, W = self.patch_embed.img_size
+        bad = [p for p in sizes if H % p or W % p]
+        if bad and not self.patch_embed.dynamic_img_pad:
+            raise ValueError(f'flexi_patch_sizes {bad} do not divide the image size {H}x{W}; choose divisors or '
+                             f'create the model with dynamic_img_pad=True')
+        return tuple(sorted(set(sizes)))
+
+    @property
+    def patch_size(self) -> Tuple[int, int]:
+        """The patch size used now: the one set by :meth:`set_patch_size`, else the stored kernel's."""
+        return self._patch_override or tuple(self.patch_embed.patch_size)
+
+    def set_patch_size(self, patch_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
+        """Run at another patch size (FlexiViT; the evaluator's patch-size knob): the kernel is resampled from
+        the stored one on every forward (timm's pseudo-inverse resize), so the state dict is unchanged and no
+        loss accumulates over calls. ``None`` restores the stored size. Training with ``flexi_patch_sizes``
+        draws its own size per batch and ignores this setting."""
+        if patch_size is None:
+            self._patch_override = None
+            return
+        p = to_2tuple(patch_size)
+        if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in p):
+            raise ValueError(f'patch_size must be a positive integer or a pair of them, got {patch_size!r}')
+        p = tuple(p)
+        if p != tuple(self.patch_embed.patch_size) and self.patch_resampler is None:
+            self.patch_resampler = PatchEmbedResamplerFixedOrigSize(
+                tuple(self.patch_embed.patch_size), device=self.patch_embed.proj.weight.device)
+        self._patch_override = None if p == tuple(self.patch_embed.patch_size) else p
+
+    def _draw_patch_size(self) -> Tuple[int, int]:
+        if self.training and self.flexi_patch_sizes:
+            p = self.flexi_patch_sizes[int(torch.randint(len(self.flexi_patch_sizes), ()))]
+            return p, p
+        return self.patch_size
+
+    def _coord_draw(self, batch_size: int) -> Optional[CoordDraw]:
+        if self.training and self.coord_aug is not None:
+            return self.coord_aug.draw(batch_size)
+        return None
+
+    def _patchify(self, x: torch.Tensor, p: Tuple[int, int]) -> torch.Tensor:
+        """Patch embedding ``(B, h, w, C)`` at patch size ``p`` (the stored kernel, or it resampled to ``p``)."""
+        pe = self.patch_embed
+        if p == tuple(pe.patch_size):
+            return pe(x)
+        if pe.dynamic_img_pad:
+            H, W = x.shape[-2:]
+            x = F.pad(x, (0, (p[1] - W % p[1]) % p[1], 0, (p[0] - H % p[0]) % p[0]))
+        weight = self.patch_resampler(pe.proj.weight, list(p))
+        x = F.conv2d(x, weight, pe.proj.bias, stride=p)
+        return pe.norm(x.permute(0, 2, 3, 1))
 
     # ------------------------------------------------------------------ init / timm housekeeping
     def init_weights(self) -> None:
@@ -235,17 +360,6 @@ class VisionTransformer(nn.Module):
         if self.pe is not None:
             out |= {f'pe.{n}' for n in self.pe.no_weight_decay()}
         return out
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre|pe\.',
-            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -275,40 +389,45 @@ class VisionTransformer(nn.Module):
         if self.pe is not None:
             self.pe.set_grid_size(new, prev)
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ forward (timm contract: TimmBackbone)
+    @classmethod
+    def check_abs_pos(cls, abs_pos: str, pos_embed: str) -> str:
+        """``abs_pos`` if it is a mode (``ABS_POS_MODES``) that a model with this ``pos_embed`` can use."""
+        if abs_pos not in cls.ABS_POS_MODES:
+            raise ValueError(f"abs_pos must be one of {cls.ABS_POS_MODES}, got {abs_pos!r}")
+        if abs_pos == 'tile' and pos_embed != 'learn':
+            raise ValueError(f"abs_pos='tile' needs a learned absolute table (pos_embed='learn', e.g. vit_ape_*, "
+                             f"vit_irpe_*); this model has pos_embed={pos_embed!r}")
+        return abs_pos
+
+    def _input_multiple(self) -> Optional[Tuple[int, int]]:
+        """This call's patch size (drawn per batch under ``flexi_patch_sizes``), unless inputs are padded."""
+        return None if self.patch_embed.dynamic_img_pad else self._call_patch
+
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f'expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}')
-        H, W = x.shape[-2:]
-        ph, pw = self.patch_embed.patch_size
-        if not self.patch_embed.dynamic_img_pad and (H % ph or W % pw):
-            def near(v, p):
-                return sorted({max(p, v // p * p), (v + p - 1) // p * p})
-            raise ValueError(
-                f'image size {H}x{W} is not a multiple of the patch size {ph}x{pw}; resize or crop to '
-                f'height in {near(H, ph)} and width in {near(W, pw)}, or create the model with dynamic_img_pad=True')
-        if self.patch_embed.strict_img_size and (H, W) != tuple(self.patch_embed.img_size):
-            h0, w0 = self.patch_embed.img_size
-            raise ValueError(
-                f'this model was built for {h0}x{w0} images and got {H}x{W}; create it with '
-                f'dynamic_img_size=True (any size per call) or call model.set_input_size(({H}, {W}))')
+        self._call_patch = self._draw_patch_size()  # checked here, used by _embed in the same forward
+        super()._check_input(x)
 
     def _abs_pos(self, grid: Grid, device: torch.device) -> Optional[torch.Tensor]:
         if self.pos_embed_type == 'learn':
             prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            if self.abs_pos == 'tile':
+                return tile_table(self.pos_embed, grid.hw, tuple(self.patch_embed.grid_size), prefix)
+            if grid.aug is not None:
+                return sample_table_cape(self.pos_embed, tuple(self.patch_embed.grid_size), prefix, grid)
             return resample_table(self.pos_embed, grid.hw, tuple(self.patch_embed.grid_size), prefix,
                                   self.pos_embed_interp, self.pos_embed_antialias)
         if self.pos_embed_type == 'sincos':
-            key = (grid.hw, self.pos_embed_coord_mode, self._ref_grid)
+            key = (grid, self.pos_embed_coord_mode, self._ref_grid)
             return self._sincos.get(key, device, lambda: sincos_2d(
-                grid.h, grid.w, self.embed_dim, coord_mode=self.pos_embed_coord_mode, ref_hw=self._ref_grid))
+                grid.h, grid.w, self.embed_dim, coord_mode=self.pos_embed_coord_mode, ref_hw=self._ref_grid,
+                aug=grid.aug))
         return None
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
-        self._check_input(x)
-        x = self.patch_embed(x)  # (B, h, w, C)
+        x = self._patchify(x, self._call_patch)  # (B, h, w, C)
         B, h, w, C = x.shape
-        grid = Grid(h, w, self.num_prefix_tokens)
+        grid = Grid(h, w, self.num_prefix_tokens, aug=self._coord_draw(B))
         x = x.reshape(B, h * w, C)
         pos = self._abs_pos(grid, x.device)
         with_cls_entry = pos is not None and pos.shape[1] == grid.num_tokens and self.num_prefix_tokens > 0
@@ -325,74 +444,31 @@ class VisionTransformer(nn.Module):
             x = x + pos
         return self.pos_drop(x), grid
 
-    def _blocks(self, x: torch.Tensor, grid: Grid, state: Any, stop_at: Optional[int] = None):
-        """Run the blocks; yields ``(i, x)`` after each block (encodings' after-block hooks applied)."""
-        for i, blk in enumerate(self.blocks):
-            pos = LayerPos(self.pe, i, state) if self.pe is not None else None
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, pos)
-            else:
-                x = blk(x, pos)
-            if self.pe is not None:
-                x = self.pe.after_block(x, i, grid, state)
-            yield i, x
-            if stop_at is not None and i >= stop_at:
-                return
-
-    def _prepare(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid, Any]:
+    def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[Grid, Any]]:
+        """Tokens (prefix + patches, absolute table added), and the grid and encoding state of this call."""
         x, grid = self._embed(x)
         state = None
         if self.pe is not None:
             state = self.pe.prepare(grid)
             x = self.pe.embed(x, grid, state)
-        return self.norm_pre(x), grid, state
+        return self.norm_pre(x), (grid, state)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, grid, state = self._prepare(x)
-        for _, x in self._blocks(x, grid, state):
-            pass
-        return self.norm(x)
+    def _unit(self, i: int, x: torch.Tensor, ctx: Tuple[Grid, Any]) -> torch.Tensor:
+        """Block ``i``, then the encoding's after-block hook."""
+        grid, state = ctx
+        pos = LayerPos(self.pe, i, state) if self.pe is not None else None
+        x = maybe_checkpoint(self.grad_checkpointing, self.blocks[i], x, pos)
+        return self.pe.after_block(x, i, grid, state) if self.pe is not None else x
 
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            return_prefix_tokens: bool = False,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ):
-        """timm's intermediate-feature API: ``(final_features, [block outputs])``."""
-        if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B = x.shape[0]
-        x, grid, state = self._prepare(x)
-        intermediates = []
-        for i, x in self._blocks(x, grid, state, stop_at=max_index if stop_early else None):
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-        prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates] if self.num_prefix_tokens else None
-        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+    def _intermediate(self, y: torch.Tensor, ctx: Tuple[Grid, Any], output_fmt: str,
+                      return_prefix_tokens: bool = False) -> Any:
+        """Patch tokens as NCHW maps or NLC; with ``return_prefix_tokens`` a (patches, prefix) pair."""
+        grid, _ = ctx
+        p = self.num_prefix_tokens
+        patches = y[:, p:]
         if output_fmt == 'NCHW':
-            intermediates = [y.reshape(B, grid.h, grid.w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.fc_norm = nn.Identity()
-            self.reset_classifier(0, '')
-        return take_indices
+            patches = patches.reshape(y.shape[0], grid.h, grid.w, -1).permute(0, 3, 1, 2).contiguous()
+        return (patches, y[:, :p]) if return_prefix_tokens and p else patches
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
@@ -405,9 +481,6 @@ class VisionTransformer(nn.Module):
         if self.head_type == 'mlp_tanh':
             return self.head(x, pre_logits=pre_logits)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +513,12 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
                      dict(pos_embed='none', pe='rope2d', rope_type='mixed', theta=10.)),
     'rope2d_polar': ('2-D RoPE over polar coordinates (log radius, angle) about the image centre',
                      dict(pos_embed='none', pe='rope2d', rope_type='axial', theta=100., coord_mode='polar')),
-    # --- issue 3: iRPE, ComRoPE, LookHere, PoPE ---
+    'rope2d_ape': ('2-D RoPE-Axial, theta 100, plus a learned absolute table without a class-token entry '
+                   '(RoPE-ViT "RoPE-Axial + APE")',
+                   dict(pos_embed='learn', no_embed_class=True, pe='rope2d', rope_type='axial', theta=100.)),
+    'rope2d_mixed_ape': ('2-D RoPE-Mixed, theta 10, plus a learned absolute table without a class-token entry '
+                         '(RoPE-ViT "RoPE-Mixed + APE")',
+                         dict(pos_embed='learn', no_embed_class=True, pe='rope2d', rope_type='mixed', theta=10.)),
     'irpe': ('iRPE contextual, product method, on keys, shared heads, ratio 1.9 (+ learned APE, as DeiT-iRPE)',
              dict(pos_embed='learn', pos_embed_antialias=False, pe='irpe', mode='ctx', method='product',
                   rpe_on='k', shared_head=True, ratio=1.9)),
@@ -458,19 +536,49 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
                    'normalised coordinates, class token rotated at the centre',
                    dict(pos_embed='none', pe='comrope', comrope_type='ld', block_size=4, init_std=1.0,
                         coord_mode='normalized')),
+    'liere': ('LieRE: learned skew-symmetric generators per axis, 4x4 blocks exponentiated per token (not '
+              'commuting, so not purely relative), normalised coordinates, class token rotated at the centre '
+              '(the ComRoPE code base\'s LieRE baseline)',
+              dict(pos_embed='none', pe='comrope', comrope_type='liere', block_size=4, init_std=1.0,
+                   scale_factor=1.0, coord_mode='normalized')),
     'lookhere': ('LookHere LH-90 (quadrant heads): directed, distance-penalised attention heads',
                  dict(pos_embed='none', pe='lookhere', layout='lh90')),
     'lookhere180': ('LookHere LH-180 (half-plane heads)', dict(pos_embed='none', pe='lookhere', layout='lh180')),
     'lookhere45': ('LookHere LH-45 (45-degree cone heads)', dict(pos_embed='none', pe='lookhere', layout='lh45')),
+    'rope2d_dinov3': ('DINOv3: axial RoPE on patch centres normalised to [-1, 1], periods 100^(4i/d), rows first, '
+                      'rotate-half; the DINOv3 ViT (4 register tokens, LayerScale, LayerNorm eps 1e-5, no qkv bias: '
+                      'qkv_bias=True loads the _qkvb weights, whose key bias stays zero)',
+                      dict(pos_embed='none', pe='rope2d_dinov3', base=100., reg_tokens=4, qkv_bias=False,
+                           qkv_k_bias=False, norm_eps=1e-5)),
     'pope2d': ('PoPE-2D: polar (magnitude x phase) position embedding on q and k, theta 10000, index '
                'coordinates', dict(pos_embed='none', pe='pope2d', theta=10000., coord_mode='index')),
 }
 
 
+# (encoding, size) -> keywords where a size's defaults do not suit an encoding. LH-45 is two families of four
+# cone heads: on ViT-Tiny's 3 heads one family would get none (a warning); 8 heads of 24 dims keep the parameters.
+VIT_SIZE_OVERRIDES: Dict[Tuple[str, str], Dict[str, Any]] = {
+    ('lookhere45', 'tiny'): dict(num_heads=8),
+}
+
 VIT_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
-    f'vit_{pe}_{size}': (f'ViT-{size} with {desc}', {**VIT_DEFAULTS, **dims, **enc})
+    f'vit_{pe}_{size}': (f'ViT-{size} with {desc}',
+                         {**VIT_DEFAULTS, **dims, **enc, **VIT_SIZE_OVERRIDES.get((pe, size), {})})
     for pe, (desc, enc) in VIT_ENCODINGS.items() for size, dims in VIT_SIZES.items()
 }
+
+# DINOv3's SwiGLU sizes (facebookresearch/dinov3 vit{s,l,h}16plus, ffn ratio 6 times 2/3; timm
+# vit_{small,huge}_plus_patch16_dinov3): DINOv3 encoding only
+DINOV3_PLUS_SIZES: Dict[str, Dict[str, Any]] = {
+    'small_plus': dict(embed_dim=384, depth=12, num_heads=6, mlp_layer='swiglu'),
+    'large_plus': dict(embed_dim=1024, depth=24, num_heads=16, mlp_layer='swiglu'),
+    'huge_plus': dict(embed_dim=1280, depth=32, num_heads=20, mlp_layer='swiglu'),
+}
+VIT_PRESETS.update({
+    f'vit_rope2d_dinov3_{size}': (f'ViT-{size} (SwiGLU) with {VIT_ENCODINGS["rope2d_dinov3"][0]}',
+                                  {**VIT_DEFAULTS, **dims, **VIT_ENCODINGS['rope2d_dinov3'][1]})
+    for size, dims in DINOV3_PLUS_SIZES.items()
+})
 
 register_presets(__name__, VIT_PRESETS, model_builder(VisionTransformer, 3),
                  {name: default_cfg() for name in VIT_PRESETS})

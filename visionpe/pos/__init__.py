@@ -5,7 +5,9 @@ with the list of valid ones.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from typing import Callable, Dict, List, Type
 
 from .base import EncodingContext, LayerPos, PosEncoding
@@ -21,7 +23,6 @@ def register_encoding(name: str) -> Callable[[Type[PosEncoding]], Type[PosEncodi
         if name in _ENCODINGS and _ENCODINGS[name] is not cls:
             raise KeyError(f'encoding {name!r} registered twice')
         _ENCODINGS[name] = cls
-        cls.encoding_name = name
         return cls
     return deco
 
@@ -56,11 +57,8 @@ def build_encoding(name: str, ctx: EncodingContext, **options) -> PosEncoding:
 
 
 def _import_all() -> None:
-    # importing the family modules registers their encodings
-    from . import absolute, peg, rope  # noqa: F401
-    for mod in ('irpe', 'comrope', 'lookhere', 'pope', 'lepe'):
-        try:
-            __import__(f'{__name__}.{mod}')
-        except ModuleNotFoundError as e:
-            if e.name != f'{__name__}.{mod}':
-                raise
+    """Import every encoding module of this package (``pkgutil``, like :mod:`visionpe.convert`): each
+    registers its encodings on import, so a new ``pos/<name>.py`` needs no list entry here."""
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name != 'base' and not mod.name.startswith('_'):
+            importlib.import_module(f'{__name__}.{mod.name}')

@@ -1,4 +1,4 @@
-"""The one small interface every position encoding implements (DESIGN.md, "The encoding interface").
+"""The one small interface every position encoding implements (docs/architecture.md, "The encoding interface").
 
 An encoding may act at four points and says which in ``hooks``:
 
@@ -202,6 +202,13 @@ class PosEncoding(nn.Module):
     hooks: ClassVar[FrozenSet[str]] = frozenset()
     #: True when the value hook needs the attention probabilities (forces the math backend).
     needs_probs: bool = False
+    #: How the encoding takes coordinate augmentation (``grid.aug``, see :class:`visionpe.grid.CoordAug`):
+    #: None (it reads no continuous coordinates), ``'batch'`` (one draw per batch) or ``'sample'`` (also
+    #: one draw per image).
+    coord_aug_support: ClassVar[Optional[str]] = None
+    #: Capability: ``rotate`` returns q and k with the head width they came with (False: PoPE widens
+    #: them to 2d); attention modules that reshape q and k must then take the width from the tensors.
+    keeps_head_dim: ClassVar[bool] = True
     #: test-time knobs of this encoding (:class:`Knob`), registered with the evaluator at class creation
     test_knobs: ClassVar[tuple[Knob, ...]] = ()
 
@@ -268,6 +275,12 @@ class PosEncoding(nn.Module):
         by encodings that have ``needs_probs`` and a :meth:`row_bias`."""
         raise NotImplementedError(f'{type(self).__name__} does not add its value term by rows')
 
+    @property
+    def qk_only(self) -> bool:
+        """Capability: acts only by transforming q and k (hook ``rotate``, no probabilities), so any
+        attention that calls ``rotate`` can host it (e.g. Swin's windows, RST's strips)."""
+        return set(self.hooks) == {'rotate'} and not self.needs_probs
+
     # --- model-level housekeeping -------------------------------------------------------------
     def set_grid_size(self, new_size: Tuple[int, int], old_size: Tuple[int, int]) -> None:
         """Called by ``model.set_input_size``: resample grid-sized tables (none by default)."""
@@ -275,9 +288,6 @@ class PosEncoding(nn.Module):
     def no_weight_decay(self) -> Set[str]:
         """Names (relative to this module) of parameters that take no weight decay."""
         return set()
-
-    def uses(self, hook: str) -> bool:
-        return hook in self.hooks
 
 
 class LayerPos:

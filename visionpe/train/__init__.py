@@ -1,4 +1,4 @@
-"""Training with Lightning: the LightningModule (any timm model, DeiT-III recipe from timm parts), the
+"""Training with Lightning: :func:`fit` (a config file and overrides, in Python), the LightningModule (any timm model, DeiT-III recipe from timm parts), the
 DataModule (Fashion-MNIST, ImageNet folder / webdataset), callbacks, the CLI, and
 :func:`load_model_from_checkpoint` for evaluation.
 
@@ -9,10 +9,11 @@ resolution, in the convention used in training.
 """
 from ..data.fashion_mnist import eval_transform as fmnist_eval_transform
 from ..data.fashion_mnist import fmnist_test_loader
+from .api import FitResult, fit
 from .callbacks import ImagesPerSecond, PreemptionCheckpoint
 from .checkpoint import load_model_from_checkpoint
 from .datamodule import ImageClassificationData
 from .module import VisionClassifier, build_model
 
-__all__ = ['VisionClassifier', 'ImageClassificationData', 'ImagesPerSecond', 'PreemptionCheckpoint',
+__all__ = ['fit', 'FitResult', 'VisionClassifier', 'ImageClassificationData', 'ImagesPerSecond', 'PreemptionCheckpoint',
            'load_model_from_checkpoint', 'build_model', 'fmnist_test_loader', 'fmnist_eval_transform']

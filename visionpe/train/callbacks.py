@@ -18,11 +18,25 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-__all__ = ['ImagesPerSecond', 'PreemptionCheckpoint']
+__all__ = ['ImagesPerSecond', 'PreemptionCheckpoint', 'save_final_last_checkpoints']
 
 log = logging.getLogger(__name__)
+
+
+def save_final_last_checkpoints(trainer: pl.Trainer) -> None:
+    """Make every ``ModelCheckpoint(save_last=True)``'s ``last.ckpt`` hold the final step once ``fit`` ends.
+
+    Lightning writes ``last.ckpt`` at the end of fit only if no ``last.ckpt`` was saved yet in that run, so
+    with ``every_n_train_steps=200`` a run of 859 steps kept step 800 as its "last" model. The modules call
+    this from ``on_train_end`` (on every rank: saving is collective); a callback that already saved at the
+    final step is left alone.
+    """
+    for cb in trainer.checkpoint_callbacks:
+        if (isinstance(cb, ModelCheckpoint) and cb.save_last and trainer.global_step > 0
+                and cb._last_global_step_saved != trainer.global_step):
+            cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
 
 
 def _batch_size(batch: Any) -> int:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from timm.layers import to_2tuple
 
+from .ckpt_io import read_checkpoint
 from .module import build_model
 
 __all__ = ['load_model_from_checkpoint']
@@ -26,7 +27,8 @@ def _strip(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tenso
 
 
 def load_model_from_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = 'cpu',
-                               use_ema: bool = True, **model_overrides: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+                               use_ema: bool = True, *, trust: bool | None = None,
+                               **model_overrides: Any) -> Tuple[nn.Module, Dict[str, Any]]:
     """Build the timm model of a ``train.py`` checkpoint and load its weights (EMA ones if present and
     ``use_ema``). ``model_overrides`` are extra ``timm.create_model`` keywords applied on top of the
     training ones (e.g. ``dynamic_img_size=True`` to run at other resolutions).
@@ -35,15 +37,17 @@ def load_model_from_checkpoint(path: Union[str, Path], map_location: Union[str, 
     ``img_size``, ``patch_size``, ``mean``, ``std``, ``num_classes``, ``dataset``, ``ema`` (whether the
     EMA weights were loaded), ``epoch``, ``global_step`` and ``path``.
 
-    Lightning checkpoints are pickles (they hold the optimizer and loop state): load only files you trust.
+    The file is read by :func:`visionpe.train.ckpt_io.read_checkpoint`: a pickle that asks for more than tensors
+    and plain values is refused unless ``trust`` (``None``: the enclosing ``ckpt_io.trusting`` block's choice).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'checkpoint {path} does not exist')
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = read_checkpoint(path, map_location, trust=trust)
     hp = ckpt.get('hyper_parameters')
     if not isinstance(hp, dict) or 'model_name' not in hp or 'state_dict' not in ckpt:
         raise ValueError(f'{path} is not a visionpe train.py checkpoint (no hyper_parameters.model_name / state_dict)')
+    if 'fpn_channels' in hp:  # ObjectDetector's hyper-parameters
+        raise ValueError(f'{path} is a detection checkpoint (train.py --task det): evaluate it with --task coco '
+                         f'(visionpe.det.load_detector)')
     kwargs = dict(hp.get('model_kwargs') or {})
     model = build_model(hp['model_name'], hp['num_classes'], hp.get('img_size'), {**kwargs, **model_overrides})
     state = ckpt['state_dict']

@@ -5,7 +5,9 @@ A Lightning checkpoint is a pickle. :func:`read_checkpoint` unpickles it with
 tuple, str, numbers) plus the few extra types allow-listed in :data:`SAFE_GLOBALS`; a file that asks
 for anything else (a function, a class that could run code) is refused with
 :class:`UnsafeCheckpointError`, without running it. ``trust=True`` (``--trust-checkpoint`` on the
-command lines) is the explicit opt-in for files the user vouches for.
+command lines) is the explicit opt-in for files the user vouches for; a command line that takes the flag
+wraps its work in ``with trusting(args.trust_checkpoint):``, which is the default of every ``trust=None``
+read inside it (the evaluator's and the trainer's loaders).
 """
 from __future__ import annotations
 
@@ -13,12 +15,15 @@ import pathlib
 import pickle
 import re
 import zipfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-__all__ = ['CheckpointError', 'UnsafeCheckpointError', 'SAFE_GLOBALS', 'read_checkpoint', 'checkpoint_hparams']
+__all__ = ['CheckpointError', 'UnsafeCheckpointError', 'SAFE_GLOBALS', 'read_checkpoint', 'checkpoint_hparams',
+           'trusting', 'unsafe_checkpoint_error']
 
 #: types beyond torch's weights-only defaults that visionpe checkpoints may hold (paths in hyper-parameters)
 SAFE_GLOBALS: list[Any] = [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
@@ -32,14 +37,39 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint whose pickle asks for code or classes outside the allow-list."""
 
 
+_TRUST: ContextVar[bool] = ContextVar('visionpe_trust_checkpoint', default=False)
+
+
+@contextmanager
+def trusting(trust: bool = True) -> Iterator[None]:
+    """Within this block, ``trust=None`` reads (the default) use ``trust``: how a ``--trust-checkpoint`` flag
+    reaches every loader a command line calls."""
+    token = _TRUST.set(bool(trust))
+    try:
+        yield
+    finally:
+        _TRUST.reset(token)
+
+
 def _blocked_global(message: str) -> str:
     m = re.search(r'GLOBAL ([\w.]+)', message)
     return m.group(1) if m else 'an object outside the allow-list'
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu', *, trust: bool = False
+def unsafe_checkpoint_error(path: str | Path, error: pickle.UnpicklingError) -> UnsafeCheckpointError:
+    """The error for a weights-only unpickling refusal (from :func:`read_checkpoint` or from Lightning's own
+    resume load): names the blocked global and the opt-in, never PyTorch's advice to load unsafely."""
+    return UnsafeCheckpointError(
+        f'{path}: refused to load: its pickle asks for {_blocked_global(str(error))}, which a visionpe checkpoint '
+        f'never holds (only tensors and plain values), and unpickling it could run code. If you made this file or '
+        f'trust its source, pass --trust-checkpoint (in Python: trust=True, or a `with visionpe.train.ckpt_io.'
+        f'trusting():` block)')
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu', *, trust: bool | None = None
                     ) -> dict[str, Any]:
-    """Load a ``.ckpt`` / ``.pth`` pickle as a dict, refusing anything that could run code unless ``trust``.
+    """Load a ``.ckpt`` / ``.pth`` pickle as a dict, refusing anything that could run code unless ``trust``
+    (``None``: the enclosing :func:`trusting` block's choice, else False).
 
     Errors name the file and what it is: :class:`FileNotFoundError` (no such file),
     :class:`CheckpointError` (empty, truncated or not a PyTorch file, or not a dict),
@@ -51,6 +81,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu', 
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f'{path} is empty (0 bytes): not a checkpoint; was the run killed while saving it?')
+    if trust is None:
+        trust = _TRUST.get()
     if trust:
         obj = torch.load(path, map_location=map_location, weights_only=False)
     else:
@@ -58,11 +90,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu', 
             with torch.serialization.safe_globals(SAFE_GLOBALS):
                 obj = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
-            what = _blocked_global(str(e))
-            raise UnsafeCheckpointError(
-                f'{path}: refused to load: its pickle asks for {what}, which a visionpe checkpoint never holds '
-                f'(only tensors and plain values), and unpickling it could run code. If you made this file or '
-                f'trust its source, pass --trust-checkpoint (trust=True in Python)') from None
+            raise unsafe_checkpoint_error(path, e) from None
         except (EOFError, RuntimeError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as e:
             raise CheckpointError(f'{path} ({size} bytes) is not a readable PyTorch checkpoint (a truncated file or '
                                   f'another format: {type(e).__name__}); expected a .ckpt written by train.py') from None
@@ -71,7 +99,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu', 
     return obj
 
 
-def checkpoint_hparams(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
+def checkpoint_hparams(path: str | Path, *, trust: bool | None = None) -> dict[str, Any]:
     """The ``hyper_parameters`` of a ``train.py`` checkpoint (``model_name``, ``model_kwargs``, ...)."""
     hp = read_checkpoint(path, trust=trust).get('hyper_parameters')
     if not isinstance(hp, dict) or 'model_name' not in hp:

@@ -9,18 +9,28 @@ Detection (``visionpe.det``): ``--task det`` anywhere in the arguments, or ``tas
 ``--config`` file, selects :class:`DetectionCLI` over ``ObjectDetector`` + ``DetectionData``
 (``python train.py fit --config configs/det/fmnist_det_tiny.yaml``).
 
+Resuming (``--ckpt_path``) keeps the options given: a model option that differs from the checkpoint's is an
+error listing the keys (:mod:`visionpe.train.resume`; ``--allow_changed [smoothing, ...]`` for the few that may
+change), where Lightning's CLI would replace them with the checkpoint's. ``validate`` / ``test`` / ``predict``
+with ``--ckpt_path`` take the checkpoint's model options (the model evaluated is the checkpoint's). Checkpoints
+are read with :mod:`visionpe.train.ckpt_io` (a pickle that would run code is refused; ``--trust-checkpoint``
+for files you vouch for). Options cannot be abbreviated (``--trainer.max_epoch`` is an error).
+
 Configs are parsed in jsonargparse's ``omegaconf+`` mode: ``${trainer.default_root_dir}`` in a config is
 resolved after the command line, so ``--trainer.default_root_dir runs/x`` moves logs and checkpoints together.
 """
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-from jsonargparse import set_parsing_settings
+import torch
+from jsonargparse import ActionYesNo, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
+from .ckpt_io import SAFE_GLOBALS, checkpoint_hparams, trusting, unsafe_checkpoint_error
 from .datamodule import ImageClassificationData
 from .module import VisionClassifier
 
@@ -32,11 +42,53 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / 'configs' / 'fmnist_vit_t
 # Configs may refer to other settings, resolved after the command line is merged in: the loggers' save_dir and
 # the checkpoint dirpath are written '${trainer.default_root_dir}' so one override moves the whole run folder.
 PARSER_MODE = 'omegaconf+'
-PARSER_KWARGS = {'parser_mode': PARSER_MODE, **{s: {'parser_mode': PARSER_MODE} for s in SUBCOMMANDS}}
+# no abbreviations: `--trainer.max_epoch 1` must be an error, not max_epochs
+_PARSER = {'parser_mode': PARSER_MODE, 'allow_abbrev': False}
+PARSER_KWARGS = {**_PARSER, **{s: dict(_PARSER) for s in SUBCOMMANDS}}
 
 
-class VisionPECLI(LightningCLI):
+class _CheckpointOptions(LightningCLI):
+    """``--trust-checkpoint`` and ``--allow_changed``; checkpoints read with :mod:`.ckpt_io`; a resumed ``fit``
+    keeps the given model options (the module compares them with the checkpoint's)."""
+
+    def _add_checkpoint_arguments(self, parser) -> None:
+        parser.add_argument('--trust-checkpoint', '--trust_checkpoint', dest='trust_checkpoint', action=ActionYesNo,
+                            default=False, help='load --ckpt_path even if its pickle asks for more than tensors and '
+                            'plain values (it could run code): only for files you made or trust')
+        parser.add_argument('--allow_changed', type=List[str], default=[],
+                            help='resuming: model options that may differ from the checkpoint\'s '
+                                 f'(of {list(getattr(self.model_class, "RESUME_OPT_IN", ()))})')
+
+    def _parse_ckpt_path(self) -> None:
+        sub = self.config.get('subcommand')
+        if not sub or sub == 'fit':
+            return  # fit: the options given stay; ResumeCheck compares them with the checkpoint's on load
+        ckpt_path = self.config[sub].get('ckpt_path')
+        if ckpt_path and Path(ckpt_path).is_file():  # evaluating a checkpoint: its model options
+            hparams = dict(checkpoint_hparams(ckpt_path, trust=self.config[sub].get('trust_checkpoint')))
+            hparams.pop('_instantiator', None)
+            self.config = self.parser.parse_object({sub: {'model': hparams}}, self.config)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        trust = bool(self.config_init[subcommand].get('trust_checkpoint'))
+        self.model.allow_changed = tuple(self.config_init[subcommand].get('allow_changed') or ())
+        ckpt_path = self.config_init[subcommand].get('ckpt_path')
+        with trusting(trust), torch.serialization.safe_globals(SAFE_GLOBALS):
+            try:
+                super()._run_subcommand(subcommand)
+            except pickle.UnpicklingError as e:  # Lightning's own weights-only load of --ckpt_path refused it
+                raise unsafe_checkpoint_error(ckpt_path, e) from None
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if 'ckpt_path' in kwargs and kwargs.get('weights_only') is None:
+            kwargs['weights_only'] = not self.config_init[subcommand].get('trust_checkpoint')
+        return kwargs
+
+
+class VisionPECLI(_CheckpointOptions):
     def add_arguments_to_parser(self, parser) -> None:
+        self._add_checkpoint_arguments(parser)
         parser.link_arguments('data.img_size', 'model.img_size')
         parser.link_arguments('data.dataset', 'model.dataset')
         parser.link_arguments('data.num_classes', 'model.num_classes', apply_on='instantiate')
@@ -50,11 +102,12 @@ class VisionPECLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
-class DetectionCLI(LightningCLI):
+class DetectionCLI(_CheckpointOptions):
     """``train.py --task det``: the data module's size, classes and normalisation go into the detector's
     hyper-parameters (the checkpoint rebuilds the detector: ``visionpe.det.load_detector``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        self._add_checkpoint_arguments(parser)
         parser.link_arguments('data.img_size', 'model.img_size')
         parser.link_arguments('data.num_classes', 'model.num_classes', apply_on='instantiate')
         parser.link_arguments('data.mean', 'model.mean', apply_on='instantiate')

@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..data.sampling import mix_seed, seed_everything_from
+from .callbacks import save_final_last_checkpoints
+from .resume import ResumeCheck
 
-__all__ = ['VisionClassifier', 'build_model']
+__all__ = ['VisionClassifier', 'build_model', 'with_warmup_cosine']
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +43,11 @@ def build_model(model_name: str, num_classes: int, img_size: Optional[int] = Non
                 model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     """``timm.create_model`` for any timm or visionpe name; ``img_size`` is passed when the model takes it."""
     import timm
-    import visionpe  # noqa: F401  (registers the visionpe models)
+    import visionpe  # registers the visionpe models
     kwargs = dict(model_kwargs or {})
     if 'num_classes' in kwargs:
         raise ValueError('model_kwargs must not set num_classes: it comes from the data (--data.num_classes)')
-    if not timm.is_model(model_name.split('.')[0]):
-        from visionpe.models._registry import suggest
-        raise ValueError(f'unknown model {model_name!r}.{suggest(model_name)} Use a timm model name '
-                         f'(timm.list_models()) or a visionpe one (visionpe.list_models())')
+    visionpe.check_model_name(model_name)
     user_size = 'img_size' in kwargs
     if img_size is not None and not user_size:
         kwargs['img_size'] = img_size
@@ -61,7 +60,37 @@ def build_model(model_name: str, num_classes: int, img_size: Optional[int] = Non
         raise TypeError(f'{model_name}: bad model_kwargs {kwargs}: {e}') from e
 
 
-class VisionClassifier(pl.LightningModule):
+def with_warmup_cosine(module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> Any:
+    """``configure_optimizers``' return value for ``module.hparams.sched``: the optimizer alone (``'none'``) or
+    with timm's ``CosineLRScheduler`` stepped per optimizer step: linear warm-up over ``warmup_epochs`` (from
+    ``warmup_lr``), then cosine to ``min_lr`` over the rest of the run. A warm-up that is not shorter than the
+    run (a smoke test with a few ``max_steps``) is clamped to half the run, with a warning."""
+    from timm.scheduler import CosineLRScheduler
+    hp = module.hparams
+    if hp.sched == 'none':
+        return optimizer
+    trainer = module.trainer
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise ValueError('a cosine schedule needs a finite run: set --trainer.max_epochs or --trainer.max_steps')
+    total = int(total)
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()  # the epoch length (not loaded when only max_steps is set)
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        raise ValueError('the training loader has no length: cannot convert warmup_epochs into steps')
+    warmup = int(round(hp.warmup_epochs * math.ceil(batches / trainer.accumulate_grad_batches)))
+    if total <= warmup:
+        log.warning('the warm-up of %d steps (%s epochs) is not shorter than the run of %d optimizer steps: warming '
+                    'up over %d steps (half the run) instead; lower --model.warmup_epochs to choose', warmup,
+                    hp.warmup_epochs, total, total // 2)
+        warmup = total // 2
+    scheduler = CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=hp.min_lr, warmup_t=warmup,
+                                  warmup_lr_init=hp.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+    return {'optimizer': optimizer, 'lr_scheduler': {'scheduler': scheduler, 'interval': 'step'}}
+
+
+class VisionClassifier(ResumeCheck, pl.LightningModule):
     """Image classifier wrapping ``timm.create_model(model_name, **model_kwargs)``.
 
     Hyper-parameters (all saved in the checkpoint; ``visionpe.train.load_model_from_checkpoint``
@@ -79,7 +108,15 @@ class VisionClassifier(pl.LightningModule):
         compile: ``torch.compile`` the model in place (``nn.Module.compile``: state-dict keys unchanged).
         grad_checkpointing: activation checkpointing through timm's ``set_grad_checkpointing``.
         seed: seed of the per-step RNG streams (dropout, drop-path, mixup).
+
+    Resuming (``--ckpt_path``) checks the options against the checkpoint's
+    (:func:`visionpe.train.resume.check_resume_hparams`): ``RESUME_FREE`` may differ, ``RESUME_OPT_IN`` may
+    differ when named in ``allow_changed`` (``--allow_changed``), any other difference is an error.
     """
+
+    RESUME_FREE = ('compile', 'grad_checkpointing', 'ema_eval')
+    RESUME_OPT_IN = ('smoothing', 'bce_loss', 'bce_target_thresh', 'mixup', 'cutmix', 'mixup_prob',
+                     'mixup_switch_prob', 'mixup_mode', 'seed')
 
     def __init__(
             self,
@@ -143,6 +180,7 @@ class VisionClassifier(pl.LightningModule):
         self.train_loss = self._train_loss()
         self._stats: Dict[str, torch.Tensor] = {}
 
+
     # ------------------------------------------------------------------ setup
     def _train_loss(self) -> nn.Module:
         from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -164,7 +202,6 @@ class VisionClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         from timm.optim import create_optimizer_v2
-        from timm.scheduler import CosineLRScheduler
         hp = self.hparams
         kwargs: Dict[str, Any] = {}
         if hp.opt_eps is not None:
@@ -173,25 +210,7 @@ class VisionClassifier(pl.LightningModule):
             kwargs['betas'] = tuple(hp.opt_betas)
         optimizer = create_optimizer_v2(self.model, opt=hp.opt, lr=hp.lr, weight_decay=hp.weight_decay,
                                         momentum=hp.momentum, layer_decay=hp.layer_decay, **kwargs)
-        if hp.sched == 'none':
-            return optimizer
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError('a cosine schedule needs a finite run: set --trainer.max_epochs or --trainer.max_steps')
-        total = int(total)
-        if self.trainer.train_dataloader is None:
-            self.trainer.fit_loop.setup_data()  # the epoch length (not loaded when only max_steps is set)
-        batches = self.trainer.num_training_batches
-        if not math.isfinite(batches):
-            raise ValueError('the training loader has no length: cannot convert warmup_epochs into steps')
-        steps_per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches)
-        warmup = int(round(hp.warmup_epochs * steps_per_epoch))
-        if total <= warmup:
-            raise ValueError(f'the run has {total} optimizer steps, not more than the {warmup} warmup steps '
-                             f'({hp.warmup_epochs} epochs): lower --model.warmup_epochs or train longer')
-        scheduler = CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=hp.min_lr, warmup_t=warmup,
-                                      warmup_lr_init=hp.warmup_lr, warmup_prefix=True, t_in_epochs=False)
-        return {'optimizer': optimizer, 'lr_scheduler': {'scheduler': scheduler, 'interval': 'step'}}
+        return with_warmup_cosine(self, optimizer)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         scheduler.step_update(num_updates=self.global_step)
@@ -230,6 +249,13 @@ class VisionClassifier(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._check_data()
+        dm = getattr(self.trainer, 'datamodule', None)
+        if dm is not None and hasattr(dm, 'monitor'):  # unreadable images skipped so far (image folders, shards)
+            self.log('data/skipped_images', float(dm.monitor.bad), on_step=False, on_epoch=True, reduce_fx='sum',
+                     sync_dist=True)
+
+    def on_train_end(self) -> None:
+        save_final_last_checkpoints(self.trainer)
 
     def _check_data(self) -> None:
         dm = getattr(self.trainer, 'datamodule', None)

@@ -1,5 +1,5 @@
 """Window relative position bias: Swin's table and SwinV2's continuous (log-spaced) bias
-(SPECS.md section 5).
+(docs/encodings.md, "Swin").
 
 Swin (Liu et al., ICCV 2021; microsoft/Swin-Transformer, timm ``swin_transformer``): per window of
 ``Mh x Mw`` tokens a learned table of ``(2Mh - 1)(2Mw - 1)`` rows and one column per head;
@@ -14,7 +14,7 @@ SwinV2 (Liu et al., CVPR 2022): continuous position bias ``16 * sigmoid(MLP(c))`
 ``c = sign(t) * log2(1 + |t|) / log2(8)``, ``t = 8 * offset / (M_ref - 1)`` per axis, ``M_ref`` the
 training window. Defined for any window, so it needs no resampling.
 
-These are helpers of window attention (:mod:`visionpe.models.swin`): the tables live in the
+These are helpers of window attention (:mod:`visionpe.models.swin`), kept next to it: the tables live in the
 attention modules under timm's key names (``relative_position_bias_table``, ``cpb_mlp``), so timm
 checkpoints load one to one. They are not a :class:`~visionpe.pos.base.PosEncoding`, because the
 interface's per-model table would change those key names.
