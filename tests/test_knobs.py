@@ -17,7 +17,7 @@ import timm
 import visionpe  # noqa: F401
 import visionpe.pos as pos_registry
 import visionpe.pos.base as base
-from test_eval import TINY, by, cfg, folder  # noqa: F401  (fixture)
+from test_eval import CHANGED, TINY, by, cfg, folder, rope_file  # noqa: F401  (fixtures)
 from visionpe.eval import KnobSpace, Knobs, ModelSource, apply_knobs, knob_support, known_knobs, run_eval
 from visionpe.eval.cli import build_parser, main
 from visionpe.grid import COORD_FAMILIES, Grid, grid_coords
@@ -85,6 +85,21 @@ def test_a_toy_encodings_knob_is_swept_without_evaluator_changes(toy_model, fold
     assert [r['toy_gain'] for r in rows] == [None, 0.0] and rows[1]['loss'] == zero[16]['loss']
     with pytest.raises(SystemExit):
         main(['--models', toy_model, '--checkpoints', 'random', '--data', str(folder), '--toy-gains', 'x'])
+
+
+def test_yarn_is_a_rope_scaling_value(folder, rope_file):
+    """YaRN (declared in pos/rope.py beside pi and ntk): the model's own numbers at the training size, others
+    above it; not applicable to polar coordinates."""
+    srcs = [ModelSource('vit_rope2d_tiny', str(rope_file), dict(TINY)),
+            ModelSource('vit_rope2d_polar_tiny', 'random', dict(TINY))]
+    res = run_eval(cfg(folder, srcs[0], models=srcs, resolutions=[16, 32],
+                       knobs=KnobSpace(rope_scaling=['none', 'yarn', 'yarn:2'])))
+    none, yarn, fixed = (by(res.rows, model='vit_rope2d_tiny', rope_scaling=s) for s in ('none', 'yarn', 'yarn:2'))
+    assert yarn[16]['loss'] == none[16]['loss'] and abs(yarn[32]['loss'] - none[32]['loss']) > CHANGED
+    assert abs(fixed[16]['loss'] - none[16]['loss']) > CHANGED
+    assert {r['rope_scaling'] for r in res.rows if r['model'] == 'vit_rope2d_polar_tiny'} == {'none'}
+    notes = next(m['notes'] for m in res.meta['models'] if m['name'] == 'vit_rope2d_polar_tiny')
+    assert any('YaRN needs Cartesian coordinates' in n for n in notes)
 
 
 # ---------------------------------------------------------------------------------------------- apply / undo
