@@ -162,9 +162,9 @@ def test_temperature_rope_scaling_and_slope_on_logits(rope_file, tmp_path):
         ref16, ref32 = model(x16), model(x32)
         ref_tokens = measure_tokens(model, (16, 16), torch.device('cpu'))
         assert sorted(set(ref_tokens.values())) == [16 + 1]  # 4 x 4 patches + class token, per attention
-        apply_knobs(model, Knobs(temperature=True), (16, 16), (16, 16), ref_tokens)
+        apply_knobs(model, Knobs(temperature=True), (16, 16), (16, 16))
         assert torch.equal(model(x16), ref16)
-        apply_knobs(model, Knobs(temperature=True), (32, 32), (16, 16), ref_tokens)
+        apply_knobs(model, Knobs(temperature=True), (32, 32), (16, 16))
         assert (model(x32) - ref32).abs().max() > CHANGED
         pi, _ = ModelSource('vit_rope2d_tiny', str(rope_file), dict(TINY)).build(2)
         apply_knobs(pi, Knobs(rope_scaling='pi'), (16, 16), (16, 16))
@@ -239,13 +239,15 @@ def test_errors(folder, rope_file, tmp_path, capsys):
     ckpt = lightning_ckpt(tmp_path / 'ten.ckpt', num_classes=10)
     assert 'trained with 10 classes but the data has 2' in err('--checkpoints', str(ckpt))
     assert 'one per model' in err('--models', 'vit_rope2d_tiny', 'vit_ape_tiny', '--checkpoints', str(rope_file))
-    assert '--rope-scaling' in err('--models', 'vit_rope2d_tiny', '--checkpoints', 'random', '--rope-scaling', 'yarn')
+    assert '--rope-scaling' in err('--models', 'vit_rope2d_tiny', '--checkpoints', 'random', '--rope-scaling', 'bogus')
     assert 'unknown coordinate mode' in err('--models', 'vit_rope2d_tiny', '--checkpoints', 'random',
                                             '--coord-modes', 'diagonal')
 
 
 # ---------------------------------------------------------------------------------------------- COCO
-def test_coco_dispatch_with_a_fake_detector(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_detector(tmp_path, monkeypatch):
+    """A COCO root and a fake ``visionpe.det.evaluate`` that records its calls: ``(root, calls)``."""
     root = tmp_path / 'coco'
     (root / 'annotations').mkdir(parents=True)
     calls = []
@@ -267,6 +269,11 @@ def test_coco_dispatch_with_a_fake_detector(tmp_path, monkeypatch):
         except ImportError:
             monkeypatch.setitem(sys.modules, 'visionpe.det', types.ModuleType('visionpe.det'))
     monkeypatch.setitem(sys.modules, 'visionpe.det.evaluate', fake)
+    return root, calls
+
+
+def test_coco_dispatch_with_a_fake_detector(tmp_path, fake_detector):
+    root, calls = fake_detector
     out = tmp_path / 'run'
     with pytest.raises(SystemExit):
         main(['--task', 'coco', '--models', 'vit_rope2d_tiny', '--checkpoints', str(tmp_path / 'det.ckpt'),

@@ -24,6 +24,9 @@ encoding needs the attention probabilities. The backend is a setting, never a co
 ``attn_backend`` argument of a model or module, :func:`use_backend` as a context manager, or the
 environment variable ``VISIONPE_ATTN_BACKEND``. Precedence: context manager, then an explicit
 module setting, then the environment variable, then ``auto``.
+
+Test-time knobs declared here (:class:`visionpe.pos.base.Knob`): ``temperature`` (:data:`TEMPERATURE`)
+and ``backend`` (:data:`BACKEND`).
 """
 from __future__ import annotations
 
@@ -39,13 +42,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .pos.base import Knob, KnobContext, register_knob
+
 if TYPE_CHECKING:
     from .pos.base import LayerPos
 
 __all__ = [
     'BACKENDS', 'Attention', 'attend', 'check_backend', 'run_backend', 'resolve_backend', 'use_backend',
     'set_attn_backend', 'xformers_available', 'flex_available', 'bias_budget', 'max_bias_bytes', 'bias_block_rows',
-    'attend_by_row_blocks',
+    'attend_by_row_blocks', 'TEMPERATURE', 'BACKEND', 'attention_lengths',
 ]
 
 BACKENDS = ('auto', 'math', 'sdpa', 'xformers', 'flex')
@@ -296,12 +301,53 @@ def attend_by_row_blocks(backend: str, q: torch.Tensor, k: torch.Tensor, v: torc
     return torch.cat(out, dim=-2)
 
 
+# ------------------------------------------------------------------------------------ test-time knobs
+@torch.no_grad()
+def attention_lengths(model: nn.Module, hw: tuple[int, int]) -> dict:
+    """Sequence length seen by every :class:`Attention` of ``model`` at input size ``hw`` (one forward of one
+    image)."""
+    seen: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.__setitem__(mod, int(args[0].shape[-2])))
+             for m in TEMPERATURE.targets(model)]
+    try:
+        p = next(model.parameters(), None)
+        model(torch.zeros(1, getattr(model, 'in_chans', 3), *hw, device=p.device if p is not None else None))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _on_off(word: str) -> bool:
+    raise ValueError(f'--temperature takes off or on, not {word!r}')
+
+
+def _set_temperature(attn: 'Attention', on: bool, ctx: KnobContext) -> None:
+    if on:
+        n = ctx.once('attention_lengths', lambda: attention_lengths(ctx.model, ctx.train_size)).get(attn, 0)
+        attn.temperature_ref_tokens = n if n > 1 else None
+
+
+#: softmax scale times log(N) / log(N_train) (entropy-invariant attention scaling, Chiang & Cholak 2022),
+#: N_train measured per attention module at the training size
+TEMPERATURE = Knob('temperature', 'attention temperature log(N)/log(N_train): "--temperature" alone = on; '
+                   '"off on" sweeps', _on_off, default=False, words=(('off', False), ('on', True)), bare=True,
+                   check=bool, label=lambda on: 'temp=logN', rank=80, attrs=('temperature_ref_tokens',),
+                   set=_set_temperature, needs_train_size=bool)
+#: the attention backend of every attention call (:func:`use_backend`)
+BACKEND = Knob('backend', 'attention backends: auto math sdpa xformers flex', check_backend, flag='--backends',
+               check=check_backend, label=lambda b: f'attn={b}', rank=90, context=use_backend,
+               find=lambda model: [m for m in model.modules() if hasattr(m, 'attn_backend')])
+register_knob(TEMPERATURE, BACKEND)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with position-encoding hooks (timm key names: qkv, proj).
 
     Per call it asks ``pos`` (a :class:`visionpe.pos.base.LayerPos`) to rotate q and k, for an
     additive bias (or an in-kernel score_mod), and to add a value term after attention.
     """
+    test_knobs = (TEMPERATURE,)
 
     def __init__(
             self,

@@ -39,11 +39,19 @@ from typing import Any, Callable, Dict, Hashable, Literal, Optional, Tuple
 
 import torch
 
-__all__ = ['COORD_MODES', 'CoordMode', 'Grid', 'GridCache', 'grid_coords', 'check_coord_mode', 'CoordAug',
+__all__ = ['COORD_MODES', 'COORD_FAMILIES', 'CoordMode', 'Grid', 'GridCache', 'grid_coords', 'check_coord_mode', 'CoordAug',
            'CoordDraw']
 
 CoordMode = Literal['index', 'normalized', 'centered', 'ref', 'normalized_ref', 'polar']
 COORD_MODES: Tuple[str, ...] = ('index', 'normalized', 'centered', 'ref', 'normalized_ref', 'polar')
+#: modes that give the same coordinates at the reference (training) grid, by the mode a model was trained
+#: with: only these are test-time alternatives (``ref`` for an ``index`` model = position interpolation);
+#: another frame (``normalized`` positions in (0, 1) for a model trained on 0..w-1) moves every position
+COORD_FAMILIES: Dict[str, Tuple[str, ...]] = {
+    'index': ('index', 'ref'), 'ref': ('index', 'ref'),
+    'normalized': ('normalized', 'normalized_ref'), 'normalized_ref': ('normalized', 'normalized_ref'),
+    'centered': ('centered',), 'polar': ('polar',),
+}
 
 
 @dataclass(frozen=True, eq=False)

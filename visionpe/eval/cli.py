@@ -20,10 +20,11 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Sequence
 
-from .models import RANDOM, KnobSpace, ModelSource, parse_rope_scaling
-from .runner import TASKS, EvalConfig, EvalResult, run_eval
+from .engine import row_key
+from .models import RANDOM, KnobSpace, ModelSource, known_knobs
+from .runner import MAX_BAD_FRACTION, TASKS, EvalConfig, EvalResult, run_eval
 
 __all__ = ['main', 'build_parser', 'config_from_args', 'default_checkpoint', 'DEFAULT_RUN']
 
@@ -68,23 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help='attention bias budget in MiB (over VISIONPE_MAX_BIAS_MB): biases above it are built '
                         'by blocks of query rows; the 16 MiB library default makes batch-256 blocks a row or two')
     p.add_argument('--resume', action='store_true',
-                   help=f'reuse the rows of an earlier run into the same --output ({PARTIAL_ROWS}) that have the '
-                        'same label, checkpoint, resolution and image count; measure only the rest')
+                   help=f'reuse the rows of earlier runs into the same --output ({PARTIAL_ROWS}) that have the '
+                        'same label, checkpoint (path and content), resolution and image count; measure only the '
+                        'rest (rows are only ever appended to that file)')
+    p.add_argument('--max-bad-fraction', type=float, default=MAX_BAD_FRACTION,
+                   help='image folders: unreadable images are skipped and listed; stop when more than this '
+                        f'fraction of them is unreadable (default {MAX_BAD_FRACTION}, as training)')
     p.add_argument('--trust-checkpoint', action='store_true',
                    help='load .ckpt files even if their pickle asks for more than tensors and plain values (it could '
                         'run code): only for files you made or trust')
     p.add_argument('--no-ema', action='store_true', help='train.py checkpoints: the raw weights, not the EMA ones')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    k = p.add_argument_group('test-time knobs (each is swept like a resolution)')
-    k.add_argument('--coord-modes', nargs='+', metavar='MODE',
-                   help='coordinate modes (index, normalized, ref, normalized_ref, centered, polar, default)')
-    k.add_argument('--rope-scaling', nargs='+', metavar='S',
-                   help='RoPE frequency scaling: none | pi | ntk (factor max(1, test/train) per resolution) | '
-                        'pi:F | ntk:F (fixed factor)')
-    k.add_argument('--lookhere-slopes', nargs='+', metavar='S', help='LookHere global slopes (numbers or default)')
-    k.add_argument('--temperature', nargs='*', choices=('off', 'on'), metavar='off|on',
-                   help='attention temperature log(N)/log(N_train): "--temperature" alone = on; "off on" sweeps')
-    k.add_argument('--backends', nargs='+', metavar='NAME', help='attention backends: auto math sdpa xformers flex')
+    k = p.add_argument_group('test-time knobs (declared by the encodings and models; each is swept like a '
+                             'resolution; a knob a model lacks is not applicable to it)')
+    for knob in known_knobs().values():
+        k.add_argument(knob.option, nargs='*' if knob.bare is not None else '+', dest=f'knob_{knob.name}',
+                       metavar=knob.name.upper(), help=knob.help)
     b = p.add_argument_group('Fashion-MNIST benchmark')
     b.add_argument('--benchmark', choices=('fmnist',), help='train every vit_<pe>_tiny at 32 px (cached), then sweep')
     b.add_argument('--bench-encodings', nargs='+', metavar='PE', help='encodings (default: all of VIT_ENCODINGS)')
@@ -110,44 +110,22 @@ def default_checkpoint(run_dir: Path = DEFAULT_RUN) -> Path:
 
 
 def _ckpt_model_name(path: str) -> str:
-    from ..train.ckpt_io import read_checkpoint
-    hp = read_checkpoint(path).get('hyper_parameters') or {}
-    if 'model_name' not in hp:
-        raise ValueError(f'{path} is not a train.py checkpoint; pass --models NAME for it')
-    return hp['model_name']
-
-
-def _none_or(values: Optional[List[str]], conv, default_word: str = 'default') -> Optional[list]:
-    if values is None:
-        return None
-    return [None if v == default_word else conv(v) for v in values]
-
-
-def _slope(v: str) -> float:
-    try:
-        return float(v)
-    except ValueError:
-        raise ValueError(f'--lookhere-slopes: {v!r} is not a number (or "default")') from None
+    from ..train.ckpt_io import checkpoint_hparams
+    return checkpoint_hparams(path)['model_name']
 
 
 def knob_space(args: argparse.Namespace) -> KnobSpace:
-    space = KnobSpace()
-    if args.coord_modes:
-        space.coord_mode = _none_or(args.coord_modes, str)
-    if args.rope_scaling:
-        for s in args.rope_scaling:
-            parse_rope_scaling(s)
-        space.rope_scaling = list(args.rope_scaling)
-    if args.lookhere_slopes:
-        space.lookhere_slope = _none_or(args.lookhere_slopes, _slope)
-    if args.temperature is not None:
-        space.temperature = [v == 'on' for v in (args.temperature or ['on'])]
-    if args.backends:
-        space.backend = _none_or(args.backends, str, 'default')
-    return space.validate()
+    """The knob flags (generated from the declarations) as a :class:`KnobSpace`."""
+    axes = {}
+    for name, knob in known_knobs().items():
+        words = getattr(args, f'knob_{name}', None)
+        if words is None:
+            continue
+        axes[name] = [knob.from_word(w) for w in words] if words else [knob.bare]
+    return KnobSpace(**axes).validate()
 
 
-def model_sources(args: argparse.Namespace) -> List[ModelSource]:
+def model_sources(args: argparse.Namespace) -> list[ModelSource]:
     """``--models`` / ``--checkpoints`` / ``--model-kwargs`` as sources (the train.py default when none given)."""
     names, ckpts = args.models, args.checkpoints
     if not names and not ckpts:
@@ -158,7 +136,7 @@ def model_sources(args: argparse.Namespace) -> List[ModelSource]:
     if not names:
         names = [_ckpt_model_name(c) for c in ckpts]
     ckpts = [None if c in (None, 'none') else c for c in (ckpts or [None] * len(names))]
-    kw_list: List[Dict[str, Any]] = [{}] * len(names)
+    kw_list: list[dict[str, Any]] = [{}] * len(names)
     if args.model_kwargs:
         try:
             parsed = [json.loads(s) for s in args.model_kwargs]
@@ -172,12 +150,12 @@ def model_sources(args: argparse.Namespace) -> List[ModelSource]:
     return [ModelSource(n, c, dict(kw), use_ema=not args.no_ema) for n, c, kw in zip(names, ckpts, kw_list)]
 
 
-def config_from_args(args: argparse.Namespace, models: List[ModelSource]) -> EvalConfig:
+def config_from_args(args: argparse.Namespace, models: list[ModelSource]) -> EvalConfig:
     return EvalConfig(models=models, data=args.data, resolutions=args.resolutions or DEFAULT_RESOLUTIONS,
                       task=args.task, crop_ratio=args.crop_ratio, batch_size=args.batch_size,
                       max_images=args.max_images, device=args.device, knobs=knob_space(args),
                       train_res=args.train_res, workers=args.workers, progress=not args.no_progress,
-                      max_bias_mb=args.max_bias_mb)
+                      max_bias_mb=args.max_bias_mb, max_bad_fraction=args.max_bad_fraction)
 
 
 def _benchmark(args: argparse.Namespace) -> tuple:
@@ -195,8 +173,9 @@ def _benchmark(args: argparse.Namespace) -> tuple:
     train_wall = time.perf_counter() - t0
     if not trained:
         raise RuntimeError(f'every encoding failed to train: {failed}')
-    if not args.coord_modes:
-        args.coord_modes = list(BENCH_COORD_MODES)
+    from ..pos.base import COORD_MODE
+    if getattr(args, f'knob_{COORD_MODE.name}') is None:  # every model keeps the modes of its own family
+        setattr(args, f'knob_{COORD_MODE.name}', list(BENCH_COORD_MODES))
     models = [ModelSource(f'vit_{pe}_tiny', info['checkpoint'], use_ema=not args.no_ema) for pe, info in trained.items()]
     extra = dict(benchmark=dict(encodings=encodings, bench_dir=str(bench_dir), epochs=args.bench_epochs,
                                 train_args=args.bench_train_args, trained=trained, failed=failed,
@@ -208,20 +187,27 @@ PARTIAL_ROWS = 'rows.partial.jsonl'
 
 
 class RowLog:
-    """Appends each result row to a JSON-lines file as soon as it is measured, so a sweep that is
-    cut off keeps what it measured (the full reports are written at the end)."""
+    """Appends each result row to a JSON-lines file as soon as it is measured, so a sweep that is cut off
+    keeps what it measured (the full reports are written at the end). The file is only ever appended to
+    (never truncated or rewritten), and created by the first row, so a run that fails its checks touches
+    nothing; rows already in it (``existing``, the ones ``--resume`` reuses) are not written again."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, existing: Sequence[dict[str, Any]] = ()):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text('')
+        self.existing = {row_key(r) for r in existing}
+        self.written = 0
 
-    def __call__(self, row: Dict[str, Any]) -> None:
+    def __call__(self, row: dict[str, Any]) -> None:
+        if row_key(row) in self.existing:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open('a') as f:
             f.write(json.dumps(row, default=str) + '\n')
+            f.flush()
+        self.written += 1
 
 
-def read_rows(path: Path) -> List[Dict[str, Any]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a ``rows.partial.jsonl`` (none if it does not exist; a torn last line is dropped)."""
     if not path.exists():
         return []
@@ -230,11 +216,11 @@ def read_rows(path: Path) -> List[Dict[str, Any]]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            logging.getLogger(__name__).warning('--resume: skipping an unreadable line of %s', path)
+            log.warning('--resume: skipping an unreadable line of %s', path)
     return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the evaluator; bad input ends with ``error: ...`` on stderr and exit status 2."""
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -245,13 +231,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result, out = run_from_args(args, argv)
     except (ValueError, FileNotFoundError, TypeError, KeyError, RuntimeError) as e:
         parser.exit(2, f'{parser.prog}: error: {e}\n')
+    except KeyboardInterrupt:
+        where = Path(args.output or '.') / PARTIAL_ROWS
+        parser.exit(130, f'{parser.prog}: interrupted; the rows measured so far are in {where} (rerun with --resume '
+                         f'to measure only the rest)\n')
     return 1 if result.meta.get('benchmark', {}).get('failed') else 0  # an encoding failed to train
 
 
-def run_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None):
+def run_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None):
     """Parse-level work of :func:`main` (raises instead of exiting): ``(EvalResult, out dir)``."""
     from .report import markdown_table, write_reports
-    extra: Dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     out = Path(args.output) if args.output else None
     if args.benchmark:
         models, extra, bench_out = _benchmark(args)
@@ -260,11 +250,12 @@ def run_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None
         models = model_sources(args)
     cfg = config_from_args(args, models)
     out = out or Path('runs') / 'eval' / time.strftime('%Y%m%d-%H%M%S')
+    args.output = str(out)  # where an interrupted run's rows are
     reuse = read_rows(out / PARTIAL_ROWS) if args.resume else []
-    if reuse:
-        logging.getLogger(__name__).info('--resume: %d earlier rows in %s', len(reuse), out / PARTIAL_ROWS)
+    if args.resume:
+        log.info('--resume: %d earlier rows in %s', len(reuse), out / PARTIAL_ROWS)
     t0 = time.perf_counter()
-    result: EvalResult = run_eval(cfg, on_row=RowLog(out / PARTIAL_ROWS), reuse=reuse)
+    result: EvalResult = run_eval(cfg, on_row=RowLog(out / PARTIAL_ROWS, reuse), reuse=reuse)
     extra['eval_wall_s'] = time.perf_counter() - t0
     cmd = ['eval_resolution.py', *(sys.argv[1:] if argv is None else argv)]
     paths = write_reports(result, out, cmd, extra)
@@ -274,6 +265,10 @@ def run_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None
     print(markdown_table(result.rows, result.headline, result.meta['resolutions'], unit))
     for s in result.meta.get('skipped', []):
         print(f"skipped {s['label']}: {s['reason']}")
+    bad = result.meta.get('unreadable_images') or {}
+    if bad.get('count'):
+        print(f"skipped {bad['count']} unreadable image(s) (listed in results.json): "
+              + ', '.join(i['path'] for i in bad['images'][:5]) + (' ...' if bad['count'] > 5 else ''))
     for pe, err in extra.get('benchmark', {}).get('failed', {}).items():
         print(f'training vit_{pe}_tiny failed: {err}')
     print('\nwrote ' + ', '.join(str(p) for p in paths.values()))

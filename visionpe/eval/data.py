@@ -8,26 +8,33 @@
   ``crop_ratio`` does not apply.
 
 ``max_images`` keeps a fixed subset (the same images at every resolution and for every model:
-:func:`visionpe.data.fashion_mnist.subset_indices`).
+:func:`visionpe.data.fashion_mnist.subset_indices`). :class:`EvalImages` serves it per resolution; an
+image folder's unreadable files (corrupt, empty, truncated) are skipped, counted and listed, and the run
+stops once they are more than ``max_bad_fraction`` of the subset (as training does,
+:mod:`visionpe.data.imagefolder`).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Any, Iterator, Sequence
 
 import torch
 
-__all__ = ['DataSpec', 'parse_data', 'FMNIST', 'num_classes_of', 'eval_batches']
+__all__ = ['DataSpec', 'parse_data', 'FMNIST', 'num_classes_of', 'EvalImages']
+
+log = logging.getLogger(__name__)
 
 FMNIST = 'fmnist'
+FMNIST_TEST_IMAGES = 10_000
 _PREFIXES = ('imagenet', 'folder', 'imagefolder', 'coco')
 
 
 @dataclass(frozen=True)
 class DataSpec:
     kind: str            # 'fmnist' | 'folder' | 'coco'
-    root: Optional[str]  # folder (None: Fashion-MNIST's default location)
+    root: str | None  # folder (None: Fashion-MNIST's default location)
 
     def describe(self) -> str:
         return 'Fashion-MNIST test set' if self.kind == FMNIST else f'{self.kind} {self.root}'
@@ -64,23 +71,91 @@ def num_classes_of(spec: DataSpec) -> int:
     return sum(1 for p in Path(spec.root).iterdir() if p.is_dir())
 
 
-def eval_batches(spec: DataSpec, size: int, batch_size: int, max_images: Optional[int],
-                 mean: Sequence[float], std: Sequence[float], crop_ratio: float = 1.0,
-                 interpolation: str = 'bicubic', workers: int = 0) -> Tuple[Iterable, int]:
-    """``(iterable of (images (B, 3, size, size), labels), number of images)``."""
-    from ..data.fashion_mnist import subset_indices
-    if spec.kind == FMNIST:
-        from ..data.fashion_mnist import FashionMNISTTest
-        ds = FashionMNISTTest(size, batch_size=batch_size, subset=max_images, root=spec.root, mean=mean, std=std)
-        return ds, int(ds.images.shape[0])
-    from torchvision.datasets import ImageFolder
+class _Readable(torch.utils.data.Dataset):
+    """Items ``(image, label, index, None)``, or ``(None, -1, index, error)`` for an unreadable image."""
 
-    from ..data.transforms import create_imagenet_transform
-    if not 0 < crop_ratio <= 1:
-        raise ValueError(f'--crop-ratio must be in (0, 1], got {crop_ratio}')
-    tf = create_imagenet_transform(False, size, mean, std, interpolation=interpolation, crop_pct=crop_ratio)
-    folder = ImageFolder(spec.root, transform=tf)
-    idx = subset_indices(len(folder), max_images)
-    ds = torch.utils.data.Subset(folder, idx.tolist())
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
-    return loader, len(ds)
+    def __init__(self, folder: Any, indices: Sequence[int], transform: Any):
+        self.folder, self.indices, self.transform = folder, list(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        from ..data.imagefolder import READ_ERRORS
+        index = self.indices[i]
+        path, label = self.folder.samples[index]
+        try:
+            return self.transform(self.folder.loader(path)), label, index, None
+        except READ_ERRORS as e:
+            return None, -1, index, f'{type(e).__name__}: {e}'
+
+
+def _collate(items):
+    good = [(x, y) for x, y, _, err in items if err is None]
+    bad = [(index, err) for _, _, index, err in items if err is not None]
+    x = torch.stack([g[0] for g in good]) if good else None
+    return x, torch.tensor([g[1] for g in good], dtype=torch.long), bad
+
+
+class EvalImages:
+    """The evaluation subset of ``spec``, batched at any resolution; unreadable images of a folder are
+    skipped (each read once: later passes leave them out), counted and listed (:meth:`report`), and more
+    than ``max_bad_fraction`` of them is an error."""
+
+    def __init__(self, spec: DataSpec, max_images: int | None, batch_size: int, crop_ratio: float = 1.0,
+                 workers: int = 0, max_bad_fraction: float = 0.001):
+        from ..data.fashion_mnist import subset_indices
+        if not 0 < crop_ratio <= 1:
+            raise ValueError(f'--crop-ratio must be in (0, 1], got {crop_ratio}')
+        self.spec, self.max_images, self.batch_size = spec, max_images, batch_size
+        self.crop_ratio, self.workers, self.max_bad_fraction = crop_ratio, workers, max_bad_fraction
+        self.unreadable: dict[int, str] = {}  # index -> error
+        if spec.kind == FMNIST:
+            self.folder = None
+            self.n_requested = min(max_images, FMNIST_TEST_IMAGES) if max_images else FMNIST_TEST_IMAGES
+        else:
+            from torchvision.datasets import ImageFolder
+            self.folder = ImageFolder(spec.root)
+            self.indices = subset_indices(len(self.folder), max_images).tolist()
+            self.n_requested = len(self.indices)
+
+    @property
+    def n_unreadable(self) -> int:
+        return len(self.unreadable)
+
+    def batches(self, size: int, mean: Sequence[float], std: Sequence[float],
+                interpolation: str = 'bicubic') -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(images (B, 3, size, size), labels)`` of the readable images."""
+        if self.folder is None:
+            from ..data.fashion_mnist import FashionMNISTTest
+            yield from FashionMNISTTest(size, batch_size=self.batch_size, subset=self.max_images, root=self.spec.root,
+                                        mean=mean, std=std)
+            return
+        from ..data.transforms import create_imagenet_transform
+        tf = create_imagenet_transform(False, size, mean, std, interpolation=interpolation, crop_pct=self.crop_ratio)
+        ds = _Readable(self.folder, [i for i in self.indices if i not in self.unreadable], tf)
+        loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
+                                             collate_fn=_collate)
+        for x, y, bad in loader:
+            for index, err in bad:
+                log.warning('skipping unreadable image %s: %s', self.folder.samples[index][0], err)
+                self.unreadable[index] = err
+            self._check()
+            if x is not None:
+                yield x, y
+
+    def _check(self) -> None:
+        from ..data.imagefolder import BadDataError
+        n, bad = self.n_requested, self.n_unreadable
+        if bad / n > self.max_bad_fraction:
+            first = '; '.join(self.folder.samples[i][0] for i in sorted(self.unreadable)[:5])
+            raise BadDataError(f'{bad} of {n} images in {self.spec.root} ({100 * bad / n:.2f}%) could not be read, '
+                               f'more than the allowed {100 * self.max_bad_fraction:.2f}% (--max-bad-fraction); '
+                               f'first: {first}. Fix or remove them, or raise the limit')
+
+    def report(self) -> dict[str, Any]:
+        """For ``results.json``: how many images could not be read, and which (path and error)."""
+        n = self.n_requested
+        return dict(count=self.n_unreadable, fraction=self.n_unreadable / n if n else 0.0,
+                    max_fraction=self.max_bad_fraction,
+                    images=[dict(path=self.folder.samples[i][0], error=e) for i, e in sorted(self.unreadable.items())])

@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Sequence
 
 import yaml
 
@@ -20,12 +20,12 @@ __all__ = ['BENCH_DIR', 'BENCH_RESOLUTIONS', 'BENCH_COORD_MODES', 'bench_encodin
 log = logging.getLogger(__name__)
 BENCH_DIR = Path('runs') / 'fmnist_bench'
 BENCH_RESOLUTIONS = (32, 48, 64, 96, 128)
-#: swept as a knob; each model keeps those of its own coordinate family (visionpe.eval.models.COORD_FAMILIES):
+#: swept as a knob; each model keeps those of its own coordinate family (visionpe.grid.COORD_FAMILIES):
 #: index-trained models index and ref, ComRoPE normalized and normalized_ref, polar RoPE polar
 BENCH_COORD_MODES = ('index', 'ref', 'normalized', 'normalized_ref', 'polar')
 
 
-def bench_encodings(selected: Optional[Sequence[str]] = None) -> List[str]:
+def bench_encodings(selected: Sequence[str] | None = None) -> list[str]:
     """Encodings of the benchmark: ``selected`` (checked) or every key of ``VIT_ENCODINGS``."""
     from ..models.vit import VIT_ENCODINGS
     if not selected:
@@ -36,7 +36,7 @@ def bench_encodings(selected: Optional[Sequence[str]] = None) -> List[str]:
     return list(dict.fromkeys(selected))
 
 
-def bench_config(pe: str, run_dir: Path, epochs: Optional[int]) -> Dict[str, Any]:
+def bench_config(pe: str, run_dir: Path, epochs: int | None) -> dict[str, Any]:
     """``configs/fmnist_vit_tiny.yaml`` for ``vit_<pe>_tiny`` with every output under ``run_dir`` (its loggers
     and checkpoints follow ``trainer.default_root_dir``)."""
     from ..train.cli import DEFAULT_CONFIG
@@ -49,8 +49,8 @@ def bench_config(pe: str, run_dir: Path, epochs: Optional[int]) -> Dict[str, Any
     return cfg
 
 
-def train_encoding(pe: str, bench_dir: Path = BENCH_DIR, epochs: Optional[int] = None,
-                   train_args: Sequence[str] = (), retrain: bool = False) -> Tuple[Path, Optional[float]]:
+def train_encoding(pe: str, bench_dir: Path = BENCH_DIR, epochs: int | None = None,
+                   train_args: Sequence[str] = (), retrain: bool = False) -> tuple[Path, float | None]:
     """Train ``vit_<pe>_tiny`` unless it finished before; ``(last.ckpt, training seconds or None if cached)``.
 
     A finished training is marked by ``train_time.json`` (written after ``fit`` returns). ``last.ckpt`` alone
@@ -66,7 +66,7 @@ def train_encoding(pe: str, bench_dir: Path = BENCH_DIR, epochs: Optional[int] =
     from ..train import fit
     run_dir.mkdir(parents=True, exist_ok=True)
     done.unlink(missing_ok=True)
-    resume: Optional[Path] = None
+    resume: Path | None = None
     if last.is_file():
         if retrain:
             last.unlink()
@@ -84,14 +84,14 @@ def train_encoding(pe: str, bench_dir: Path = BENCH_DIR, epochs: Optional[int] =
     return last, seconds
 
 
-def train_all(encodings: Sequence[str], bench_dir: Path = BENCH_DIR, epochs: Optional[int] = None,
+def train_all(encodings: Sequence[str], bench_dir: Path = BENCH_DIR, epochs: int | None = None,
               train_args: Sequence[str] = (), retrain: bool = False
-              ) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
+              ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Train (or reuse) every encoding; an encoding that fails is reported and the others go on.
     Returns ``({pe: {checkpoint, train_s, cached}}, {pe: error})``; ``train_s`` of a cached checkpoint is
     the one recorded when it was trained (None if unknown)."""
-    trained: Dict[str, Dict[str, Any]] = {}
-    failed: Dict[str, str] = {}
+    trained: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
     for pe in encodings:
         try:
             ckpt, seconds = train_encoding(pe, bench_dir, epochs, train_args, retrain)

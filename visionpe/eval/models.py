@@ -2,7 +2,8 @@
 
 A :class:`ModelSource` is a registered name plus one of
 
-* a Lightning ``.ckpt`` from ``train.py`` (rebuilt by :func:`visionpe.train.load_model_from_checkpoint`);
+* a Lightning ``.ckpt`` from ``train.py`` (rebuilt by :func:`visionpe.train.load_model_from_checkpoint`;
+  read safely, :mod:`visionpe.train.ckpt_io`);
 * a timm / safetensors / upstream file (``timm.create_model(name, pretrained=True,
   pretrained_cfg_overlay=dict(file=PATH))``: the converters detect the format and validate the keys);
 * nothing: local weights found by timm's ``pretrained=True`` (``$VISIONPE_WEIGHTS_DIR``), or
@@ -11,37 +12,34 @@ A :class:`ModelSource` is a registered name plus one of
 
 Every model is built with ``dynamic_img_size=True`` so one instance runs at every resolution.
 
-Test-time knobs (:class:`Knobs`), all set by :func:`apply_knobs`:
-
-* ``coord_mode``: token coordinates of the encoding (:mod:`visionpe.grid`): a construction
-  argument, so the model is rebuilt with it and the same weights loaded;
-* ``rope_scaling``: RoPE position interpolation (``pi``: positions times ``pos_scale``, Chen et al.
-  2023) or NTK-aware base scaling (``ntk``: theta times ``s^(d/(d-2))``, bloc97 2023); ``pi`` / ``ntk``
-  alone derive the factor per resolution, ``s = max(1, test grid / train grid)`` (longer ratio of the
-  two axes), ``pi:F`` / ``ntk:F`` fix it;
-* ``lookhere_slope``: LookHere's global slope ``s_global`` (Fuller et al. 2024);
-* ``temperature``: softmax scale times ``log(N) / log(N_train)`` (entropy-invariant attention scaling,
-  Chiang & Cholak 2022), ``N_train`` measured per attention module at the training resolution;
-* ``backend``: attention backend (:func:`visionpe.attention.use_backend`).
-A knob a model does not have is not applicable: the model runs once at its own setting.
+Test-time knobs are declared by the modules that have them (:class:`visionpe.pos.base.Knob`, listed in
+a class's ``test_knobs``; docs/knobs.md): the evaluator knows none of them by name. A :class:`Knobs` is
+one setting (knob name -> value), a :class:`KnobSpace` the values to sweep per knob;
+:func:`knob_support` finds which knobs a model has, :func:`expand_knobs` the settings that apply to it,
+:func:`build_overrides` / :func:`apply_knobs` / :func:`knob_contexts` apply one setting (at build
+time, on the modules at a test size and undone after, or around the forward pass). A knob a model
+does not have is not applicable: the model runs once at its own setting.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
-__all__ = ['ModelSource', 'Knobs', 'KnobSpace', 'parse_rope_scaling', 'knob_support', 'expand_knobs',
-           'apply_knobs', 'train_resolution', 'patch_size_of', 'measure_tokens', 'RANDOM']
+__all__ = ['ModelSource', 'Knobs', 'KnobSpace', 'known_knobs', 'knob_support', 'expand_knobs', 'build_overrides',
+           'apply_knobs', 'knob_contexts', 'train_resolution', 'patch_size_of', 'measure_tokens', 'RANDOM',
+           'file_digest']
 
 log = logging.getLogger(__name__)
 RANDOM = 'random'
-Size = Tuple[int, int]
+Size = tuple[int, int]
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -50,35 +48,61 @@ class ModelSource:
     """A model to evaluate: ``name`` (timm / visionpe), ``checkpoint`` (path, None or ``'random'``),
     extra ``kwargs`` for ``timm.create_model`` (e.g. the architecture of a bare safetensors file)."""
     name: str
-    checkpoint: Optional[str] = None
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
     use_ema: bool = True
+    trust: bool | None = None  # unpickle a .ckpt that asks for code (None: ckpt_io.trusting's choice)
 
     @property
     def is_lightning(self) -> bool:
         return self.checkpoint is not None and Path(self.checkpoint).suffix == '.ckpt'
 
-    def check(self) -> None:
-        """Fail early on an unknown name or a missing file."""
+    def hparams(self) -> dict[str, Any]:
+        """The ``hyper_parameters`` of a ``train.py`` checkpoint (read once)."""
+        if '_hparams' not in self.__dict__:
+            from ..train.ckpt_io import checkpoint_hparams
+            self.__dict__['_hparams'] = checkpoint_hparams(self.checkpoint, trust=self.trust)
+        return self.__dict__['_hparams']
+
+    def check(self, task: str = 'cls') -> None:
+        """Fail early on an unknown name, a missing file, or a ``train.py`` checkpoint of another model or
+        task."""
         import visionpe
         if self.checkpoint not in (None, RANDOM) and not Path(self.checkpoint).is_file():
             raise FileNotFoundError(f'checkpoint {self.checkpoint} (for model {self.name}) does not exist')
         visionpe.check_model_name(self.name)
+        if self.is_lightning and task == 'cls':
+            hp = self.hparams()
+            if is_detection_hparams(hp):
+                raise ValueError(f'{self.checkpoint}: this is a detection checkpoint (a detector on '
+                                 f'{hp["model_name"]}): use --task coco')
+            if hp['model_name'] != self.name:
+                raise ValueError(f'{self.checkpoint} is a train.py checkpoint of {hp["model_name"]}, but --models '
+                                 f'says {self.name}: pass --models {hp["model_name"]}, or leave --models out '
+                                 f'(the name is in the checkpoint)')
 
-    def build(self, num_classes: Optional[int] = None, **overrides: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+    def fingerprint(self) -> str | None:
+        """What the weights are, beyond the path: a digest of the checkpoint file (None without a file)."""
+        if self.checkpoint in (None, RANDOM):
+            return None
+        if '_digest' not in self.__dict__:
+            self.__dict__['_digest'] = file_digest(self.checkpoint)
+        return self.__dict__['_digest']
+
+    def build(self, num_classes: int | None = None, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
         """The model in eval mode with its weights, and info (``img_size``, ``mean``, ``std``, ...)."""
         self.check()
         kwargs = {**self.kwargs, **overrides}
         if self.is_lightning:
             from ..train.checkpoint import load_model_from_checkpoint
             model, info = _with_dynamic_size(lambda **kw: load_model_from_checkpoint(
-                self.checkpoint, 'cpu', use_ema=self.use_ema, **kw), kwargs)
+                self.checkpoint, 'cpu', use_ema=self.use_ema, trust=self.trust, **kw), kwargs)
             if num_classes is not None and info['num_classes'] != num_classes:
                 raise ValueError(f'{self.checkpoint}: the model was trained with {info["num_classes"]} classes but '
                                  f'the data has {num_classes}; evaluate it on data with the same classes')
             return model, info
         import timm
-        create: Dict[str, Any] = dict(kwargs)
+        create: dict[str, Any] = dict(kwargs)
         if num_classes is not None:
             create['num_classes'] = num_classes
         pretrained = self.checkpoint != RANDOM
@@ -100,7 +124,21 @@ class ModelSource:
         return model, info
 
 
-def _with_dynamic_size(fn, kwargs: Dict[str, Any]):
+def is_detection_hparams(hp: dict[str, Any]) -> bool:
+    """Whether ``train.py`` hyper-parameters are those of a detector (its feature pyramid)."""
+    return 'fpn_channels' in hp
+
+
+def file_digest(path: str, chars: int = 16) -> str:
+    """SHA-256 of a file's content (hex, first ``chars``): a replaced checkpoint gets another one."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()[:chars]
+
+
+def _with_dynamic_size(fn, kwargs: dict[str, Any]):
     """Call ``fn(dynamic_img_size=True, **kwargs)``; models without that option are built without it."""
     if 'dynamic_img_size' in kwargs:
         return fn(**kwargs)
@@ -112,7 +150,7 @@ def _with_dynamic_size(fn, kwargs: Dict[str, Any]):
         return fn(**kwargs)
 
 
-def patch_size_of(model: nn.Module) -> Optional[Size]:
+def patch_size_of(model: nn.Module) -> Size | None:
     pe = getattr(model, 'patch_embed', None)
     p = getattr(pe, 'patch_size', None)
     if p is None:
@@ -120,7 +158,7 @@ def patch_size_of(model: nn.Module) -> Optional[Size]:
     return (int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1]))
 
 
-def train_resolution(model: nn.Module, info: Dict[str, Any]) -> Optional[Size]:
+def train_resolution(model: nn.Module, info: dict[str, Any]) -> Size | None:
     """The training resolution: the checkpoint's ``img_size`` (``train.py``), else the size the model was
     built for (``patch_embed.img_size``), else timm's ``pretrained_cfg['input_size']``."""
     size = info.get('img_size')
@@ -135,201 +173,183 @@ def train_resolution(model: nn.Module, info: Dict[str, Any]) -> Optional[Size]:
 
 
 # ------------------------------------------------------------------------------------------ knobs
-_ROPE_MODES = ('none', 'pi', 'ntk')
-
-
-def parse_rope_scaling(spec: str) -> Tuple[str, Optional[float]]:
-    """``none`` | ``pi`` | ``ntk`` | ``pi:F`` | ``ntk:F`` -> ``(mode, factor or None for per-resolution)``."""
-    mode, _, value = spec.partition(':')
-    if mode not in _ROPE_MODES or (mode == 'none' and value):
-        raise ValueError(f"bad --rope-scaling {spec!r}: use none, pi, ntk (factor from the resolution) or "
-                         f"pi:F / ntk:F (fixed factor, e.g. ntk:2)")
-    if not value:
-        return mode, None
-    try:
-        f = float(value)
-    except ValueError:
-        raise ValueError(f'bad --rope-scaling {spec!r}: {value!r} is not a number') from None
-    if f <= 0:
-        raise ValueError(f'bad --rope-scaling {spec!r}: the factor must be positive')
-    return mode, f
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """One setting of the test-time knobs; ``None`` / ``'none'`` / False mean "the model's own"."""
-    coord_mode: Optional[str] = None
-    rope_scaling: str = 'none'
-    lookhere_slope: Optional[float] = None
-    temperature: bool = False
-    backend: Optional[str] = None
-
-    def label(self) -> str:
-        parts = []
-        if self.coord_mode is not None:
-            parts.append(f'coord={self.coord_mode}')
-        if self.rope_scaling != 'none':
-            parts.append(f'rope={self.rope_scaling}')
-        if self.lookhere_slope is not None:
-            parts.append(f'slope={self.lookhere_slope:g}')
-        if self.temperature:
-            parts.append('temp=logN')
-        if self.backend is not None:
-            parts.append(f'attn={self.backend}')
-        return ', '.join(parts)
-
-    def as_dict(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass
-class KnobSpace:
-    """The values to sweep, per knob (each list is one axis of the sweep)."""
-    coord_mode: Sequence[Optional[str]] = (None,)
-    rope_scaling: Sequence[str] = ('none',)
-    lookhere_slope: Sequence[Optional[float]] = (None,)
-    temperature: Sequence[bool] = (False,)
-    backend: Sequence[Optional[str]] = (None,)
-
-    def validate(self) -> 'KnobSpace':
-        from ..attention import BACKENDS
-        from ..grid import check_coord_mode
-        for m in self.coord_mode:
-            if m is not None:
-                check_coord_mode(m)
-        for r in self.rope_scaling:
-            parse_rope_scaling(r)
-        for b in self.backend:
-            if b is not None and b not in BACKENDS:
-                raise ValueError(f"unknown attention backend {b!r}; choose from {', '.join(BACKENDS)}")
-        return self
-
-    def is_default(self) -> bool:
-        return all(list(getattr(self, f.name)) == [getattr(Knobs(), f.name)] for f in fields(self))
-
-
-def _encodings(model: nn.Module) -> List[nn.Module]:
-    from ..pos.base import PosEncoding
-    return [m for m in model.modules() if isinstance(m, PosEncoding)]
-
-
-def knob_support(model: nn.Module) -> Dict[str, Any]:
-    """Which knobs ``model`` has: ``{knob: how it is set}`` (missing key: not applicable); for
-    ``coord_mode``: ``(construction keyword, the model's own mode)``."""
-    encs = _encodings(model)
-    out: Dict[str, Any] = {}
-    with_mode = [e for e in encs if hasattr(e, 'coord_mode')]
-    if with_mode:  # (construction keyword, the mode the model was built with)
-        out['coord_mode'] = ('coord_mode', with_mode[0].coord_mode)
-    elif getattr(model, 'pos_embed_type', None) == 'sincos':
-        out['coord_mode'] = ('pos_embed_coord_mode', model.pos_embed_coord_mode)
-    rope = [e for e in encs if hasattr(e, 'pos_scale') and hasattr(e, 'ntk_scale')]
-    if rope:
-        out['rope_scaling'] = ['pi'] + (['ntk'] if any(getattr(e, 'rope_type', 'axial') == 'axial' for e in rope)
-                                        else [])
-    if any(hasattr(e, 'global_slope') for e in encs):
-        out['lookhere_slope'] = 'global_slope'
-    if any(hasattr(m, 'temperature_ref_tokens') for m in model.modules()):
-        out['temperature'] = True
-    if any(hasattr(m, 'attn_backend') for m in model.modules()):
-        out['backend'] = True
+def known_knobs() -> dict[str, Any]:
+    """Every declared knob by name (rank order): the first declaration of each name (those sharing a name share
+    its flag, default and parsing). Imports every model and encoding first, so all declarations are seen."""
+    import visionpe  # noqa: F401  (models and attention)
+    from ..pos import list_encodings
+    from ..pos.base import registered_knobs
+    list_encodings()
+    out: dict[str, Any] = {}
+    for k in registered_knobs():
+        out.setdefault(k.name, k)
     return out
 
 
-def expand_knobs(space: KnobSpace, support: Dict[str, Any]) -> Tuple[List[Knobs], List[str]]:
+def _variants(name: str) -> list[Any]:
+    from ..pos.base import registered_knobs
+    return [k for k in registered_knobs() if k.name == name]
+
+
+class Knobs:
+    """One setting of the test-time knobs, ``{knob name: value}``; a knob not given keeps its default
+    ("the model's own setting"). ``Knobs(rope_scaling='pi')``; values are read as ``knobs[name]``."""
+
+    def __init__(self, **values: Any):
+        known = known_knobs()
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise TypeError(f"unknown knob(s) {unknown}; declared knobs: {', '.join(known)}")
+        self._values = {n: values.get(n, k.default) for n, k in known.items()}
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def items(self):
+        return self._values.items()
+
+    def changed(self) -> dict[str, Any]:
+        """The knobs set to something else than their default."""
+        known = known_knobs()
+        return {n: v for n, v in self._values.items() if v != known[n].default}
+
+    def label(self) -> str:
+        known = known_knobs()
+        return ', '.join(t for t in (known[n].text(v) for n, v in self._values.items()) if t)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Knobs) and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._values.items()))
+
+    def __repr__(self) -> str:
+        return f"Knobs({', '.join(f'{n}={v!r}' for n, v in self.changed().items())})"
+
+
+class KnobSpace:
+    """The values to sweep, per knob (each list is one axis of the sweep): ``KnobSpace(coord_mode=['index',
+    'ref'])``; a knob not given has only its default."""
+
+    def __init__(self, **axes: Sequence[Any]):
+        known = known_knobs()
+        unknown = sorted(set(axes) - set(known))
+        if unknown:
+            raise TypeError(f"unknown knob(s) {unknown}; declared knobs: {', '.join(known)}")
+        self.axes: dict[str, list[Any]] = {n: list(axes.get(n, [k.default])) for n, k in known.items()}
+
+    def __getitem__(self, name: str) -> list[Any]:
+        return self.axes[name]
+
+    def validate(self) -> 'KnobSpace':
+        known = known_knobs()
+        for name, values in self.axes.items():
+            if not values:
+                raise ValueError(f'{known[name].option}: give at least one value')
+            self.axes[name] = [known[name].validate(v) for v in values]
+        return self
+
+    def is_default(self) -> bool:
+        known = known_knobs()
+        return all(v == [known[n].default] for n, v in self.axes.items())
+
+    def as_dict(self) -> dict[str, list[Any]]:
+        return {n: list(v) for n, v in self.axes.items()}
+
+
+def knob_support(model: nn.Module) -> dict[str, list[tuple[Any, nn.Module]]]:
+    """The knobs ``model`` has: ``{knob name: [(declaration, module), ...]}`` (missing key: not applicable)."""
+    out: dict[str, list[tuple[Any, nn.Module]]] = {}
+    for name in known_knobs():
+        pairs = [(k, m) for k in _variants(name) for m in k.targets(model)]
+        if pairs:
+            out[name] = pairs
+    return out
+
+
+def _accepted(pairs: list[tuple[Any, nn.Module]], value: Any) -> str | None:
+    """None if some module takes ``value``, else why not (the first reason)."""
+    reasons = [k.accepts(m, value) if k.accepts is not None else None for k, m in pairs]
+    return None if any(r is None for r in reasons) else reasons[0]
+
+
+def expand_knobs(space: KnobSpace, support: dict[str, Any]) -> tuple[list[Knobs], list[str]]:
     """Every knob setting of ``space`` that applies to a model with ``support`` (knobs it lacks collapse to
-    the model's own setting), and notes on what was not applicable."""
-    axes: Dict[str, List[Any]] = {}
-    notes: List[str] = []
-    default = Knobs()
-    for f in fields(Knobs):
-        values = list(dict.fromkeys(getattr(space, f.name)))
-        wanted = [v for v in values if v != getattr(default, f.name)]
-        if f.name not in support:
+    the model's own setting), and notes on what was not applicable. A value no module of the model takes
+    (e.g. a coordinate mode of another family) is dropped; if none is left, the model runs at its own
+    value (the knob's ``own``, else its default)."""
+    axes: dict[str, list[Any]] = {}
+    notes: list[str] = []
+    for name, knob in known_knobs().items():
+        values = list(dict.fromkeys(space[name]))
+        wanted = [v for v in values if v != knob.default]
+        pairs = support.get(name)
+        if not pairs:
             if wanted:
-                notes.append(f'{f.name} {wanted} not applicable')
-            axes[f.name] = [getattr(default, f.name)]
-        elif f.name == 'coord_mode':
-            axes[f.name] = _coord_modes(values, support['coord_mode'][1], notes)
-        elif f.name == 'rope_scaling':
-            ok = [v for v in values if parse_rope_scaling(v)[0] in ('none', *support['rope_scaling'])]
-            if len(ok) < len(values):
-                notes.append(f'rope_scaling {[v for v in values if v not in ok]} not applicable')
-            axes[f.name] = ok or ['none']
-        else:
-            axes[f.name] = values
+                notes.append(f'{name} {wanted} not applicable')
+            axes[name] = [knob.default]
+            continue
+        why = {v: _accepted(pairs, v) for v in wanted}
+        rejected = [v for v in wanted if why[v] is not None]
+        if rejected:
+            notes.append(f'{name} {rejected} not applicable' + (f': {why[rejected[0]]}' if why[rejected[0]] else ''))
+        ok = [v for v in values if v not in rejected]
+        own = next((k.own(m) for k, m in pairs if k.own is not None), knob.default)
+        axes[name] = ok or [own]
     combos = [Knobs(**dict(zip(axes, vals))) for vals in itertools.product(*axes.values())]
     return combos, notes
 
 
-#: coordinate modes that give the training coordinates at the training resolution, by training mode:
-#: only these are test-time alternatives (e.g. ``ref`` for an ``index`` model = position interpolation);
-#: another frame (``normalized`` positions in (0, 1) for a model trained on 0..w-1) is not a knob setting
-COORD_FAMILIES: Dict[str, Tuple[str, ...]] = {
-    'index': ('index', 'ref'), 'ref': ('index', 'ref'),
-    'normalized': ('normalized', 'normalized_ref'), 'normalized_ref': ('normalized', 'normalized_ref'),
-    'centered': ('centered',), 'polar': ('polar',),
-}
+def build_overrides(knobs: Knobs, support: dict[str, Any]) -> dict[str, Any]:
+    """Construction keywords of a knob setting (knobs applied by rebuilding the model)."""
+    out: dict[str, Any] = {}
+    for name, value in knobs.changed().items():
+        for k, _ in support.get(name, ()):
+            if k.build is not None:
+                out[k.build] = value
+    return out
 
 
-def _coord_modes(values: List[Optional[str]], native: Optional[str], notes: List[str]) -> List[Optional[str]]:
-    """The requested coordinate modes that agree with the model's own (``native``) mode at the training
-    resolution; the rest are noted as not applicable. None of them left: the model's own mode."""
-    wanted = [v for v in values if v is not None]
-    if native is None or not wanted:
-        return values
-    family = COORD_FAMILIES.get(native, (native,))
-    ok = [v for v in values if v is None or v in family]
-    if len(ok) < len(values):
-        notes.append(f'coord_mode {[v for v in values if v not in ok]} not applicable: trained with '
-                     f'{native!r} coordinates (test-time alternatives: {", ".join(family)})')
-    return ok or [native]
+def measure_tokens(model: nn.Module, hw: Size, device: torch.device | None = None) -> dict[nn.Module, int]:
+    """Sequence length seen by every attention module at ``hw`` (:func:`visionpe.attention.attention_lengths`)."""
+    from ..attention import attention_lengths
+    return attention_lengths(model, hw)
 
 
-def build_overrides(knobs: Knobs, support: Dict[str, Any]) -> Dict[str, Any]:
-    """Construction keywords of a knob setting (only the coordinate mode is one)."""
-    if knobs.coord_mode is None:
-        return {}
-    return {support['coord_mode'][0]: knobs.coord_mode}
+def apply_knobs(model: nn.Module, knobs: Knobs, hw: Size, train_hw: Size | None,
+                memo: dict[str, Any] | None = None) -> Callable[[], None]:
+    """Set the knobs of ``knobs`` that act on modules, for evaluation at ``hw`` (training size ``train_hw``);
+    returns the function that undoes it. ``memo``: shared by every call on the same model (measurements
+    made once per model, e.g. the training sequence lengths of the temperature knob). Construction knobs
+    are applied by :func:`build_overrides`, context knobs by :func:`knob_contexts`."""
+    from ..pos.base import KnobContext
+    ctx = KnobContext(tuple(hw), tuple(train_hw) if train_hw else None, model, memo if memo is not None else {})
+    done = []
+    for name, value in knobs.changed().items():
+        for k in _variants(name):
+            if k.set is None:
+                continue
+            if k.needs_train_size(value) and train_hw is None:
+                raise ValueError(f'{k.option} {value} needs the training resolution (pass --train-res)')
+            for m in k.targets(model):
+                if k.accepts is None or k.accepts(m, value) is None:
+                    done.append((k, m, k.apply(m, value, ctx)))
+
+    def undo() -> None:
+        for k, m, saved in reversed(done):
+            k.undo(m, saved)
+    return undo
 
 
-@torch.no_grad()
-def measure_tokens(model: nn.Module, hw: Size, device: torch.device) -> Dict[nn.Module, int]:
-    """Sequence length seen by every attention module at ``hw`` (one forward of one image)."""
-    seen: Dict[nn.Module, int] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.__setitem__(mod, int(args[0].shape[-2])))
-             for m in model.modules() if hasattr(m, 'temperature_ref_tokens')]
-    try:
-        model(torch.zeros(1, getattr(model, 'in_chans', 3), *hw, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
-def apply_knobs(model: nn.Module, knobs: Knobs, hw: Size, train_hw: Optional[Size],
-                ref_tokens: Optional[Dict[nn.Module, int]] = None) -> None:
-    """Set the attribute knobs of ``model`` for evaluation at ``hw`` (``coord_mode`` is set at build time,
-    see :func:`build_overrides`; the backend by :func:`visionpe.attention.use_backend` around the forward).
-
-    ``ref_tokens``: per-attention training sequence lengths (:func:`measure_tokens`), for ``temperature``.
-    """
-    encs = _encodings(model)
-    mode, factor = parse_rope_scaling(knobs.rope_scaling)
-    if mode != 'none' and factor is None:
-        if train_hw is None:
-            raise ValueError('--rope-scaling pi / ntk needs the training resolution (pass --train-res)')
-        factor = max(1.0, hw[0] / train_hw[0], hw[1] / train_hw[1])
-    for e in encs:  # the model is built fresh per knob setting: only the knobs that are set are touched
-        if mode == 'pi' and hasattr(e, 'pos_scale'):
-            e.pos_scale = 1.0 / factor
-        if mode == 'ntk' and hasattr(e, 'ntk_scale'):
-            e.ntk_scale = factor
-        if knobs.lookhere_slope is not None and hasattr(e, 'global_slope'):
-            e.global_slope = float(knobs.lookhere_slope)
-    if knobs.temperature and not ref_tokens:
-        raise ValueError('the temperature knob needs the training sequence lengths (measure_tokens)')
-    if knobs.temperature:
-        for m, n in ref_tokens.items():
-            m.temperature_ref_tokens = n if n > 1 else None
-
+@contextlib.contextmanager
+def knob_contexts(knobs: Knobs) -> Iterator[None]:
+    """The context-manager knobs of ``knobs`` (e.g. the attention backend) around a forward pass."""
+    with contextlib.ExitStack() as stack:
+        for name, value in knobs.changed().items():
+            for k in _variants(name):
+                if k.context is not None:
+                    stack.enter_context(k.context(value))
+        yield

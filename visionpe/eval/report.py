@@ -5,20 +5,22 @@ resolution, best value per column in bold; the numbers are the JSON / CSV ones r
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Sequence
 
-from .runner import EvalResult
+from .engine import EvalResult
 
 __all__ = ['write_reports', 'markdown_table', 'format_value', 'FORMATS', 'run_metadata']
 
 # metric -> (title, format, higher is better)
-FORMATS: Dict[str, tuple] = {
+FORMATS: dict[str, tuple] = {
     'top1': ('top-1 accuracy (%)', '{:.2f}', True),
     'top5': ('top-5 accuracy (%)', '{:.2f}', True),
     'loss': ('cross-entropy', '{:.4f}', False),
@@ -29,23 +31,35 @@ FORMATS: Dict[str, tuple] = {
 }
 
 
-def format_value(metric: str, value: Optional[float]) -> str:
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """Write to a temporary file beside ``path`` and rename it over ``path`` once complete (an interrupted
+    write leaves the old file as it was)."""
+    tmp = path.with_name(f'.{path.stem}.tmp{path.suffix}')
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def format_value(metric: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return '-'
     return FORMATS.get(metric, (metric, '{:.4g}', True))[1].format(value)
 
 
-def _labels(rows: Sequence[Dict[str, Any]]) -> List[str]:
+def _labels(rows: Sequence[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r['label'] for r in rows))
 
 
-def markdown_table(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Sequence[int],
+def markdown_table(rows: Sequence[dict[str, Any]], metric: str, resolutions: Sequence[int],
                    unit: str = 'px') -> str:
     """Rows: labels; columns: resolutions (training resolution marked with †); best per column in bold."""
     labels = _labels(rows)
     cell = {(r['label'], r['resolution']): r.get(metric) for r in rows}
     higher = FORMATS.get(metric, ('', '', True))[2]
-    best: Dict[int, str] = {}
+    best: dict[int, str] = {}
     for res in resolutions:
         vals = [cell[(lab, res)] for lab in labels if cell.get((lab, res)) is not None]
         if vals:
@@ -66,7 +80,7 @@ def markdown_table(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Seq
     return '\n'.join(out)
 
 
-def run_metadata(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def run_metadata(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The exact command and the versions of everything that decides the numbers."""
     import shlex
 
@@ -87,8 +101,8 @@ def run_metadata(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 platform=platform.platform())
 
 
-def write_reports(result: EvalResult, out_dir: Path, argv: Optional[Sequence[str]] = None,
-                  extra_meta: Optional[Dict[str, Any]] = None) -> Dict[str, Path]:
+def write_reports(result: EvalResult, out_dir: Path, argv: Sequence[str] | None = None,
+                  extra_meta: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write CSV, JSON, Markdown and PNG into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,13 +111,13 @@ def write_reports(result: EvalResult, out_dir: Path, argv: Optional[Sequence[str
     paths = {k: out_dir / f'results.{k}' for k in ('csv', 'json', 'md', 'png')}
 
     keys = list(dict.fromkeys(k for r in rows for k in r)) or ['label', 'resolution', *result.metrics]
-    with open(paths['csv'], 'w', newline='') as f:
+    with _replacing(paths['csv']) as tmp, open(tmp, 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in rows:
             w.writerow({k: ('' if r.get(k) is None else r.get(k)) for k in keys})
 
-    with open(paths['json'], 'w') as f:
+    with _replacing(paths['json']) as tmp, open(tmp, 'w') as f:
         json.dump(dict(meta=meta, headline=result.headline, metrics=list(result.metrics), rows=rows), f, indent=1,
                   default=str)
 
@@ -119,17 +133,22 @@ def write_reports(result: EvalResult, out_dir: Path, argv: Optional[Sequence[str
         md += ['', f'## {FORMATS[metric][0]}', '', markdown_table(rows, metric, resolutions, unit)]
     if meta.get('skipped'):
         md += ['', '## Skipped', ''] + [f"- {s['label']}: {s['reason']}" for s in meta['skipped']]
+    bad = meta.get('unreadable_images') or {}
+    if bad.get('count'):
+        md += ['', f"## Unreadable images ({bad['count']}, skipped)", ''] + [f"- {i['path']}: {i['error']}"
+                                                                             for i in bad['images']]
     notes = [f"- {m['name']}: {'; '.join(m['notes'])}" for m in meta.get('models', []) if m.get('notes')]
     if notes:
         md += ['', '## Knobs not applicable', ''] + notes
     md += ['', f"Metrics: {meta.get('metrics_note', '')}", '']
-    paths['md'].write_text('\n'.join(md))
+    with _replacing(paths['md']) as tmp:
+        tmp.write_text('\n'.join(md))
 
     plot(rows, result.headline, resolutions, paths['png'], title=f"{meta['data']}: {FORMATS[result.headline][0]}")
     return paths
 
 
-def plot(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Sequence[int], path: Path,
+def plot(rows: Sequence[dict[str, Any]], metric: str, resolutions: Sequence[int], path: Path,
          title: str = '') -> None:
     """Metric vs resolution, one line per label: one colour per model, one line style per knob setting of
     that model; each line's training resolution marked by a star and the training resolutions by dotted
@@ -142,7 +161,7 @@ def plot(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Sequence[int]
     model_of = {r['label']: r.get('model', r['label']) for r in rows}
     models = list(dict.fromkeys(model_of[lab] for lab in _labels(rows)))
     palette = plt.get_cmap('tab20' if len(models) > 10 else 'tab10').colors
-    settings: Dict[str, int] = {}  # labels drawn so far per model
+    settings: dict[str, int] = {}  # labels drawn so far per model
     train_sizes = set()
     for lab in _labels(rows):
         pts = sorted((r['resolution'], r[metric]) for r in rows if r['label'] == lab and r.get(metric) is not None)
@@ -171,5 +190,6 @@ def plot(rows: Sequence[Dict[str, Any]], metric: str, resolutions: Sequence[int]
     else:
         ax.legend(fontsize=7, loc='best')
     fig.tight_layout()
-    fig.savefig(path)
+    with _replacing(Path(path)) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)

@@ -1,65 +1,59 @@
-"""The sweep: every (model, knob setting, resolution), with a progress bar, into report rows.
+"""The two tasks of the sweep engine (:mod:`.engine`): classification and COCO detection.
 
 Classification metrics per row: ``top1`` / ``top5`` (percent; top-k with ``k = min(5, classes)``), ``loss``
 (mean cross-entropy, which moves with any change of the logits), ``images_per_s`` (model forward only,
 first batch excluded as warm-up when there are several) and ``peak_mem_mb`` (one forward of the first
-batch: CUDA max allocated, or peak live tensor storage on CPU, :func:`visionpe.benchmark.peak_memory`).
+batch: CUDA max allocated, or peak live tensor storage on CPU, :func:`visionpe.benchmark.peak_memory`);
+``n_images`` evaluated and ``n_unreadable`` skipped (image folders: unreadable files are skipped, counted
+and listed, and the run fails past ``max_bad_fraction``).
 
 Detection (``task='coco'``) calls ``visionpe.det.evaluate`` (``load_detector`` / ``evaluate_detection``)
 and reports COCO AP as the headline.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import bias_budget
 from ..benchmark import peak_memory
 from ..models._base import nearest_multiples
-from .data import FMNIST, DataSpec, eval_batches, num_classes_of, parse_data
-from .models import (Knobs, KnobSpace, ModelSource, apply_knobs, build_overrides, expand_knobs, knob_support,
-                     measure_tokens, patch_size_of, train_resolution)
+from .data import FMNIST, DataSpec, EvalImages, num_classes_of, parse_data
+from .engine import Case, EvalResult, Plan, Task, sweep
+from .models import KnobSpace, ModelSource, patch_size_of, train_resolution
 
 __all__ = ['EvalConfig', 'EvalResult', 'run_eval', 'evaluate_classifier', 'check_resolutions', 'TASKS',
-           'CLS_METRICS', 'COCO_METRICS', 'CPU_FMNIST_SUBSET']
+           'CLS_METRICS', 'COCO_METRICS', 'CPU_FMNIST_SUBSET', 'ClassificationTask', 'DetectionTask',
+           'TASK_TYPES']
 
 log = logging.getLogger(__name__)
-TASKS = ('cls', 'coco')
 CLS_METRICS = ('top1', 'top5', 'loss', 'images_per_s', 'peak_mem_mb')
 COCO_METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'images_per_s', 'peak_mem_mb')
 CPU_FMNIST_SUBSET = 2000  # Fashion-MNIST on a CPU: a fixed 2,000-image test subset (full 10k on a GPU)
+MAX_BAD_FRACTION = 0.001  # as training (--data.max_bad_fraction)
 
 
 @dataclass
 class EvalConfig:
-    models: List[ModelSource]
+    models: list[ModelSource]
     data: str = FMNIST
     resolutions: Sequence[int] = (32, 48, 64, 96, 128)
     task: str = 'cls'
-    crop_ratio: Optional[float] = None     # image folders: default 1.0 (RoPE-ViT); must stay unset for fmnist
+    crop_ratio: float | None = None     # image folders: default 1.0 (RoPE-ViT); must stay unset for fmnist
     batch_size: int = 256
-    max_images: Optional[int] = None       # None: all (Fashion-MNIST on CPU: CPU_FMNIST_SUBSET)
+    max_images: int | None = None       # None: all (Fashion-MNIST on CPU: CPU_FMNIST_SUBSET)
     device: str = 'auto'
     knobs: KnobSpace = field(default_factory=KnobSpace)
-    train_res: Optional[int] = None        # overrides the training resolution found in the checkpoint
+    train_res: int | None = None        # overrides the training resolution found in the checkpoint
     workers: int = 2
     progress: bool = True
     max_bias_mb: float = 1024.0            # attention bias budget (visionpe.attention.bias_budget)
-
-
-@dataclass
-class EvalResult:
-    rows: List[Dict[str, Any]]
-    meta: Dict[str, Any]
-    headline: str
-    metrics: Tuple[str, ...]
+    max_bad_fraction: float = MAX_BAD_FRACTION  # image folders: fail when more images than this are unreadable
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,13 +71,13 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def evaluate_classifier(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-                        device: torch.device, topk: int = 5) -> Dict[str, float]:
+def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                        device: torch.device, topk: int = 5) -> dict[str, float]:
     """Top-1 / top-k accuracy (%), mean cross-entropy, images/s and peak memory of ``model`` on ``batches``."""
     n = c1 = ck = 0
     loss = 0.0
-    times: List[Tuple[int, float]] = []
-    first: Optional[torch.Tensor] = None
+    times: list[tuple[int, float]] = []
+    first: torch.Tensor | None = None
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         _sync(device)
@@ -110,7 +104,7 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, 
                 peak_mem_mb=pm.mib, n_images=n)
 
 
-def check_resolutions(resolutions: Sequence[int], patch: Optional[Tuple[int, int]], who: str) -> None:
+def check_resolutions(resolutions: Sequence[int], patch: tuple[int, int] | None, who: str) -> None:
     """Every resolution must be a multiple of the patch size (else the patch grid would drop pixels)."""
     for r in resolutions:
         if r <= 0:
@@ -124,16 +118,7 @@ def check_resolutions(resolutions: Sequence[int], patch: Optional[Tuple[int, int
                          f'nearest valid sizes: {sugg}')
 
 
-def _label(src: ModelSource, knobs: Knobs, names: List[str]) -> str:
-    base = src.name
-    if names.count(src.name) > 1 and src.checkpoint:
-        from pathlib import Path
-        base = f'{src.name} ({Path(src.checkpoint).stem})'
-    k = knobs.label()
-    return f'{base} [{k}]' if k else base
-
-
-def _norm_stats(info: Dict[str, Any], spec: DataSpec) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+def _norm_stats(info: dict[str, Any], spec: DataSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Normalisation: the checkpoint's training statistics (``train.py``), else Fashion-MNIST's for
     ``fmnist``, else the model's ``pretrained_cfg``, else ImageNet's."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -148,131 +133,138 @@ def _norm_stats(info: Dict[str, Any], spec: DataSpec) -> Tuple[Tuple[float, ...]
     return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
-def _prepare(cfg: EvalConfig) -> Tuple[DataSpec, torch.device, Optional[int]]:
+def _check_common(cfg: EvalConfig) -> DataSpec:
     if cfg.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     if not cfg.models:
         raise ValueError('no model to evaluate: pass --models NAME ... (and --checkpoints PATH ...)')
     if not cfg.resolutions:
         raise ValueError('no resolution: pass --resolutions R ...')
+    check_resolutions(cfg.resolutions, None, '')
     if cfg.batch_size <= 0:
         raise ValueError(f'--batch-size must be positive, got {cfg.batch_size}')
     if cfg.max_images is not None and cfg.max_images <= 0:
         raise ValueError(f'--max-images must be positive, got {cfg.max_images}')
+    if not 0 <= cfg.max_bad_fraction <= 1:
+        raise ValueError(f'--max-bad-fraction must be in [0, 1], got {cfg.max_bad_fraction}')
     cfg.knobs.validate()
     spec = parse_data(cfg.data, cfg.task)
-    if spec.kind == FMNIST and cfg.crop_ratio not in (None, 1.0):
-        raise ValueError('--crop-ratio does not apply to --data fmnist: as in training, the whole 28x28 image is '
-                         'resized to each resolution (visionpe.data.fashion_mnist.eval_transform); drop the option')
     for src in cfg.models:
-        src.check()
-    device = resolve_device(cfg.device)
-    max_images = cfg.max_images
-    if max_images is None and spec.kind == FMNIST and device.type == 'cpu':
-        max_images = CPU_FMNIST_SUBSET
-    return spec, device, max_images
+        src.check(cfg.task)
+    return spec
 
 
-def row_key(row: Dict[str, Any]) -> Tuple[str, str, int, int]:
-    """What identifies a measured row for reuse: label, checkpoint, resolution, number of images."""
-    return row['label'], str(row['checkpoint']), int(row['resolution']), int(row['n_images'])
+def run_eval(cfg: EvalConfig, on_row: Callable[[dict[str, Any]], None] | None = None,
+             reuse: Sequence[dict[str, Any]] = ()) -> EvalResult:
+    """Evaluate every model x knob setting x resolution (:func:`visionpe.eval.engine.sweep` with the task of
+    ``cfg.task``); ``reuse``: rows of an earlier run of the same sweep, taken instead of measured again."""
+    spec = _check_common(cfg)
+    task = TASK_TYPES[cfg.task](cfg, spec)
+    return sweep(task, cfg.models, cfg.resolutions, cfg.knobs, train_res=cfg.train_res, max_bias_mb=cfg.max_bias_mb,
+                 progress=cfg.progress, on_row=on_row, reuse=reuse, device=task.model_device)
 
 
-def run_eval(cfg: EvalConfig, on_row: Optional[Callable[[Dict[str, Any]], None]] = None,
-             reuse: Sequence[Dict[str, Any]] = ()) -> EvalResult:
-    """Evaluate every model x knob setting x resolution; the rows and the run's metadata.
+class ClassificationTask(Task):
+    """Top-1 / top-5 / loss on an image folder or Fashion-MNIST (:func:`evaluate_classifier`)."""
+    name, headline, metrics = 'cls', 'top1', CLS_METRICS
 
-    ``reuse``: rows of an earlier run of the same sweep (``rows.partial.jsonl``); a (model, setting,
-    resolution) with a row of the same label, checkpoint and image count is taken from it, not re-measured.
-    """
-    spec, device, max_images = _prepare(cfg)
-    if cfg.task == 'coco':
-        if reuse:
-            raise ValueError('--resume reuses classification rows only; rerun the COCO sweep without it')
-        return _run_coco(cfg, spec, device, max_images, on_row)
-    from tqdm.auto import tqdm
-    n_classes = num_classes_of(spec)
-    names = [s.name for s in cfg.models]
-    plans = []  # (source, base model, info, support, knob settings, train_hw, notes)
-    for src in cfg.models:  # build everything once first: every bad input fails before any long work
-        model, info = src.build(n_classes)
-        check_resolutions(cfg.resolutions, patch_size_of(model), src.name)
-        train_hw = (cfg.train_res, cfg.train_res) if cfg.train_res else train_resolution(model, info)
-        support = knob_support(model)
-        combos, notes = expand_knobs(cfg.knobs, support)
-        if cfg.task == 'cls' and any(k.temperature for k in combos) and train_hw is None:
-            raise ValueError(f'{src.name}: the temperature knob needs the training resolution; pass --train-res')
-        plans.append([src, model, info, support, combos, train_hw, notes])
-    total = sum(len(p[4]) for p in plans) * len(cfg.resolutions)
-    rows: List[Dict[str, Any]] = []
-    skipped: List[Dict[str, Any]] = []
-    models_meta = []
-    bar = tqdm(total=total, desc='eval', unit='run', disable=not cfg.progress, dynamic_ncols=True)
-    earlier = {row_key(r): r for r in reuse}
-    for src, base, info, support, combos, train_hw, notes in plans:
-        mean, std = _norm_stats(info, spec)
-        interp = info.get('interpolation') or 'bicubic'
-        models_meta.append(dict(name=src.name, checkpoint=src.checkpoint, kwargs=src.kwargs,
-                                train_res=list(train_hw) if train_hw else None, knobs=sorted(support),
-                                notes=notes, mean=list(mean), std=list(std),
-                                epoch=info.get('epoch'), global_step=info.get('global_step')))
-        for knobs in combos:
-            label = _label(src, knobs, names)
-            overrides = build_overrides(knobs, support)
-            try:
-                model = base if not overrides and base is not None else src.build(n_classes, **overrides)[0]
-            except (TypeError, ValueError) as e:  # e.g. a coordinate mode this encoding rejects
-                skipped.append(dict(label=label, reason=str(e)))
-                log.warning('skipping %s: %s', label, e)
-                bar.update(len(cfg.resolutions))
-                continue
-            if model is base:
-                base = None  # the base model is used once; later settings get a fresh build
-            model.to(device).eval()
-            ref_tokens = measure_tokens(model, train_hw, device) if knobs.temperature else None
-            backend = knobs.backend
-            for r in cfg.resolutions:
-                bar.set_postfix_str(f'{label} @ {r}px')
-                batches, n_images = eval_batches(spec, r, cfg.batch_size, max_images, mean, std,
-                                                 crop_ratio=cfg.crop_ratio or 1.0, interpolation=interp,
-                                                 workers=cfg.workers)
-                old = earlier.get((label, str(src.checkpoint), r, n_images))
-                if old is not None:
-                    m = {k: old[k] for k in CLS_METRICS + ('n_images',) if k in old}
-                else:
-                    apply_knobs(model, knobs, (r, r), train_hw, ref_tokens)
-                    with _backend_ctx(backend), bias_budget(cfg.max_bias_mb):
-                        m = evaluate_classifier(model, batches, device)
-                row = dict(label=label, model=src.name, checkpoint=src.checkpoint, **knobs.as_dict(),
-                           resolution=r, train_res=train_hw[0] if train_hw else None, **m)
-                rows.append(row)
-                if on_row:
-                    on_row(row)
-                bar.update(1)
-            del model
-    bar.close()
-    meta = dict(task='cls', data=spec.describe(), data_root=spec.root, n_images=rows[0]['n_images'] if rows else 0,
-                max_images=max_images, subset_note=_subset_note(spec, max_images, device),
-                preprocessing=_preprocessing(spec, cfg.crop_ratio or 1.0), batch_size=cfg.batch_size,
-                resolutions=list(cfg.resolutions), models=models_meta, skipped=skipped,
-                knob_space={k: list(v) for k, v in vars(cfg.knobs).items()},
-                metrics_note='top1/top5 in %, top-k with k = min(5, classes); loss: mean cross-entropy; '
-                             'images_per_s: model forward only (first batch excluded when there are several); '
-                             'peak_mem_mb: one forward of the first batch ('
-                             + ('CUDA max allocated' if device.type == 'cuda' else 'peak live tensor storage, CPU')
-                             + ')',
-                device=device_description(device))
-    return EvalResult(rows, meta, 'top1', CLS_METRICS)
+    def __init__(self, cfg: EvalConfig, spec: DataSpec):
+        if spec.kind == FMNIST and cfg.crop_ratio not in (None, 1.0):
+            raise ValueError('--crop-ratio does not apply to --data fmnist: as in training, the whole 28x28 image '
+                             'is resized to each resolution (visionpe.data.fashion_mnist.eval_transform); drop the '
+                             'option')
+        self.cfg, self.spec = cfg, spec
+        self.device = self.model_device = resolve_device(cfg.device)
+        self.max_images = cfg.max_images
+        if self.max_images is None and spec.kind == FMNIST and self.device.type == 'cpu':
+            self.max_images = CPU_FMNIST_SUBSET
+        self.n_classes = num_classes_of(spec)
+        self.images = EvalImages(spec, self.max_images, cfg.batch_size, crop_ratio=cfg.crop_ratio or 1.0,
+                                 workers=cfg.workers, max_bad_fraction=cfg.max_bad_fraction)
+
+    def build(self, source: ModelSource, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+        return source.build(self.n_classes, **overrides)
+
+    def train_size(self, model: nn.Module, info: dict[str, Any]) -> tuple[int, int] | None:
+        return train_resolution(model, info)
+
+    def check(self, plan: Plan) -> None:
+        check_resolutions(self.cfg.resolutions, patch_size_of(plan.model), plan.source.name)
+
+    def expected_images(self) -> int | None:
+        return self.images.n_requested
+
+    def measure(self, model: nn.Module, case: Case) -> dict[str, Any]:
+        mean, std = _norm_stats(case.plan.info, self.spec)
+        batches = self.images.batches(case.resolution, mean, std, case.plan.info.get('interpolation') or 'bicubic')
+        m = evaluate_classifier(model, batches, self.device)
+        return {**m, 'n_unreadable': self.images.n_unreadable}
+
+    def model_meta(self, plan: Plan) -> dict[str, Any]:
+        mean, std = _norm_stats(plan.info, self.spec)
+        return dict(mean=list(mean), std=list(std), epoch=plan.info.get('epoch'),
+                    global_step=plan.info.get('global_step'))
+
+    def meta(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        where = 'CUDA max allocated' if self.device.type == 'cuda' else 'peak live tensor storage, CPU'
+        return dict(data=self.spec.describe(), data_root=self.spec.root,
+                    n_images=rows[0]['n_images'] if rows else 0, max_images=self.max_images,
+                    subset_note=_subset_note(self.spec, self.max_images, self.device),
+                    preprocessing=_preprocessing(self.spec, self.cfg.crop_ratio or 1.0),
+                    batch_size=self.cfg.batch_size, unreadable_images=self.images.report(),
+                    metrics_note='top1/top5 in %, top-k with k = min(5, classes); loss: mean cross-entropy; '
+                                 'images_per_s: model forward only (first batch excluded when there are several); '
+                                 f'peak_mem_mb: one forward of the first batch ({where})',
+                    device=device_description(self.device))
 
 
-def _backend_ctx(backend: Optional[str]):
-    if backend is None:
-        return contextlib.nullcontext()
-    from ..attention import use_backend
-    return use_backend(backend)
+class DetectionTask(Task):
+    """COCO AP of a detector (``visionpe.det.evaluate``: ``load_detector`` / ``evaluate_detection``) per
+    (model, shorter side)."""
+    name, headline, metrics = 'coco', 'AP', COCO_METRICS
+    model_device = None  # evaluate_detection moves the model
+
+    def __init__(self, cfg: EvalConfig, spec: DataSpec):
+        if any(cfg.knobs['temperature']):
+            raise ValueError('--temperature is not supported with --task coco (the detector sees many sequence '
+                             'lengths per image); drop it')
+        if cfg.crop_ratio not in (None, 1.0):
+            raise ValueError('--crop-ratio does not apply to --task coco (images are resized by their shorter side)')
+        self.cfg, self.spec = cfg, spec
+        self.device = resolve_device(cfg.device)
+
+    def build(self, source: ModelSource, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+        from ..det.evaluate import load_detector  # lazy: the detection stack is optional here
+        ckpt = source.checkpoint if source.checkpoint != 'random' else None
+        return load_detector(source.name, ckpt, **{**source.kwargs, **overrides}), {}
+
+    def expected_images(self) -> int | None:
+        return self.cfg.max_images
+
+    def measure(self, model: nn.Module, case: Case) -> dict[str, Any]:
+        from ..det.evaluate import evaluate_detection
+        m = evaluate_detection(model, self.spec.root, case.resolution, self.cfg.batch_size, self.device,
+                               self.cfg.max_images)
+        missing = [k for k in COCO_METRICS if k not in m]
+        if missing:
+            raise KeyError(f'evaluate_detection returned no {missing} (got {sorted(m)})')
+        return {**{k: float(m[k]) for k in COCO_METRICS}, 'n_images': m.get('n_images', self.cfg.max_images)}
+
+    def meta(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return dict(data=self.spec.describe(), data_root=self.spec.root, max_images=self.cfg.max_images,
+                    subset_note=_subset_note(self.spec, self.cfg.max_images, self.device),
+                    preprocessing='resize the shorter side to r (the detector\'s own transform)',
+                    batch_size=self.cfg.batch_size,
+                    metrics_note='COCO AP (pycocotools COCOeval); resolutions are the shorter side',
+                    device=device_description(self.device))
 
 
-def _subset_note(spec: DataSpec, max_images: Optional[int], device: torch.device) -> str:
+#: ``--task`` name -> its :class:`Task` (a new task: a subclass and one entry here)
+TASK_TYPES: dict[str, type] = {'cls': ClassificationTask, 'coco': DetectionTask}
+TASKS = tuple(TASK_TYPES)
+
+
+def _subset_note(spec: DataSpec, max_images: int | None, device: torch.device) -> str:
     if max_images is None:
         return 'all images'
     why = ' (default for Fashion-MNIST on a CPU; --max-images to change)' if (
@@ -295,66 +287,3 @@ def device_description(device: torch.device) -> str:
     return f'cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads'
 
 
-# ---------------------------------------------------------------------------------------------- COCO
-def _run_coco(cfg: EvalConfig, spec: DataSpec, device: torch.device, max_images: Optional[int],
-              on_row: Optional[Callable[[Dict[str, Any]], None]]) -> EvalResult:
-    """Detection: ``visionpe.det.evaluate.load_detector`` / ``evaluate_detection`` per (model, short side)."""
-    from tqdm.auto import tqdm
-    if any(cfg.knobs.temperature):
-        raise ValueError('--temperature is not supported with --task coco (the detector sees many sequence '
-                         'lengths per image); drop it')
-    if cfg.crop_ratio not in (None, 1.0):
-        raise ValueError('--crop-ratio does not apply to --task coco (images are resized by their shorter side)')
-    from ..det.evaluate import evaluate_detection, load_detector  # lazy: the detection stack is optional here
-    names = [s.name for s in cfg.models]
-    rows: List[Dict[str, Any]] = []
-    skipped: List[Dict[str, Any]] = []
-    models_meta = []
-    plans = []
-    for src in cfg.models:
-        det = load_detector(src.name, src.checkpoint if src.checkpoint != 'random' else None, **src.kwargs)
-        support = knob_support(det)
-        combos, notes = expand_knobs(cfg.knobs, support)
-        train_hw = (cfg.train_res, cfg.train_res) if cfg.train_res else None
-        plans.append((src, det, support, combos, train_hw, notes))
-        models_meta.append(dict(name=src.name, checkpoint=src.checkpoint, kwargs=src.kwargs,
-                                train_res=list(train_hw) if train_hw else None, knobs=sorted(support), notes=notes))
-    bar = tqdm(total=sum(len(p[3]) for p in plans) * len(cfg.resolutions), desc='eval coco', unit='run',
-               disable=not cfg.progress, dynamic_ncols=True)
-    for src, det, support, combos, train_hw, notes in plans:
-        for knobs in combos:
-            label = _label(src, knobs, names)
-            overrides = build_overrides(knobs, support)
-            try:
-                model = det if not overrides and det is not None else load_detector(
-                    src.name, src.checkpoint if src.checkpoint != 'random' else None, **{**src.kwargs, **overrides})
-            except (TypeError, ValueError) as e:
-                skipped.append(dict(label=label, reason=str(e)))
-                bar.update(len(cfg.resolutions))
-                continue
-            if model is det:
-                det = None
-            for r in cfg.resolutions:
-                bar.set_postfix_str(f'{label} @ {r}px')
-                apply_knobs(model, knobs, (r, r), train_hw)
-                with _backend_ctx(knobs.backend), bias_budget(cfg.max_bias_mb):
-                    m = evaluate_detection(model, spec.root, r, cfg.batch_size, device, max_images)
-                missing = [k for k in COCO_METRICS if k not in m]
-                if missing:
-                    raise KeyError(f'evaluate_detection returned no {missing} (got {sorted(m)})')
-                row = dict(label=label, model=src.name, checkpoint=src.checkpoint, **knobs.as_dict(), resolution=r,
-                           train_res=train_hw[0] if train_hw else None, **{k: float(m[k]) for k in COCO_METRICS},
-                           n_images=m.get('n_images', max_images))
-                rows.append(row)
-                if on_row:
-                    on_row(row)
-                bar.update(1)
-    bar.close()
-    meta = dict(task='coco', data=spec.describe(), data_root=spec.root, max_images=max_images,
-                subset_note=_subset_note(spec, max_images, device),
-                preprocessing='resize the shorter side to r (the detector\'s own transform)',
-                batch_size=cfg.batch_size, resolutions=list(cfg.resolutions), models=models_meta, skipped=skipped,
-                knob_space={k: list(v) for k, v in vars(cfg.knobs).items()},
-                metrics_note='COCO AP (pycocotools COCOeval); resolutions are the shorter side',
-                device=device_description(device))
-    return EvalResult(rows, meta, 'AP', COCO_METRICS)

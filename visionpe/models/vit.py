@@ -24,7 +24,7 @@ from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_tim
 from ..attention import Attention
 from ..grid import CoordAug, CoordDraw, Grid, GridCache, check_coord_mode
 from ..pos import EncodingContext, build_encoding
-from ..pos.absolute import resample_table, sample_table_cape, sincos_2d, tile_table
+from ..pos.absolute import SINCOS_COORD_MODE, resample_table, sample_table_cape, sincos_2d, tile_table
 from ..pos.base import LayerPos, PosEncoding
 from ._base import TimmBackbone, maybe_checkpoint
 from ._registry import default_cfg, model_builder, register_presets
@@ -123,6 +123,8 @@ class VisionTransformer(TimmBackbone):
     plain_trunk = True
     stem_pattern = r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre|pe\.'
     ABS_POS_MODES = ('interp', 'tile')
+
+    test_knobs = (SINCOS_COORD_MODE,)  # the sin-cos table's coordinate mode (pos_embed='sincos')
 
     def __init__(
             self,

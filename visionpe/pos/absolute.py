@@ -17,9 +17,10 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 
 from ..grid import CoordDraw, Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
-from .base import EncodingContext, PosEncoding
+from .base import COORD_MODE, EncodingContext, PosEncoding, coord_mode_knob, register_knob
 
-__all__ = ['sincos_2d', 'resample_table', 'sample_table_cape', 'tile_table', 'LaPE', 'LaPEChain']
+__all__ = ['sincos_2d', 'resample_table', 'sample_table_cape', 'tile_table', 'LaPE', 'LaPEChain',
+           'SINCOS_COORD_MODE']
 
 
 def sincos_2d(
@@ -64,6 +65,13 @@ def sample_table_cape(table: torch.Tensor, table_hw: Tuple[int, int], num_prefix
     if num_prefix:
         out = torch.cat([table[:, :num_prefix].expand(B, -1, -1), out], dim=1)
     return out
+
+
+#: the coordinate mode of a model's fixed sin-cos table (``pos_embed='sincos'``, a construction keyword);
+#: declared by the model class (``test_knobs``)
+SINCOS_COORD_MODE = coord_mode_knob('pos_embed_coord_mode',
+                                    applies=lambda model: getattr(model, 'pos_embed_type', None) == 'sincos')
+register_knob(SINCOS_COORD_MODE)
 
 
 def resample_table(
@@ -133,6 +141,7 @@ class LaPE(PosEncoding):
     ``x = x + Attn(LN1_l(x) + p_l)``. Prefix tokens get their own table rows (``with_prefix``).
     """
     hooks = frozenset({'tokens'})
+    test_knobs = (COORD_MODE,)
     coord_aug_support = 'sample'
 
     def __init__(

@@ -51,7 +51,7 @@ from timm.layers import trunc_normal_
 
 from ..grid import Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
-from .base import EncodingContext, PosEncoding
+from .base import COORD_MODE, EncodingContext, PosEncoding
 
 __all__ = ['ComRoPE', 'COMROPE_TYPES', 'ComRoPEState', 'apply_blocks']
 
@@ -92,6 +92,7 @@ def _factorise(pos: torch.Tensor) -> Optional[Tuple[Tuple[torch.Tensor, torch.Te
 @register_encoding('comrope')
 class ComRoPE(PosEncoding):
     """ComRoPE-AP / -LD (and the code base's LieRE / vanilla RoPE baselines) on q and k."""
+    test_knobs = (COORD_MODE,)
     coord_aug_support = 'batch'
 
     @property

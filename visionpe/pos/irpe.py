@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from ..grid import Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
-from .base import EncodingContext, PosEncoding
+from .base import COORD_MODE, EncodingContext, PosEncoding
 
 __all__ = ['IRPE', 'IRPETable', 'piecewise_index', 'irpe_bucket_ids', 'irpe_num_buckets', 'IRPE_METHODS']
 
@@ -193,6 +193,7 @@ class IRPE(PosEncoding):
             training grid ``ref_hw``, default the model's grid).
     """
     hooks = frozenset({'bias', 'value'})
+    test_knobs = (COORD_MODE,)
 
     def __init__(
             self,

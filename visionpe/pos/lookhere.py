@@ -52,10 +52,10 @@ import torch
 
 from ..grid import Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
-from .base import EncodingContext, PosEncoding
+from .base import COORD_MODE, EncodingContext, Knob, KnobContext, PosEncoding
 
 __all__ = ['LookHere', 'HeadSpec', 'FAMILIES', 'NAMED_LAYOUTS', 'PRIMITIVES', 'parse_layout', 'lookhere_base',
-           'layer_slopes_linspace', 'MAX_BF16']
+           'layer_slopes_linspace', 'MAX_BF16', 'GLOBAL_SLOPE']
 
 MAX_BF16 = torch.finfo(torch.bfloat16).max  # 3.3895313892515355e38
 
@@ -248,6 +248,22 @@ def _round_bias(v: torch.Tensor, bf16_round: bool) -> torch.Tensor:
     return v.neg_()
 
 
+def _slope(word: str) -> float:
+    try:
+        return float(word)
+    except ValueError:
+        raise ValueError(f'--lookhere-slopes: {word!r} is not a number (or "default")') from None
+
+
+def _set_slope(enc: 'LookHere', slope: float, ctx: KnobContext) -> None:
+    enc.global_slope = float(slope)
+
+
+#: LookHere's global slope ``s_global`` at test time (Fuller et al. 2024 tune it per resolution)
+GLOBAL_SLOPE = Knob('lookhere_slope', 'LookHere global slopes (numbers or default)', _slope, flag='--lookhere-slopes',
+                    check=float, label=lambda s: f'slope={s:g}', rank=30, attrs=('global_slope',), set=_set_slope)
+
+
 @register_encoding('lookhere')
 class LookHere(PosEncoding):
     """LookHere directed biases (see module docstring).
@@ -266,6 +282,7 @@ class LookHere(PosEncoding):
             the training grid ``ref_hw``; any non-polar mode of :mod:`visionpe.grid`).
     """
     hooks = frozenset({'bias'})
+    test_knobs = (COORD_MODE, GLOBAL_SLOPE)
     coord_aug_support = 'batch'
 
     def __init__(

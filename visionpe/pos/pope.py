@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..grid import Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
-from .base import EncodingContext, PosEncoding
+from .base import COORD_MODE, EncodingContext, PosEncoding
 
 __all__ = ['PoPE2D', 'pope_frequencies', 'pope_phases', 'widen_for_prefix', 'clamp_projected']
 
@@ -111,6 +111,7 @@ def widen_for_prefix(q: torch.Tensor, k: torch.Tensor, q_pope: torch.Tensor, k_p
 class PoPE2D(PosEncoding):
     """Axial 2-D PoPE on q and k (see module docstring)."""
     hooks = frozenset({'rotate'})
+    test_knobs = (COORD_MODE,)
     coord_aug_support = 'batch'
     keeps_head_dim = False  # q~, k~ are (B, H, N, 2d)
 

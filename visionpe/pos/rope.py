@@ -16,8 +16,8 @@ integer frequencies ``1 .. d/4`` on the angle axis, so that its phases stay 2 pi
 interpolation with ``train / test``), ``ntk_scale`` raises theta to ``theta * s^(d'/(d'-2))``
 with ``d' = d/2`` channels per axis (NTK-aware scaling, axial only: RoPE-Mixed refuses it),
 ``yarn_scale`` applies YaRN (:func:`yarn_factors`: NTK-by-parts frequency interpolation plus the
-attention temperature). The channel layout is interleaved here; DINOv3's subclass
-(:mod:`visionpe.pos.rope_dinov3`) uses the rotate-half layout and puts the y pairs first.
+attention temperature); the evaluator sweeps all three as the ``rope_scaling`` knob
+(:data:`ROPE_SCALING`). The channel layout is interleaved here; DINOv3's subclass (:mod:`visionpe.pos.rope_dinov3`) uses the rotate-half layout and puts the y pairs first.
 
 YaRN (Peng et al., "YaRN: Efficient Context Window Extension of Large Language Models", ICLR 2024,
 section 3) in 2-D. A rotation pair with frequency vector ``f = (f_x, f_y)`` (angle per coordinate
@@ -45,10 +45,10 @@ from timm.layers.pos_embed_sincos import apply_rot_embed, init_random_2d_freqs
 
 from ..grid import Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
-from .base import EncodingContext, PosEncoding
+from .base import COORD_MODE, EncodingContext, Knob, KnobContext, PosEncoding
 
 __all__ = ['RoPE2D', 'MixedRoPEState', 'axial_frequencies', 'rope_tables', 'apply_rope', 'yarn_factors',
-           'yarn_mscale']
+           'yarn_mscale', 'parse_rope_scaling', 'ROPE_SCALING']
 
 
 def axial_frequencies(head_dim: int, theta: float) -> torch.Tensor:
@@ -123,6 +123,62 @@ class MixedRoPEState:
             return rope_tables(angles, self.num_prefix, half=self.half, mscale=self.mscale)
 
 
+# ------------------------------------------------------------------------------ test-time knob
+ROPE_SCALING_MODES = ('none', 'pi', 'ntk', 'yarn')
+
+
+def parse_rope_scaling(spec: str) -> str:
+    """Check ``none`` | ``pi`` | ``ntk`` | ``yarn`` | ``pi:F`` | ``ntk:F`` | ``yarn:F``; returns ``spec``."""
+    _rope_scaling(spec)
+    return spec
+
+
+def _rope_scaling(spec: str) -> tuple[str, float | None]:
+    """``spec`` -> ``(mode, factor or None for per-resolution)``."""
+    mode, _, value = str(spec).partition(':')
+    if mode not in ROPE_SCALING_MODES or (mode == 'none' and value):
+        raise ValueError(f"bad --rope-scaling {spec!r}: use none, pi, ntk, yarn (factor from the resolution) or "
+                         f"pi:F / ntk:F / yarn:F (fixed factor, e.g. ntk:2)")
+    if not value:
+        return mode, None
+    try:
+        f = float(value)
+    except ValueError:
+        raise ValueError(f'bad --rope-scaling {spec!r}: {value!r} is not a number') from None
+    if f <= 0:
+        raise ValueError(f'bad --rope-scaling {spec!r}: the factor must be positive')
+    return mode, f
+
+
+def _set_rope_scaling(enc: 'RoPE2D', spec: str, ctx: KnobContext) -> None:
+    """``pi``: positions times ``1 / s`` (Chen et al. 2023); ``ntk``: theta times ``s^(d'/(d'-2))`` (bloc97
+    2023); ``yarn``: YaRN with scale ``s`` (Peng et al. 2024); ``s = max(1, test / train)`` (larger ratio of
+    the two axes) unless fixed by ``:F``."""
+    mode, factor = _rope_scaling(spec)
+    if factor is None:
+        (h, w), (th, tw) = ctx.size, ctx.train_size
+        factor = max(1.0, h / th, w / tw)
+    setattr(enc, {'pi': 'pos_scale', 'ntk': 'ntk_scale', 'yarn': 'yarn_scale'}[mode],
+            1.0 / factor if mode == 'pi' else factor)
+
+
+def _rope_accepts(enc: 'RoPE2D', spec: str) -> str | None:
+    mode = _rope_scaling(spec)[0]
+    if mode == 'ntk' and enc.rope_type != 'axial':
+        return 'NTK scaling changes the axial frequencies; RoPE-Mixed learns its own'
+    if mode == 'yarn' and enc.coord_mode == 'polar':
+        return 'YaRN needs Cartesian coordinates'
+    return None
+
+
+#: RoPE frequency scaling at test time (position interpolation / NTK-aware / YaRN)
+ROPE_SCALING = Knob(
+    'rope_scaling', 'RoPE frequency scaling: none | pi | ntk | yarn (factor max(1, test/train) per resolution) | '
+    'pi:F | ntk:F | yarn:F (fixed factor)', parse_rope_scaling, default='none', words=(), check=parse_rope_scaling,
+    label=lambda s: f'rope={s}', rank=20, attrs=('pos_scale', 'ntk_scale', 'yarn_scale'), set=_set_rope_scaling,
+    accepts=_rope_accepts, needs_train_size=lambda s: _rope_scaling(s)[0] != 'none' and _rope_scaling(s)[1] is None)
+
+
 @register_encoding('rope2d')
 class RoPE2D(PosEncoding):
     """Axial or mixed 2-D RoPE on q and k (see module docstring).
@@ -131,6 +187,7 @@ class RoPE2D(PosEncoding):
     the channel order of the two axes (``axis_order``) and the pair layout (``rotate_half``).
     """
     hooks = frozenset({'rotate'})
+    test_knobs = (COORD_MODE, ROPE_SCALING)
     coord_aug_support = 'sample'
     #: which axis the first d/4 pairs of an axial rotation follow: 'xy' (RoPE-ViT) or 'yx' (DINOv3)
     axis_order: str = 'xy'
