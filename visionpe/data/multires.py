@@ -28,6 +28,7 @@ from timm.data import ScheduledBatchSampler, ScheduledTransformDataset
 from torch.utils.data import Sampler
 
 from .sampling import ResumableBatchSampler
+from .imagefolder import Unreadable
 
 __all__ = ['MultiResolution', 'RankSamples', 'ScheduledResumableSampler', 'ScheduledBatches',
            'ScheduledTransformSkipBad', 'SCHEDULES']
@@ -149,16 +150,17 @@ class ScheduledBatches(torch.utils.data.Dataset):
 
 
 class ScheduledTransformSkipBad(ScheduledTransformDataset):
-    """timm's :class:`ScheduledTransformDataset` over a dataset that returns ``None`` for an unreadable image
-    (:class:`~visionpe.data.SafeImageFolder` without a transform): such items stay ``None`` for
-    :func:`~visionpe.data.collate_skip_bad` instead of failing."""
+    """timm's :class:`ScheduledTransformDataset` over a dataset that returns an
+    :class:`~visionpe.data.imagefolder.Unreadable` (or ``None``) for an unreadable image
+    (:class:`~visionpe.data.SafeImageFolder` without a transform): such items pass through untransformed
+    to :func:`~visionpe.data.collate_skip_bad`, which counts and names them."""
 
     def __getitem__(self, scheduled_index: Tuple[Any, int]):
         sample_index, choice = scheduled_index
         if not 0 <= choice < len(self.transforms):
             raise IndexError(f'transform index {choice} is out of range')
         sample = self.dataset[sample_index]
-        if sample is None:
-            return None
+        if sample is None or isinstance(sample, Unreadable):
+            return sample
         image, *rest = sample
         return (self.transforms[choice](image), *rest)
