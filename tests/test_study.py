@@ -1,0 +1,200 @@
+"""Studies: the study file, job expansion, SLURM emission, statistics on synthetic rows with known answers,
+and the report built from rows alone."""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from visionpe.study.jobs import emit_slurm, rows_path, run_job
+from visionpe.study.report import Claim, anchor_checks, build_cells, leaderboard, load_rows, write_report
+from visionpe.study.spec import Recipe, StudySpec, load_study, parse_size
+from visionpe.study.stats import (pack_correct, paired_bootstrap, t_interval, t_quantile, unpack_correct,
+                                  wilson_interval)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ statistics
+@pytest.mark.parametrize('df, ref', [(1, 12.706205), (2, 4.302653), (4, 2.776445), (9, 2.262157), (29, 2.045230)])
+def test_t_quantile_matches_tables(df, ref):
+    assert t_quantile(0.975, df) == pytest.approx(ref, abs=1e-5)
+    assert t_quantile(0.025, df) == pytest.approx(-ref, abs=1e-5)
+
+
+def test_t_interval_known_values():
+    iv = t_interval([1.0, 2.0, 3.0])
+    assert iv.mean == 2.0 and iv.sd == pytest.approx(1.0)
+    assert iv.half_width == pytest.approx(4.302653 / math.sqrt(3), abs=1e-5)
+    one = t_interval([5.0])
+    assert one.method == 'none' and one.lo == one.hi == 5.0
+
+
+def test_wilson_interval_known_values():
+    iv = wilson_interval(80, 100)
+    assert iv.method == 'binomial' and iv.mean == pytest.approx(80.0)
+    assert (iv.lo, iv.hi) == (pytest.approx(71.12, abs=0.01), pytest.approx(86.66, abs=0.01))
+
+
+def test_t_interval_covers_the_mean_at_its_level():
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(2000):
+        iv = t_interval(rng.normal(10.0, 2.0, size=4))
+        hits += iv.lo <= 10.0 <= iv.hi
+    assert 0.93 <= hits / 2000 <= 0.97
+
+
+def test_pack_roundtrip():
+    x = np.random.default_rng(1).random(1001) < 0.7
+    assert np.array_equal(unpack_correct(pack_correct(x), x.size), x)
+
+
+def test_paired_bootstrap_known_difference():
+    rng = np.random.default_rng(0)
+    b = rng.random(2000) < 0.6
+    a = b.copy()
+    wrong = np.flatnonzero(~b)[:100]  # a is right on 100 more images: +5 points exactly
+    a[wrong] = True
+    iv = paired_bootstrap([a, a], [b, b])
+    assert iv.mean == pytest.approx(5.0)
+    assert 0 < iv.lo < 5.0 < iv.hi < 7.0
+    same = paired_bootstrap([b], [b])
+    assert same.mean == 0 and same.lo == same.hi == 0
+    with pytest.raises(ValueError, match='same test images'):
+        paired_bootstrap([a], [b[:10]])
+
+
+# ------------------------------------------------------------------------------------------ the study file
+def test_sizes_parse():
+    assert parse_size('64') == (64, 64) and parse_size('48x64') == (48, 64)
+    with pytest.raises(ValueError, match='HxW'):
+        parse_size('64by48')
+
+
+@pytest.mark.parametrize('name', ['fmnist.yaml', 'fmnist_quick.yaml', 'imagenet_vit_small.yaml'])
+def test_shipped_studies_parse(name):
+    spec = load_study(REPO / 'configs' / 'study' / name)
+    jobs = spec.jobs()
+    assert jobs and len({j.id for j in jobs}) == len(jobs)
+    for s in spec.sizes:
+        parse_size(s)
+
+
+def test_print_config_shows_every_field(capsys):
+    from visionpe.study.__main__ import main
+    assert main(['--config', str(REPO / 'configs/study/fmnist_quick.yaml'), '--print_config']) == 0
+    out = capsys.readouterr().out
+    for key in ('name:', 'recipes:', 'seeds:', 'sizes:', 'knobs:', 'eval_images:', 'train_size:'):
+        assert key in out
+
+
+def _spec(tmp_path, **kw) -> StudySpec:
+    base = dict(name='t', recipes=[Recipe('fixed', 'configs/fmnist_vit_tiny.yaml'),
+                                   Recipe('aug', 'configs/fmnist_vit_tiny.yaml', ['--data.hflip', '0.0'], ['ape'])],
+                encodings=['ape', 'rope2d'], seeds=[0, 1], sizes=['32', '48x64'], output=str(tmp_path / 'study'))
+    return StudySpec(**{**base, **kw})
+
+
+def test_jobs_expand_per_recipe_encodings(tmp_path):
+    ids = [j.id for j in _spec(tmp_path).jobs()]
+    assert ids == ['ape__fixed__s0', 'ape__fixed__s1', 'rope2d__fixed__s0', 'rope2d__fixed__s1',
+                   'ape__aug__s0', 'ape__aug__s1']
+    with pytest.raises(ValueError, match='unknown encoding'):
+        _spec(tmp_path, encodings=['not_an_encoding']).jobs()
+
+
+def test_emit_slurm_one_task_per_job(tmp_path):
+    spec = _spec(tmp_path)
+    study_file = tmp_path / 'study.yaml'
+    study_file.write_text('name: t\n')
+    script = emit_slurm(spec, study_file, tmp_path / 'slurm', gpus=1)
+    text = script.read_text()
+    jobs = (tmp_path / 'slurm' / 'jobs.txt').read_text().split()
+    assert jobs == [j.id for j in spec.jobs()]
+    assert f'#SBATCH --array=0-{len(jobs) - 1}' in text and '#SBATCH --gres=gpu:1' in text
+    assert '-m visionpe.study run-job' in text and '--device cuda' in text and '--job "$JOB"' in text
+    # a finished job is not submitted again
+    done = rows_path(spec, spec.jobs()[0])
+    done.parent.mkdir(parents=True)
+    done.write_text('{}\n')
+    emit_slurm(spec, study_file, tmp_path / 'slurm2')
+    assert (tmp_path / 'slurm2' / 'jobs.txt').read_text().split() == jobs[1:]
+
+
+def test_job_commands_are_valid_train_and_eval_commands(tmp_path):
+    """Each array task runs these two commands: both must parse with the real command lines."""
+    spec = _spec(tmp_path)
+    job = spec.jobs()[-1]
+    train_cmd, eval_cmd = run_job(spec, job, dry_run=True)
+    assert '--model.model_name' in train_cmd and 'vit_ape_tiny' in train_cmd and '--data.hflip' in train_cmd
+    from visionpe.train.cli import main as train_main
+    cli = train_main(train_cmd[2:], run=False)  # parse + instantiate, no training
+    assert cli.config['model']['model_name'] == 'vit_ape_tiny' and cli.config['seed_everything'] == job.seed
+    from visionpe.eval.cli import build_parser
+    args = build_parser().parse_args(eval_cmd[2:])
+    assert args.checkpoints and args.resolutions
+
+
+# ------------------------------------------------------------------------------------------ report
+def _write_rows(study: Path, truth: dict, seeds=(0, 1, 2), n=1000, train='32x32'):
+    """Synthetic job rows: per (encoding, size) a true accuracy; each seed draws its per-image results."""
+    rng = np.random.default_rng(0)
+    (study / 'rows').mkdir(parents=True, exist_ok=True)
+    for enc, by_size in truth.items():
+        for seed in seeds:
+            rows = []
+            for size, p in by_size.items():
+                c = rng.random(n) < p
+                rows.append(dict(job=f'{enc}__fixed__s{seed}', encoding=enc, recipe='fixed', seed=seed, size=size,
+                                 setting='default', top1=100.0 * c.mean(), n_images=n, correct=pack_correct(c),
+                                 train_size=train))
+            (study / 'rows' / f'{enc}__fixed__s{seed}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+
+
+def test_report_on_synthetic_rows(tmp_path):
+    study = tmp_path / 'study'
+    truth = {'ape': {'32x32': 0.85, '64x64': 0.55, '32x64': 0.70},
+             'rope2d': {'32x32': 0.85, '64x64': 0.70, '32x64': 0.75},
+             'rope2d_mixed': {'32x32': 0.85, '64x64': 0.705, '32x64': 0.75}}
+    _write_rows(study, truth)
+    rows = load_rows(study)
+    cells = {(c.encoding, c.size): c for c in build_cells(rows, '32')}
+    for (enc, size), c in cells.items():
+        seeds = [r for r in rows if r['encoding'] == enc and r['size'] == size]
+        assert c.acc.mean == pytest.approx(np.mean([r['top1'] for r in seeds]))
+        assert c.acc.method == 't' and c.acc.n == 3
+        assert c.acc.lo < 100 * truth[enc][size] + 3 and c.acc.hi > 100 * truth[enc][size] - 3
+    assert cells[('ape', '32x32')].retention.mean == pytest.approx(1.0)
+    assert cells[('ape', '64x64')].retention.mean == pytest.approx(0.55 / 0.85, abs=0.04)
+    board = leaderboard(rows, '32', 'fixed')
+    line = {l.split('|')[1].strip(): l for l in board.splitlines() if l.startswith('| ') and 'encoding' not in l}
+    # at 64 px rope2d and rope2d_mixed are 0.5 points apart (not separable), ape 15 points below
+    assert '≈' in line['rope2d'] + line['rope2d_mixed'] and '≈' not in line['ape'].split('|')[5]
+    checks = {c['claim']: c for c in anchor_checks(rows, '32', 'fixed')}
+    assert checks['RoPE-Axial > learned APE above the training size']['verdict'] == 'agrees'
+    assert checks['RoPE-Mixed > RoPE-Axial above the training size']['verdict'] == 'inconclusive'
+    assert checks['LookHere > 2-D RoPE far out']['verdict'] == 'not in study'
+    flipped = anchor_checks(rows, '32', 'fixed', (Claim('APE > RoPE', 'test', ('ape',), ('rope2d',)),))
+    assert flipped[0]['verdict'] == 'contradicts' and flipped[0]['difference'] < -5
+    paths = write_report(study, '32', 'fixed')
+    for key in ('leaderboard', 'anchors', 'cells_csv', 'families', 'best', 'retention'):
+        assert paths[key].is_file() and paths[key].stat().st_size > 0
+    assert '(train)' in paths['leaderboard'].read_text()
+
+
+def test_report_with_one_seed_uses_binomial_intervals(tmp_path):
+    study = tmp_path / 'study'
+    _write_rows(study, {'ape': {'32x32': 0.8, '64x64': 0.5}}, seeds=(0,))
+    cells = build_cells(load_rows(study), '32')
+    assert {c.acc.method for c in cells} == {'binomial'}
+    assert 'binomial interval' in leaderboard(load_rows(study), '32', 'fixed')
+
+
+def test_aggregate_without_rows_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match='run the study first'):
+        write_report(tmp_path, '32', 'fixed')

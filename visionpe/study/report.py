@@ -1,0 +1,409 @@
+"""The report of a study, built from its job rows only (``rows/*.jsonl``): no checkpoint is needed.
+
+Outputs in ``<study dir>/report/``: ``cells.csv`` / ``cells.json`` (every (encoding, recipe, knob setting,
+size) with mean, 95% interval, seeds, retention), ``leaderboard.md`` (each encoding at its best recipe and
+knob setting, plus its fixed-recipe default row; the training size marked; cells not significantly below
+the column's best marked), ``anchors.md`` (published claims checked), and three plots: ``families.png``
+(one panel per encoding family, a line per recipe / knob setting, interval bands), ``best.png`` (each
+encoding's best setting) and ``retention.png`` (retention heatmap, encodings x sizes).
+
+The best setting is chosen by its mean accuracy over the sizes other than the training size, on the same
+test images the table reports: an optimistic choice, stated in the leaderboard, that the fixed-recipe
+default row lets a reader discount.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .spec import parse_size
+from .stats import Interval, paired_bootstrap, summarize, t_interval, unpack_correct
+
+__all__ = ['load_rows', 'Cell', 'build_cells', 'leaderboard', 'anchor_checks', 'write_report', 'ANCHORS',
+           'FAMILIES', 'family_of']
+
+#: encoding-name prefix -> family (the panels of families.png); the first matching prefix wins
+FAMILIES: tuple[tuple[str, str], ...] = (
+    ('rope2d', '2-D RoPE'), ('spiral', '2-D RoPE'), ('comrope', 'ComRoPE / LieRE'), ('liere', 'ComRoPE / LieRE'),
+    ('lookhere', 'LookHere'), ('alibi', 'distance biases'), ('fire', 'distance biases'), ('irpe', 'iRPE'),
+    ('pape', 'PaPE'), ('pope', 'PoPE'), ('cpvt', 'CPVT (conditional)'), ('lape', 'absolute'), ('ape', 'absolute'),
+    ('sincos', 'absolute'), ('nope', 'absolute'),
+)
+
+
+def family_of(encoding: str) -> str:
+    for prefix, fam in FAMILIES:
+        if encoding.startswith(prefix):
+            return fam
+    return encoding.split('_')[0]
+
+
+def load_rows(study_dir: Path) -> list[dict[str, Any]]:
+    """Every row of every finished job (``rows/*.jsonl``), in file order."""
+    rows = []
+    for path in sorted((Path(study_dir) / 'rows').glob('*.jsonl')):
+        with open(path) as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    return rows
+
+
+def _size_key(size: str) -> tuple[int, int]:
+    h, w = parse_size(size)
+    return h * w, h
+
+
+@dataclass
+class Cell:
+    """One (encoding, recipe, setting, size) over its seeds."""
+    encoding: str
+    recipe: str
+    setting: str
+    size: str
+    acc: Interval
+    retention: Interval | None
+    seeds: list[int]
+    n_images: int | None
+
+    def as_row(self) -> dict[str, Any]:
+        r = dict(encoding=self.encoding, family=family_of(self.encoding), recipe=self.recipe, setting=self.setting,
+                 size=self.size, top1=self.acc.mean, lo=self.acc.lo, hi=self.acc.hi, sd=self.acc.sd,
+                 interval=self.acc.method, seeds=len(self.seeds), n_images=self.n_images)
+        if self.retention is not None:
+            r.update(retention=self.retention.mean, retention_lo=self.retention.lo, retention_hi=self.retention.hi)
+        return r
+
+
+Key = tuple[str, str, str]  # (encoding, recipe, setting)
+
+
+def _by_setting(rows: list[dict[str, Any]]) -> dict[Key, dict[str, dict[int, dict[str, Any]]]]:
+    """``{(encoding, recipe, setting): {size: {seed: row}}}``; a later row of the same cell and seed wins."""
+    out: dict[Key, dict[str, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        h, w = parse_size(r['size'])
+        out[(r['encoding'], r['recipe'], r.get('setting', 'default'))][f'{h}x{w}'][int(r['seed'])] = r
+    return out
+
+
+def build_cells(rows: list[dict[str, Any]], train_size: str) -> list[Cell]:
+    th, tw = parse_size(train_size)
+    train = f'{th}x{tw}'
+    cells = []
+    for (enc, recipe, setting), sizes in _by_setting(rows).items():
+        base = sizes.get(train, {})
+        for size in sorted(sizes, key=_size_key):
+            seeds = sorted(sizes[size])
+            acc = [float(sizes[size][s]['top1']) for s in seeds]
+            n_img = sizes[size][seeds[0]].get('n_images')
+            ret = None
+            paired = [s for s in seeds if s in base]
+            if paired and all(float(base[s]['top1']) > 0 for s in paired):
+                ret = t_interval([float(sizes[size][s]['top1']) / float(base[s]['top1']) for s in paired])
+            cells.append(Cell(enc, recipe, setting, size, summarize(acc, n_img), ret, seeds, n_img))
+    return cells
+
+
+def _correct(row: dict[str, Any]) -> np.ndarray | None:
+    packed, n = row.get('correct'), row.get('n_images')
+    return unpack_correct(packed, int(n)) if packed and n else None
+
+
+def compare(rows_a: dict[int, dict[str, Any]], rows_b: dict[int, dict[str, Any]]) -> Interval | None:
+    """``acc(a) - acc(b)`` over their shared seeds: a paired bootstrap over images when both rows carry per-image
+    results for the same images, else a t interval of the per-seed differences (None: no shared seed)."""
+    seeds = sorted(set(rows_a) & set(rows_b))
+    if not seeds:
+        return None
+    ca = [_correct(rows_a[s]) for s in seeds]
+    cb = [_correct(rows_b[s]) for s in seeds]
+    if all(x is not None for x in ca + cb) and all(x.shape == y.shape for x, y in zip(ca, cb)):
+        return paired_bootstrap(ca, cb)
+    return t_interval([float(rows_a[s]['top1']) - float(rows_b[s]['top1']) for s in seeds])
+
+
+def _mean_above(sizes: dict[str, dict[int, dict[str, Any]]], train: str) -> float:
+    th = _size_key(train)
+    vals = [np.mean([float(r['top1']) for r in by_seed.values()]) for s, by_seed in sizes.items()
+            if _size_key(s) > th]
+    return float(np.mean(vals)) if vals else float('-inf')
+
+
+def _best_settings(grouped, train: str, reference_recipe: str) -> list[tuple[Key, str]]:
+    """Per encoding: its best (recipe, setting) by mean accuracy above the training size, and the reference
+    (first recipe, default setting) row when it differs."""
+    out = []
+    for enc in sorted({k[0] for k in grouped}, key=lambda e: (family_of(e), e)):
+        keys = [k for k in grouped if k[0] == enc]
+        best = max(keys, key=lambda k: _mean_above(grouped[k], train))
+        out.append((best, 'best'))
+        ref = (enc, reference_recipe, 'default')
+        if ref in grouped and ref != best:
+            out.append((ref, 'reference'))
+    return out
+
+
+def _fmt(iv: Interval) -> str:
+    if iv.method == 'none':
+        return f'{iv.mean:.1f}'
+    return f'{iv.mean:.1f} ± {iv.half_width:.1f}'
+
+
+def leaderboard(rows: list[dict[str, Any]], train_size: str, reference_recipe: str) -> str:
+    """Markdown leaderboard: each encoding at its best recipe / knob setting (and its reference row)."""
+    th, tw = parse_size(train_size)
+    train = f'{th}x{tw}'
+    grouped = _by_setting(rows)
+    if not grouped:
+        return '(no finished jobs yet)\n'
+    sizes = sorted({s for v in grouped.values() for s in v}, key=_size_key)
+    chosen = _best_settings(grouped, train, reference_recipe)
+    # the best row of each column (by mean), then each row compared with it
+    col_best: dict[str, Key] = {}
+    for s in sizes:
+        have = [k for k, _ in chosen if s in grouped[k]]
+        col_best[s] = max(have, key=lambda k: np.mean([float(r['top1']) for r in grouped[k][s].values()]))
+    seeds = sorted({int(r['seed']) for r in rows})
+    head = ['encoding', 'recipe', 'knobs'] + [f'{s}{" (train)" if s == train else ""}' for s in sizes]
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * 3 + '---:|' * len(sizes)]
+    for key, kind in chosen:
+        enc, recipe, setting = key
+        cells = []
+        for s in sizes:
+            by_seed = grouped[key].get(s)
+            if not by_seed:
+                cells.append('–')
+                continue
+            acc = [float(by_seed[x]['top1']) for x in sorted(by_seed)]
+            text = _fmt(summarize(acc, next(iter(by_seed.values())).get('n_images')))
+            if col_best[s] == key:
+                text = f'**{text}**'
+            else:
+                gap = compare(grouped[col_best[s]][s], by_seed)
+                if gap is not None and not gap.lo > 0:
+                    text += ' ≈'
+            cells.append(text)
+        name = enc if kind == 'best' else f'{enc} (reference)'
+        lines.append('| ' + ' | '.join([name, recipe, setting, *cells]) + ' |')
+    n_img = {r.get('n_images') for r in rows}
+    notes = [
+        f'Top-1 (%) mean ± half-width of the 95% interval over {len(seeds)} seed(s) {seeds} '
+        f'(t interval over seeds; with one seed a binomial interval over the {sorted(x for x in n_img if x)} test '
+        f'images, which covers test-set sampling only). Bold: the best of the column; ≈: not significantly below it '
+        '(paired bootstrap over the same test images and seeds, 95%). Each encoding is shown at the recipe and knob '
+        'setting with the best mean above the training size, chosen on these test images (optimistic), and at its '
+        f'reference setting ({reference_recipe} recipe, default knobs) when that differs.']
+    return '\n'.join(lines) + '\n\n' + notes[0] + '\n'
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A published claim the study can test: group ``a`` beats group ``b`` at ``where`` ('above': mean over sizes
+    above the training size; 'far': the largest size), under the reference recipe and default knobs."""
+    text: str
+    source: str
+    a: tuple[str, ...]
+    b: tuple[str, ...]
+    where: str = 'above'
+
+
+ANCHORS: tuple[Claim, ...] = (
+    Claim('RoPE-Mixed > RoPE-Axial above the training size', 'Heo et al. 2024, naver-ai/rope-vit',
+          ('rope2d_mixed',), ('rope2d',)),
+    Claim('RoPE-Axial > learned APE above the training size', 'Heo et al. 2024, naver-ai/rope-vit',
+          ('rope2d',), ('ape',)),
+    Claim('LookHere > 2-D RoPE far out', 'Fuller et al. 2024 (LookHere)', ('lookhere',), ('rope2d',), 'far'),
+    Claim('ComRoPE-LD > ComRoPE-AP', 'Yu et al. 2025 (ComRoPE)', ('comrope_ld',), ('comrope_ap',)),
+    Claim('ComRoPE-AP > RoPE-Axial', 'Yu et al. 2025 (ComRoPE)', ('comrope_ap',), ('rope2d',)),
+    Claim('PaPE > every other encoding above the training size', 'PaPE (arXiv 2602.01418)', ('pape',),
+          ('*',)),
+    Claim('bias-based > rotation-based at ~4x', 'ViT extrapolation study 2026',
+          ('lookhere', 'alibi2d', 'fire2d', 'irpe_bias'), ('rope2d', 'rope2d_mixed', 'comrope_ap', 'comrope_ld'), 'far'),
+    Claim('FIRE-2D >> RoPE-Axial at ~4x', 'ViT extrapolation study 2026', ('fire2d',), ('rope2d',), 'far'),
+)
+
+
+def _pooled(grouped, key: Key, sizes: list[str]) -> dict[int, dict[str, Any]]:
+    """Rows of ``key`` at ``sizes`` pooled per seed into one pseudo-row (accuracy and per-image results over all
+    (image, size) pairs), for claims about a range of sizes."""
+    out: dict[int, dict[str, Any]] = {}
+    seeds = set.intersection(*[set(grouped[key].get(s, {})) for s in sizes]) if sizes else set()
+    for seed in seeds:
+        rs = [grouped[key][s][seed] for s in sizes]
+        cs = [_correct(r) for r in rs]
+        row = dict(top1=float(np.mean([float(r['top1']) for r in rs])))
+        if all(c is not None for c in cs):
+            from .stats import pack_correct
+            allc = np.concatenate(cs)
+            row.update(correct=pack_correct(allc), n_images=int(allc.size))
+        out[seed] = row
+    return out
+
+
+def anchor_checks(rows: list[dict[str, Any]], train_size: str, reference_recipe: str,
+                  claims: tuple[Claim, ...] = ANCHORS) -> list[dict[str, Any]]:
+    """Each claim: the measured difference (best of ``a`` minus best of ``b``, by mean) with its interval and a
+    verdict: agrees (interval above 0), contradicts (below 0), inconclusive, or not in study."""
+    th, tw = parse_size(train_size)
+    train = f'{th}x{tw}'
+    grouped = _by_setting(rows)
+    encs = sorted({k[0] for k in grouped if k[1] == reference_recipe and k[2] == 'default'})
+    all_sizes = sorted({s for v in grouped.values() for s in v}, key=_size_key)
+    above = [s for s in all_sizes if _size_key(s) > _size_key(train)]
+    out = []
+    for c in claims:
+        sizes = above if c.where == 'above' else above[-1:]
+        a = [e for e in c.a if e in encs]
+        b = [e for e in encs if e not in c.a] if c.b == ('*',) else [e for e in c.b if e in encs]
+        rec = dict(claim=c.text, source=c.source, sizes=sizes)
+        if not a or not b or not sizes:
+            out.append({**rec, 'difference': None, 'lo': None, 'hi': None, 'verdict': 'not in study'})
+            continue
+        pa = {e: _pooled(grouped, (e, reference_recipe, 'default'), sizes) for e in a}
+        pb = {e: _pooled(grouped, (e, reference_recipe, 'default'), sizes) for e in b}
+
+        def mean(p):
+            return np.mean([r['top1'] for r in p.values()]) if p else float('-inf')
+        best_a = max(pa, key=lambda e: mean(pa[e]))
+        best_b = max(pb, key=lambda e: mean(pb[e]))
+        iv = compare(pa[best_a], pb[best_b])
+        if iv is None:
+            out.append({**rec, 'difference': None, 'lo': None, 'hi': None, 'verdict': 'not in study'})
+            continue
+        verdict = 'agrees' if iv.lo > 0 else 'contradicts' if iv.hi < 0 else 'inconclusive'
+        out.append({**rec, 'a': best_a, 'b': best_b, 'difference': iv.mean, 'lo': iv.lo, 'hi': iv.hi,
+                    'interval': iv.method, 'verdict': verdict})
+    return out
+
+
+def _anchors_md(checks: list[dict[str, Any]]) -> str:
+    lines = ['| claim | source | compared | sizes | difference (points, 95% interval) | verdict |',
+             '|---|---|---|---|---|---|']
+    for c in checks:
+        diff = '–' if c['difference'] is None else f"{c['difference']:+.1f} [{c['lo']:+.1f}, {c['hi']:+.1f}]"
+        comp = f"{c['a']} − {c['b']}" if 'a' in c else '–'
+        lines.append(f"| {c['claim']} | {c['source']} | {comp} | {', '.join(c['sizes']) or '–'} | {diff} | "
+                     f"{c['verdict']} |")
+    return '\n'.join(lines) + '\n'
+
+
+def _plots(cells: list[Cell], rows, train: str, reference_recipe: str, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    sizes = sorted({c.size for c in cells}, key=_size_key)
+    xs = {s: i for i, s in enumerate(sizes)}
+    by_line: dict[Key, list[Cell]] = defaultdict(list)
+    for c in cells:
+        by_line[(c.encoding, c.recipe, c.setting)].append(c)
+    fams = sorted({family_of(k[0]) for k in by_line})
+    ncol = min(3, len(fams))
+    nrow = (len(fams) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.6 * nrow), squeeze=False, sharey=True)
+    for ax, fam in zip(axes.flat, fams):
+        for key, cs in sorted(by_line.items()):
+            if family_of(key[0]) != fam:
+                continue
+            cs = sorted(cs, key=lambda c: xs[c.size])
+            x = [xs[c.size] for c in cs]
+            label = key[0] + ('' if key[1] == reference_recipe else f' / {key[1]}') + \
+                ('' if key[2] == 'default' else f' / {key[2]}')
+            line, = ax.plot(x, [c.acc.mean for c in cs], marker='o', ms=3, label=label)
+            ax.fill_between(x, [c.acc.lo for c in cs], [c.acc.hi for c in cs], color=line.get_color(), alpha=0.15)
+        ax.set_title(fam)
+        ax.set_xticks(range(len(sizes)), sizes, rotation=45, fontsize=7)
+        if train in xs:
+            ax.axvline(xs[train], color='grey', ls=':', lw=1)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(fams):]:
+        ax.axis('off')
+    fig.supylabel('top-1 (%)')
+    fig.tight_layout()
+    paths = [out / 'families.png']
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    grouped = _by_setting(rows)
+    best = [k for k, kind in _best_settings(grouped, train, reference_recipe) if kind == 'best']
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key in best:
+        cs = sorted(by_line[key], key=lambda c: xs[c.size])
+        x = [xs[c.size] for c in cs]
+        line, = ax.plot(x, [c.acc.mean for c in cs], marker='o', ms=3, label=f'{key[0]} ({key[1]}, {key[2]})')
+        ax.fill_between(x, [c.acc.lo for c in cs], [c.acc.hi for c in cs], color=line.get_color(), alpha=0.12)
+    ax.set_xticks(range(len(sizes)), sizes, rotation=45)
+    if train in xs:
+        ax.axvline(xs[train], color='grey', ls=':', lw=1)
+    ax.set_ylabel('top-1 (%)')
+    ax.set_title('each encoding at its best recipe and knob setting (95% intervals)')
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / 'best.png')
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    mat = np.full((len(best), len(sizes)), np.nan)
+    for i, key in enumerate(best):
+        for c in by_line[key]:
+            if c.retention is not None:
+                mat[i, xs[c.size]] = c.retention.mean
+    fig, ax = plt.subplots(figsize=(1.0 * len(sizes) + 3, 0.32 * len(best) + 1.5))
+    im = ax.imshow(mat, cmap='viridis', vmin=np.nanmin(mat) if np.isfinite(mat).any() else 0, vmax=1.0,
+                   aspect='auto')
+    ax.set_xticks(range(len(sizes)), sizes, rotation=45)
+    ax.set_yticks(range(len(best)), [k[0] for k in best], fontsize=7)
+    for i in range(mat.shape[0]):
+        for j in range(mat.shape[1]):
+            if np.isfinite(mat[i, j]):
+                ax.text(j, i, f'{mat[i, j]:.2f}', ha='center', va='center', fontsize=6, color='w')
+    fig.colorbar(im, ax=ax, label='retention (acc / acc at training size)')
+    ax.set_title('retention at the best setting')
+    fig.tight_layout()
+    paths.append(out / 'retention.png')
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_report(study_dir: Path, train_size: str, reference_recipe: str, plots: bool = True) -> dict[str, Path]:
+    """Aggregate ``study_dir/rows/*.jsonl`` into ``study_dir/report/``; returns the written paths."""
+    study_dir = Path(study_dir)
+    rows = load_rows(study_dir)
+    if not rows:
+        raise FileNotFoundError(f'no finished job rows under {study_dir / "rows"}: run the study first')
+    th, tw = parse_size(train_size)
+    train = f'{th}x{tw}'
+    cells = build_cells(rows, train)
+    out = study_dir / 'report'
+    out.mkdir(parents=True, exist_ok=True)
+    table = [c.as_row() for c in cells]
+    paths = {'cells_csv': out / 'cells.csv', 'cells_json': out / 'cells.json', 'leaderboard': out / 'leaderboard.md',
+             'anchors': out / 'anchors.md'}
+    with open(paths['cells_csv'], 'w', newline='') as f:
+        keys = list(dict.fromkeys(k for r in table for k in r))
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(table)
+    checks = anchor_checks(rows, train, reference_recipe)
+    jobs = sorted({r['job'] for r in rows})
+    meta = dict(jobs=jobs, devices=sorted({r.get('device', '?') for r in rows}),
+                versions=sorted({json.dumps(r.get('versions', {}), sort_keys=True) for r in rows}))
+    paths['cells_json'].write_text(json.dumps(dict(meta=meta, cells=table, anchors=checks), indent=1, default=float))
+    paths['leaderboard'].write_text(f'# Leaderboard: {len(jobs)} jobs, training size {train}\n\n'
+                                    + leaderboard(rows, train, reference_recipe))
+    paths['anchors'].write_text('# Anchor checks: published claims tested by this study\n\n' + _anchors_md(checks))
+    if plots:
+        for p in _plots(cells, rows, train, reference_recipe, out):
+            paths[p.stem] = p
+    return paths
+
+
+def cell_dicts(cells: list[Cell]) -> list[dict[str, Any]]:
+    return [asdict(c) for c in cells]
