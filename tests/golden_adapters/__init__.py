@@ -62,19 +62,24 @@ class Adapter:
     atol: float = 1e-5
     # (pattern, tolerance) for named ill-conditioned tensors; the adapter must say why in its docstring
     atol_for: Tuple[Tuple[str, float], ...] = ()
+    # patterns of tensors with large values (golden NOTES say so): tolerance atol * max(1, max|reference|)
+    relative: Tuple[str, ...] = ()
 
-    def tolerance(self, name: str) -> float:
-        return next((tol for pat, tol in self.atol_for if fnmatch.fnmatch(name, pat)), self.atol)
+    def tolerance(self, name: str, reference: Optional[torch.Tensor] = None) -> float:
+        tol = next((tol for pat, tol in self.atol_for if fnmatch.fnmatch(name, pat)), self.atol)
+        if reference is not None and reference.numel() and any(fnmatch.fnmatch(name, p) for p in self.relative):
+            tol *= max(1.0, float(reference.double().abs().max()))
+        return tol
 
 
 ADAPTERS: Dict[str, Adapter] = {}
 
 
 def golden_adapter(*targets: str, inputs: Iterable[str] = ('input_*',), atol: float = 1e-5,
-                   atol_for: Iterable[Tuple[str, float]] = ()):
+                   atol_for: Iterable[Tuple[str, float]] = (), relative: Iterable[str] = ()):
     def deco(fn):
         for t in targets:
-            ADAPTERS[t] = Adapter(t, fn, tuple(inputs), atol, tuple(atol_for))
+            ADAPTERS[t] = Adapter(t, fn, tuple(inputs), atol, tuple(atol_for), tuple(relative))
         return fn
     return deco
 
@@ -116,7 +121,7 @@ def compare_set(gs: GoldenSet) -> List[Tuple[str, float, float]]:
             diff = float((e.long() != g.long()).sum())  # integer tensors must match exactly
         else:
             diff = float((e.double() - g.detach().double()).abs().max()) if e.numel() else 0.0
-        rows.append((k, diff, 0.0 if e.dtype in (torch.int64, torch.int32, torch.bool) else adapter.tolerance(k)))
+        rows.append((k, diff, 0.0 if e.dtype in (torch.int64, torch.int32, torch.bool) else adapter.tolerance(k, e)))
     return rows
 
 

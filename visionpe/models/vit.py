@@ -462,6 +462,11 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     'lookhere45': ('LookHere LH-45 (45-degree cone heads)', dict(pos_embed='none', pe='lookhere', layout='lh45')),
     'pope2d': ('PoPE-2D: polar (magnitude x phase) position embedding on q and k, theta 10000, index '
                'coordinates', dict(pos_embed='none', pe='pope2d', theta=10000., coord_mode='index')),
+    # --- issue 19: the 2025-26 frontier ---
+    'pape': ('PaPE: 50 query-dependent parabolas per head on widened q/k, 1-based index positions',
+             dict(pos_embed='none', pe='pape', parabolas=50)),
+    'pape_ri': ('PaPE-RI: one query-dependent isotropic paraboloid per head (rotation invariant), widened q/k',
+                dict(pos_embed='none', pe='pape_ri')),
 }
 
 

@@ -58,7 +58,7 @@ def build_encoding(name: str, ctx: EncodingContext, **options) -> PosEncoding:
 def _import_all() -> None:
     # importing the family modules registers their encodings
     from . import absolute, peg, rope  # noqa: F401
-    for mod in ('irpe', 'comrope', 'lookhere', 'pope', 'lepe'):
+    for mod in ('irpe', 'comrope', 'lookhere', 'pope', 'lepe', 'pape', 'alibi2d', 'fire2d', 'spiral'):
         try:
             __import__(f'{__name__}.{mod}')
         except ModuleNotFoundError as e:
