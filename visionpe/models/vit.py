@@ -467,6 +467,10 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
              dict(pos_embed='none', pe='pape', parabolas=50)),
     'pape_ri': ('PaPE-RI: one query-dependent isotropic paraboloid per head (rotation invariant), widened q/k',
                 dict(pos_embed='none', pe='pape_ri')),
+    'alibi2d': ('2-D ALiBi: -m_h * Euclidean patch distance, ALiBi geometric head slopes, class token unbiased',
+                dict(pos_embed='none', pe='alibi2d')),
+    'fire2d': ('FIRE-2D: per-layer MLP of the log-scaled patch distance over log of max(learned threshold, grid '
+               'extent)', dict(pos_embed='none', pe='fire2d', mlp_hidden=32)),
 }
 
 
