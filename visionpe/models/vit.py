@@ -10,7 +10,6 @@ Presets are data: ``VIT_SIZES`` x ``VIT_ENCODINGS`` below, every entry overridab
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import torch
@@ -23,6 +22,7 @@ from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_tim
 
 from ..attention import Attention
 from ..grid import Grid, GridCache, check_coord_mode
+from ..layers import norm_layer_by_name
 from ..pos import EncodingContext, build_encoding
 from ..pos.absolute import resample_table, sincos_2d
 from ..pos.base import LayerPos, PosEncoding
@@ -96,6 +96,7 @@ class VisionTransformer(nn.Module):
         pe: name of a registered encoding (``visionpe.pos.list_encodings()``) or None; every
             remaining keyword is an option of that encoding.
         head: ``'linear'`` or ``'mlp_tanh'`` (hidden size ``head_hidden_dim``).
+        norm_layer: ``'layernorm'``, ``'rmsnorm'`` or ``'rmsnorm_eps_outside'`` (:mod:`visionpe.layers`).
         attn_backend: ``auto | math | sdpa | xformers | flex`` (see :mod:`visionpe.attention`).
     """
 
@@ -132,6 +133,7 @@ class VisionTransformer(nn.Module):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             norm_eps: float = 1e-6,
+            norm_layer: str = 'layernorm',
             act_layer: Union[str, Callable[..., nn.Module], None] = None,
             head: str = 'linear',
             head_hidden_dim: Optional[int] = None,
@@ -153,7 +155,7 @@ class VisionTransformer(nn.Module):
             raise TypeError(f"unknown argument(s) {', '.join(sorted(pe_options))} (no position encoding 'pe' "
                             f"is set, so they cannot be encoding options)")
         use_fc_norm = global_pool in ('avg', 'max', 'avgmax') if fc_norm is None else fc_norm
-        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        norm_layer = norm_layer_by_name(norm_layer, norm_eps)
         act_layer = get_act_layer(act_layer) if act_layer is not None else nn.GELU
 
         self.num_classes = num_classes
@@ -467,6 +469,8 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
              dict(pos_embed='none', pe='pape', parabolas=50)),
     'pape_ri': ('PaPE-RI: one query-dependent isotropic paraboloid per head (rotation invariant), widened q/k',
                 dict(pos_embed='none', pe='pape_ri')),
+    'spiral': ('Spiral RoPE: rotary pairs along 4 directions (rotate 2), frequencies 1.5 down, index coordinates '
+               'clamped to the grid as upstream', dict(pos_embed='none', pe='spiral', rotate=2, max_freq=1.5)),
     'alibi2d': ('2-D ALiBi: -m_h * Euclidean patch distance, ALiBi geometric head slopes, class token unbiased',
                 dict(pos_embed='none', pe='alibi2d')),
     'fire2d': ('FIRE-2D: per-layer MLP of the log-scaled patch distance over log of max(learned threshold, grid '
