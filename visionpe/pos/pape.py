@@ -122,16 +122,20 @@ class _ParabolicBase(PosEncoding):
                              f'got {q.shape[2]}')
         return self.widen(q, k, coef, state.pos, layer)
 
-    def _pad(self, q_parts: list, k_parts: list, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Concatenate the channel blocks (k's position blocks are shared over the batch) and zero-pad."""
-        B = q.shape[0]
-        k_parts = [p.expand(B, *p.shape[1:]) if p.shape[0] != B else p for p in k_parts]
-        width = sum(p.shape[-1] for p in q_parts)
-        extra = pad_width(width, self.pad_multiple) - width
-        if extra:
-            q_parts.append(q.new_zeros(*q.shape[:-1], extra))
-            k_parts.append(q.new_zeros(*q.shape[:-1], extra))
-        return torch.cat([p.to(q.dtype) for p in q_parts], -1), torch.cat([p.to(q.dtype) for p in k_parts], -1)
+    def _assemble(self, q: torch.Tensor, q_parts: list, k_parts: list) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Write the channel blocks into zero-padded ``(B, H, T, width)`` q~ and k~. A part is a tensor or a
+        zero-argument function that makes it, called only when its slice is written, so at most one temporary
+        block is alive besides the two results (the peak memory of a high-resolution forward)."""
+        widths = [p.shape[-1] if isinstance(p, torch.Tensor) else p[1] for p in q_parts]
+        total = pad_width(sum(widths), self.pad_multiple)
+        shape = (*q.shape[:-1], total)
+        q_wide, k_wide = q.new_zeros(shape), q.new_zeros(shape)
+        start = 0
+        for w, qp, kp in zip(widths, q_parts, k_parts):
+            q_wide[..., start:start + w] = qp if isinstance(qp, torch.Tensor) else qp[0]()
+            k_wide[..., start:start + w] = kp if isinstance(kp, torch.Tensor) else kp[0]()
+            start += w
+        return q_wide, k_wide
 
     def extra_repr(self) -> str:
         return (f'coord_mode={self.coord_mode}, patch_offset={self.patch_offset:g}, normalize={self.normalize}, '
@@ -191,11 +195,11 @@ class PaPE(_ParabolicBase):
             u = coef.float().view(B, T, 2, H, J).permute(2, 0, 3, 1, 4)  # (2, B, H, T, J)
             a, beta = F.softplus(u[0]), u[1]
             P = self.projected(pos, layer).unsqueeze(0)  # (1, H, T, J)
-            P2 = P * P
-            ones = P.new_ones(1, H, T, 1)
-            q_parts = [q, -(a * P2).sum(-1, keepdim=True), a, 2 * a * P, (beta * P).sum(-1, keepdim=True), beta]
-            k_parts = [k, ones, -P2, P, ones, -P]
-            return self._pad(q_parts, k_parts, q)
+            one = P.new_ones(1, H, T, 1)
+            q_parts = [q, (lambda: -(a * P * P).sum(-1, keepdim=True), 1), a, (lambda: 2 * a * P, J),
+                       (lambda: (beta * P).sum(-1, keepdim=True), 1), beta]
+            k_parts = [k, one, (lambda: -P * P, J), P, one, (lambda: -P, J)]
+            return self._assemble(q, q_parts, k_parts)
 
     def extra_repr(self) -> str:
         return f'parabolas={self.parabolas}, ' + super().extra_repr()
@@ -240,4 +244,4 @@ class PaPERI(_ParabolicBase):
             P2 = P * P
             q_parts = [q, -a * P2.sum(-1, keepdim=True), a.expand(-1, -1, -1, 2), 2 * a * P]
             k_parts = [k, P.new_ones(*P.shape[:-1], 1), -P2, P]
-            return self._pad(q_parts, k_parts, q)
+            return self._assemble(q, q_parts, k_parts)
