@@ -39,11 +39,10 @@ from .base import EncodingContext
 __all__ = ['FIRE2D', 'fire_inputs']
 
 
-def fire_inputs(dist: torch.Tensor, c: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """``log(|c| d + 1) / log(|c| max(|L|, D) + 1)`` for the offset distances ``dist`` (D = their maximum)."""
+def fire_inputs(dist: torch.Tensor, c: torch.Tensor, threshold: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+    """``log(|c| d + 1) / log(|c| max(|L|, D) + 1)`` for distances ``dist`` and the grid's extent ``D``."""
     c = c.abs()
-    norm = torch.maximum(threshold.abs(), dist.max())
-    return torch.log1p(c * dist) / torch.log1p(c * norm)
+    return torch.log1p(c * dist) / torch.log1p(c * torch.maximum(threshold.abs(), extent))
 
 
 @register_encoding('fire2d')
@@ -93,11 +92,9 @@ class FIRE2D(DistanceBias):
         """MLP inputs (in [0, 1]) for ``layer``: of every distinct offset of ``grid`` ``(h * w,)``, or with
         ``prefix`` of the prefix pairs ``(1 + h * w,)``; the normaliser is the grid's largest distance either way."""
         dist = self.distances(grid)
-        u = fire_inputs(dist, self.c[layer], self.threshold[layer])
-        if not prefix:
-            return u
-        return fire_inputs(torch.cat([dist, self.centre_distances(grid)]), self.c[layer],
-                           self.threshold[layer])[dist.shape[0]:]
+        extent = dist.max()  # the largest distance in the grid (its diagonal)
+        return fire_inputs(self.centre_distances(grid) if prefix else dist, self.c[layer], self.threshold[layer],
+                           extent)
 
     def prepare(self, grid: Grid) -> Tuple[Grid, List[torch.Tensor], List[Optional[torch.Tensor]]]:
         """The grid, every layer's ``(heads, h * w)`` offset table and ``(heads, 1 + h * w)`` prefix table
