@@ -197,3 +197,20 @@ def test_alibi_slope_scale_is_a_live_knob():
         c = nope.forward_features(x)
     assert (a - b).abs().max() > 1e-4
     assert (b - c).abs().max() < TOL  # slope 0: no bias at all
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_row_blocks_cut_peak_memory(name, monkeypatch):
+    """At 1025 tokens a whole (heads, T, T) float bias is 16 MiB; built by rows the peak stays far below."""
+    import visionpe.attention as attention
+    from visionpe.benchmark import peak_memory
+    model = timm.create_model(f'vit_{name}_tiny', img_size=128, patch_size=4, embed_dim=64, depth=1,
+                              num_heads=4).eval()
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        model(x)  # cache the (small) offset tables outside the measurement
+    dense = 4 * 1025 * 1025 * 4
+    monkeypatch.setenv(attention.MAX_BIAS_ENV_VAR, '2')
+    with torch.no_grad(), peak_memory() as blocks:
+        model(x)
+    assert blocks.bytes < dense / 2, blocks.mib
