@@ -59,10 +59,11 @@ def _pape(name, **kw):
     return enc
 
 
-@pytest.mark.parametrize('name', ['pape', 'pape_ri'])
+@pytest.mark.parametrize('name,kw', [('pape', dict(parabolas=3, layout='compact')),
+                                     ('pape', dict(parabolas=3, layout='upstream')), ('pape_ri', {})])
 @pytest.mark.parametrize('mode', ['index', 'normalized', 'ref'])
-def test_pape_widened_logits_equal_closed_form(name, mode):
-    enc = _pape(name, coord_mode=mode, **({'parabolas': 3} if name == 'pape' else {}))
+def test_pape_widened_logits_equal_closed_form(name, kw, mode):
+    enc = _pape(name, coord_mode=mode, **kw)
     grid = Grid(3, 5, 1)
     T = grid.num_tokens
     x = torch.randn(2, T, 64)
@@ -71,6 +72,7 @@ def test_pape_widened_logits_equal_closed_form(name, mode):
     assert enc.attn_input(x, 1, state) is x
     qw, kw = enc.rotate(q, k, 1, state)
     assert qw.shape[-1] % 8 == 0 and qw.shape == kw.shape
+    assert qw.shape[-1] == {'compact': 24, 'upstream': 32}.get(enc.__dict__.get('layout'), 24)  # 16 + 6 / + 11 / + 5
     assert torch.equal(qw[..., :16], q) and torch.equal(kw[..., :16], k)
     pos = torch.cat([torch.zeros(1, 2), grid_coords(3, 5, mode, ref_hw=(4, 4)) + 1])  # prefix at (0, 0), 1-based
     layer = enc.layers[1]
@@ -111,6 +113,8 @@ def test_pape_options_validated():
         _pape('pape', coord_mode='polar')
     with pytest.raises(ValueError, match='at least one parabola'):
         _pape('pape', parabolas=0)
+    with pytest.raises(ValueError, match='layout'):
+        _pape('pape', layout='wide')
 
 
 def test_pape_converter_errors_name_the_fix():

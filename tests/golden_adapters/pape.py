@@ -3,9 +3,12 @@ visionpe's converter into ``vit_pape_*`` / ``vit_pape_ri_*`` with the upstream a
 
 Widened q/k and the logits hold squared positions (up to ~560 at the 2x grid): they are compared scale-relative,
 ``max|diff| <= 1e-5 * max(1, max|reference|)``, as the golden NOTES prescribe; everything else 1e-5 absolute.
+PaPE: the widened q/k and logits come from ``layout='upstream'`` (upstream's channels), every other tensor from
+the default ``layout='compact'`` (the J parabolas summed into one 2-D quadratic), so both layouts are checked.
 """
 from __future__ import annotations
 
+import fnmatch
 from typing import Dict
 
 import timm
@@ -19,7 +22,7 @@ from visionpe.grid import Grid
 RELATIVE = ('q_wide_*', 'k_wide_*', 'attn_logits_*')
 
 
-def build(gs: GoldenSet, normalize: bool, class_token: bool = True) -> torch.nn.Module:
+def build(gs: GoldenSet, normalize: bool, class_token: bool = True, layout: str = 'compact') -> torch.nn.Module:
     c = gs.config['constructor']
     m = c['model']
     assert m['head_size'] * m['num_heads'] == m['hidden_size']
@@ -28,7 +31,7 @@ def build(gs: GoldenSet, normalize: bool, class_token: bool = True) -> torch.nn.
               num_heads=m['num_heads'], mlp_ratio=m['intermediate_size'] / m['hidden_size'],
               dynamic_img_size=True, normalize=normalize)
     if gs.target == 'pape':
-        kw['parabolas'] = c['pape']['parabolas']
+        kw.update(parabolas=c['pape']['parabolas'], layout=layout)
     name = 'vit_pape_tiny' if gs.target == 'pape' else 'vit_pape_ri_tiny'
     sd = dict(gs.state_dict)
     if not class_token:
@@ -82,12 +85,18 @@ def run_case(model: torch.nn.Module, x: torch.Tensor, suffix: str) -> Dict[str, 
 def pape(gs: GoldenSet) -> Dict[str, torch.Tensor]:
     models = {}
     out: Dict[str, torch.Tensor] = {}
+    layouts = ('compact', 'upstream') if gs.target == 'pape' else ('compact',)
     for name in gs.tensors:
         if not name.startswith('input_'):
             continue
         suffix = name[len('input_'):]
-        key = ('norm_' in suffix, not suffix.startswith('nocls_'))
-        if key not in models:
-            models[key] = build(gs, normalize=key[0], class_token=key[1])
-        out.update(run_case(models[key], gs.tensors[name], suffix))
+        for layout in layouts:
+            key = ('norm_' in suffix, not suffix.startswith('nocls_'), layout)
+            if key not in models:
+                models[key] = build(gs, normalize=key[0], class_token=key[1], layout=layout)
+            got = run_case(models[key], gs.tensors[name], suffix)
+            widened = {k for k in got if fnmatch.fnmatch(k, 'q_wide_*') or fnmatch.fnmatch(k, 'k_wide_*')
+                       or fnmatch.fnmatch(k, 'attn_logits_*')}
+            out.update({k: v for k, v in got.items() if (k in widened) == (layout == layouts[-1])
+                        or len(layouts) == 1})
     return out

@@ -18,7 +18,8 @@ position channels (``rotate`` hook) so that one fused attention call gives conte
              k~ = [k, 1,                 -P_j^2,   P_j,      1,                -P_j,           0...]
     PaPE-RI  q~ = [q, -a |P|^2, a, a, 2 a P_x, 2 a P_y, 0...]     k~ = [k, 1, -P_x^2, -P_y^2, P_x, P_y, 0...]
 
-zero-padded to a multiple of 8 (``pad_multiple``). The softmax scale stays ``head_dim^-0.5`` of the ORIGINAL
+zero-padded to a multiple of 8 (``pad_multiple``). PaPE's default ``layout='compact'`` sums the J parabolas
+into one 2-D quadratic first (6 position channels instead of ``3J + 2``, same logits; :class:`PaPE`). The softmax scale stays ``head_dim^-0.5`` of the ORIGINAL
 head dim (the Attention module computes it before any hook) and multiplies the position term too. v is not widened.
 The curvatures come from the attention input, which the ``tokens`` hook :meth:`attn_input` sees just before
 attention; it stores the layer's coefficients in the forward's state, and ``rotate`` takes them from there.
@@ -157,16 +158,26 @@ class PaPE(_ParabolicBase):
 
     Args:
         parabolas: J per head (upstream default 50).
+        layout: ``'compact'`` (default: the J parabolas summed into one 2-D quadratic, 6 position channels) or
+            ``'upstream'`` (upstream's ``3J + 2`` channels, e.g. to compare widened q/k with the reference).
         coord_mode, ref_hw: token coordinates (:mod:`visionpe.grid`, not ``polar``); default index units.
         patch_offset: added to every patch coordinate (upstream: 1, patches 1-based, prefix tokens at 0).
         normalize: upstream's ``normalize``: x / rows, y / columns.
         pad_multiple: widened q/k are zero-padded to a multiple of this (8: fused kernels).
+
+    The compact layout uses that every ``P_j = w_j . p`` is linear in the 2-D position, so with ``dp = p_s - p_t``
+    the position term is ``-dp^T M_s dp + b_s . dp``, ``M_s = sum_j a_sj w_j w_j^T`` (3 numbers) and
+    ``b_s = sum_j beta_sj w_j`` (2 numbers, a linear map of ``h_s`` whose matrix is folded from the parameters
+    every forward): q~ = [q, -p^T M p + b.p, M_xx, 2 M_xy, M_yy, 2 M p - b], k~ = [k, 1, -x^2, -xy, -y^2, x, y].
+    Same logits up to float rounding, same parameters (checkpoints load either way), width ``d + 6``
+    instead of ``d + 3J + 2`` and half the content projection (``H J + 2 H`` outputs instead of ``2 H J``).
     """
 
     def __init__(
             self,
             ctx: EncodingContext,
             parabolas: int = 50,
+            layout: str = 'compact',
             coord_mode: str = 'index',
             ref_hw: Optional[Tuple[int, int]] = None,
             patch_offset: float = 1.0,
@@ -176,11 +187,21 @@ class PaPE(_ParabolicBase):
         super().__init__(ctx, coord_mode, ref_hw, patch_offset, normalize, pad_multiple)
         if parabolas < 1:
             raise ValueError(f'PaPE needs at least one parabola per head, got parabolas={parabolas}')
+        if layout not in ('compact', 'upstream'):
+            raise ValueError(f"PaPE layout must be 'compact' or 'upstream', got {layout!r}")
         self.parabolas = int(parabolas)
+        self.layout = layout
         self.layers = nn.ModuleList(_PaPELayer(ctx.dim, ctx.num_heads, self.parabolas) for _ in range(ctx.depth))
 
-    def coefficients(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        return self.layers[layer].ab(x)  # (B, T, 2 H J): curvature pre-activations, then slopes
+    def coefficients(self, x: torch.Tensor, layer: int):
+        lay = self.layers[layer]
+        if self.layout == 'upstream':
+            return lay.ab(x)  # (B, T, 2 H J): curvature pre-activations, then slopes
+        H, J = self.ctx.num_heads, self.parabolas
+        w_a, w_beta = lay.ab.weight[:H * J], lay.ab.weight[H * J:]
+        # b = sum_j beta_j w_j is linear in x: fold its matrix, (H, 2, dim) -> (2 H, dim)
+        w_b = torch.einsum('hjc,hjd->hcd', lay.position.weight.view(H, J, 2), w_beta.view(H, J, -1))
+        return F.linear(x, w_a), F.linear(x, w_b.reshape(2 * H, -1))
 
     def projected(self, pos: torch.Tensor, layer: int) -> torch.Tensor:
         """``P`` of shape ``(H, T, J)``: each head's J projections of the positions, float32."""
@@ -189,6 +210,8 @@ class PaPE(_ParabolicBase):
         return (pos.float() @ w.t()).view(-1, H, J).transpose(0, 1)
 
     def widen(self, q, k, coef, pos, layer):
+        if self.layout == 'compact':
+            return self._widen_compact(q, k, coef, pos, layer)
         B, T = coef.shape[:2]
         H, J = self.ctx.num_heads, self.parabolas
         with torch.autocast(device_type=q.device.type, enabled=False):
@@ -201,8 +224,26 @@ class PaPE(_ParabolicBase):
             k_parts = [k, one, (lambda: -P * P, J), P, one, (lambda: -P, J)]
             return self._assemble(q, q_parts, k_parts)
 
+    def _widen_compact(self, q, k, coef, pos, layer):
+        u_a, b = coef
+        B, T = u_a.shape[:2]
+        H, J = self.ctx.num_heads, self.parabolas
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            w = self.layers[layer].position.weight.float().view(H, J, 2)
+            outer = torch.stack([w[..., 0] * w[..., 0], w[..., 0] * w[..., 1], w[..., 1] * w[..., 1]], -1)
+            a = F.softplus(u_a.float().view(B, T, H, J))
+            m = torch.einsum('bthj,hjk->bhtk', a, outer)  # (B, H, T, 3): M_xx, M_xy, M_yy
+            b = b.float().view(B, T, H, 2).transpose(1, 2)  # (B, H, T, 2)
+            p = pos.float()
+            x, y = p[:, 0, None], p[:, 1, None]  # (T, 1)
+            mp = torch.cat([m[..., :1] * x + m[..., 1:2] * y, m[..., 1:2] * x + m[..., 2:] * y], -1)  # M p
+            const = -(mp * p).sum(-1, keepdim=True) + (b * p).sum(-1, keepdim=True)
+            q_pos = torch.cat([const, m[..., :1], 2 * m[..., 1:2], m[..., 2:], 2 * mp - b], -1)
+            k_pos = torch.cat([torch.ones_like(x), -x * x, -x * y, -y * y, x, y], -1)  # (T, 6)
+            return self._assemble(q, [q, q_pos], [k, k_pos])
+
     def extra_repr(self) -> str:
-        return f'parabolas={self.parabolas}, ' + super().extra_repr()
+        return f'parabolas={self.parabolas}, layout={self.layout}, ' + super().extra_repr()
 
 
 class _PaPERILayer(nn.Module):
