@@ -17,7 +17,8 @@ import torch.nn as nn
 from ._common import StateDict, rename
 from ._core import CheckpointMismatchError, register_converter
 
-#: model keywords of the upstream architecture (sizes come from the checkpoint; init_values=0 means no LayerScale: timm.create_model drops None keywords)
+#: model keywords of the upstream architecture (sizes come from the checkpoint); ``init_values=0`` means no
+#: LayerScale (timm.create_model drops keywords set to None)
 UPSTREAM_KWARGS: Dict[str, Any] = dict(pre_norm=True, patch_bias=True, init_values=0., norm_eps=1e-5,
                                        pos_embed='none', qkv_bias=True, class_token=True, global_pool='token')
 

@@ -19,8 +19,9 @@ position channels (``rotate`` hook) so that one fused attention call gives conte
     PaPE-RI  q~ = [q, -a |P|^2, a, a, 2 a P_x, 2 a P_y, 0...]     k~ = [k, 1, -P_x^2, -P_y^2, P_x, P_y, 0...]
 
 zero-padded to a multiple of 8 (``pad_multiple``). PaPE's default ``layout='compact'`` sums the J parabolas
-into one 2-D quadratic first (6 position channels instead of ``3J + 2``, same logits; :class:`PaPE`). The softmax scale stays ``head_dim^-0.5`` of the ORIGINAL
-head dim (the Attention module computes it before any hook) and multiplies the position term too. v is not widened.
+into one 2-D quadratic first (6 position channels instead of ``3J + 2``, same logits; :class:`PaPE`). The
+softmax scale stays ``head_dim^-0.5`` of the ORIGINAL head dim (the Attention module computes it before any hook)
+and multiplies the position term too. v is not widened.
 The curvatures come from the attention input, which the ``tokens`` hook :meth:`attn_input` sees just before
 attention; it stores the layer's coefficients in the forward's state, and ``rotate`` takes them from there.
 

@@ -84,7 +84,8 @@ class SpiralRoPE(PosEncoding):
     """Spiral RoPE on q and k (see module docstring).
 
     Args:
-        rotate: R (attribute ``rotations``); ``K = 2R`` directions (upstream default 2; the head dim must be a multiple of ``4R``).
+        rotate: R (attribute ``rotations``); ``K = 2R`` directions (upstream default 2; the head dim must be a
+            multiple of ``4R``).
         max_freq, min_freq, theta, same_theta: the frequency ladder (upstream 1.5, 0, 10000, False).
         coord_mode, ref_hw: token coordinates (:mod:`visionpe.grid`, not ``polar``).
         border_clamp: clamp turned coordinates to the grid (upstream's border-padded resampling).
