@@ -13,7 +13,6 @@ import visionpe
 # parameters and "after block" hooks are exercised more than once.
 FAMILY_TINY: Dict[str, Dict[str, Any]] = {
     'vit': dict(embed_dim=64, depth=3, num_heads=4),
-    # hierarchical families add their tiny overrides here (swin, cswin, rst)
     'swin': dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), window_size=7),
     'cswin': dict(embed_dim=32, depth=(1, 1, 2, 1), num_heads=(2, 2, 4, 4)),
     'rst': dict(embed_dim=32, depth=(1, 2, 2, 1), num_heads=(1, 2, 2, 4)),
@@ -49,12 +48,5 @@ def all_models():
 
 
 def one_size_per_encoding():
-    """One preset per ViT encoding plus every non-ViT family preset of the smallest size."""
-    names = []
-    for n in visionpe.list_models():
-        if family(n) == 'vit':
-            if n.endswith('_tiny'):
-                names.append(n)
-        elif n.endswith('_tiny'):
-            names.append(n)
-    return names
+    """The ``*_tiny`` preset of every encoding and family (one per ViT encoding, Swin encoding, CSWin, RST)."""
+    return visionpe.list_models('*_tiny')

@@ -14,7 +14,7 @@ from visionpe.convert import CheckpointMismatchError
 from visionpe.grid import Grid
 from visionpe.pos.irpe import irpe_bucket_ids, irpe_num_buckets, piecewise_index
 
-# SPECS.md section 4 / golden NOTES: with ratio 1.9, |offset| 0, 1, 2, 3, >= 4 -> 0, 1, 2, 2, 3 (odd function)
+# docs/encodings.md ("iRPE") and the golden NOTES: ratio 1.9, |offset| 0, 1, 2, 3, >= 4 -> 0, 1, 2, 2, 3 (odd function)
 SPEC_G = {0: 0, 1: 1, 2: 2, 3: 2}
 
 

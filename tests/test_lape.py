@@ -1,4 +1,4 @@
-"""LaPE: the per-layer PE chain p_l = LN_l(p_(l-1)) (SPECS.md section 2) computed lazily at inference."""
+"""LaPE: the per-layer PE chain p_l = LN_l(p_(l-1)) (docs/encodings.md, "LaPE") computed lazily at inference."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""2-D RoPE-Mixed (SPECS.md section 7): per-layer rotations computed when each block asks for them."""
+"""2-D RoPE-Mixed (docs/encodings.md, "2-D RoPE"): per-layer rotations computed when each block asks for them."""
 from __future__ import annotations
 
 import timm

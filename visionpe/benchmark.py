@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -29,7 +29,7 @@ class _LiveStorageTracker(TorchDispatchMode):
         super().__init__()
         self.live = 0
         self.peak = 0
-        self._seen: Dict[int, int] = {}
+        self._seen: dict[int, int] = {}
 
     def _release(self, key: int) -> None:
         self.live -= self._seen.pop(key, 0)
@@ -90,13 +90,13 @@ def _check_stat(stat: str) -> None:
         raise ValueError(f"stat must be 'median' or 'min', got {stat!r}")
 
 
-def _pick(times: List[float], stat: str) -> float:
+def _pick(times: list[float], stat: str) -> float:
     """The ``'min'`` or the ``'median'`` (upper middle) of ``times``."""
     times = sorted(times)
     return times[0] if stat == 'min' else times[len(times) // 2]
 
 
-def _timed(fn: Callable[[], object], device: Optional[torch.device]) -> float:
+def _timed(fn: Callable[[], object], device: torch.device | None) -> float:
     """Seconds of one call of ``fn``, CUDA-synchronised before and after when ``device`` is CUDA."""
     cuda = device is not None and torch.device(device).type == 'cuda'
     if cuda:
@@ -109,22 +109,22 @@ def _timed(fn: Callable[[], object], device: Optional[torch.device]) -> float:
 
 
 def time_call(fn: Callable[[], object], warmup: int = 1, repeats: int = 3, min_time: float = 0.0,
-              device: Optional[torch.device] = None, stat: str = 'median') -> float:
+              device: torch.device | None = None, stat: str = 'median') -> float:
     """Seconds per call of ``fn`` after ``warmup`` calls (CUDA-synchronised): the ``'median'`` or the
     ``'min'`` of the timed calls. On a machine whose CPU stalls (a shared VM) the minimum is the
     better estimate of the work itself: stalls only ever add time."""
     _check_stat(stat)
     for _ in range(warmup):
         fn()
-    times: List[float] = []
+    times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < repeats or time.perf_counter() - start_all < min_time:
         times.append(_timed(fn, device))
     return _pick(times, stat)
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 3,
-                     device: Optional[torch.device] = None, stat: str = 'median') -> Dict[str, float]:
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 3,
+                     device: torch.device | None = None, stat: str = 'median') -> dict[str, float]:
     """Seconds per call of each function, timed in rounds: each round calls every function once, in
     order, so that a slow spell of the machine falls on all of them alike instead of on whichever
     happened to be measured then. Per function: the ``'median'`` or ``'min'`` over the rounds."""
@@ -132,7 +132,7 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 1, repe
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: Dict[str, List[float]] = {name: [] for name in fns}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(_timed(fn, device))

@@ -2,7 +2,7 @@
 
 A forward pass sees ``num_prefix`` prefix tokens (class, registers) followed by an ``h x w``
 grid of patch tokens in row-major order: patch token ``k`` sits at column ``x = k mod w`` and
-row ``y = k div w`` (SPECS.md section 0). Every encoding asks :func:`grid_coords` for
+row ``y = k div w`` (docs/encodings.md, "Coordinates"). Every encoding asks :func:`grid_coords` for
 positions, in one of these modes:
 
 ``index``       integer patch units, origin top-left: ``(x, y)``. A larger image gives larger
@@ -21,27 +21,134 @@ positions, in one of these modes:
 
 Column 0 of the result is always the first axis (x, or log r in polar mode), column 1 the
 second (y, or theta).
+
+Coordinate augmentation (DINOv3, Simeoni et al. 2025; timm's ``RotaryEmbeddingDinoV3``): a
+:class:`CoordAug` draws, in training only, one :class:`CoordDraw` per batch (or per sample) that
+maps every coordinate of the encoding's mode as ``xy' = (xy + s) * j * r`` with a uniform shift
+``s ~ U(-shift, shift)`` per axis (in the mode's units), a per-axis log-uniform jitter
+``log j ~ U(-log J, log J)`` and one global log-uniform rescale ``log r ~ U(-log R, log R)``.
+The model puts the draw on its :class:`Grid` (``grid.aug``) and every encoding reads it through
+:func:`grid_coords` (``aug=grid.aug``), so all of them see the same transform.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Dict, Hashable, Literal, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Literal, Optional, Tuple
 
 import torch
 
-__all__ = ['COORD_MODES', 'CoordMode', 'Grid', 'GridCache', 'grid_coords', 'check_coord_mode']
+__all__ = ['COORD_MODES', 'CoordMode', 'Grid', 'GridCache', 'grid_coords', 'check_coord_mode', 'CoordAug',
+           'CoordDraw']
 
 CoordMode = Literal['index', 'normalized', 'centered', 'ref', 'normalized_ref', 'polar']
 COORD_MODES: Tuple[str, ...] = ('index', 'normalized', 'centered', 'ref', 'normalized_ref', 'polar')
 
 
+@dataclass(frozen=True, eq=False)
+class CoordDraw:
+    """One drawn coordinate transform ``xy' = (xy + shift) * jitter * rescale`` (columns x, y).
+
+    ``shift`` and ``jitter`` are ``(2,)`` (one per batch) or ``(B, 2)`` (one per sample), ``rescale``
+    ``(1,)`` or ``(B, 1)``; any of them may be None (not drawn). Compared by identity: a Grid that
+    carries a draw never hits a cached table (see :class:`GridCache`).
+    """
+    shift: Optional[torch.Tensor] = None
+    jitter: Optional[torch.Tensor] = None
+    rescale: Optional[torch.Tensor] = None
+
+    @property
+    def per_sample(self) -> bool:
+        return any(t is not None and t.dim() == 2 for t in (self.shift, self.jitter, self.rescale))
+
+    def apply(self, xy: torch.Tensor) -> torch.Tensor:
+        """``(N, 2)`` coordinates -> ``(N, 2)`` (per batch) or ``(B, N, 2)`` (per sample); DINOv3's order."""
+        def put(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device=xy.device, dtype=xy.dtype)
+            return t[:, None, :] if t.dim() == 2 else t
+        if self.shift is not None:
+            xy = xy + put(self.shift)
+        if self.jitter is not None:
+            xy = xy * put(self.jitter)
+        if self.rescale is not None:
+            xy = xy * put(self.rescale)
+        return xy
+
+
+@dataclass(frozen=True)
+class CoordAug:
+    """DINOv3's coordinate augmentation settings (timm ``RotaryEmbeddingDinoV3``'s ``shift_coords``,
+    ``jitter_coords``, ``rescale_coords``): ``shift >= 0`` in coordinate units, ``jitter >= 1`` and
+    ``rescale >= 1`` as multiplicative factors (None: off). ``per_sample`` draws one transform per image
+    instead of one per batch.
+
+    :meth:`draw` uses the global torch RNG on the CPU in DINOv3's order (shift, jitter, rescale; the two
+    per-axis values in (row, column) order, as timm's ``ij`` grids), so with the same seed it draws
+    what ``RotaryEmbeddingDinoV3`` draws; the returned tensors are in this module's (x, y) order.
+    """
+    shift: Optional[float] = None
+    jitter: Optional[float] = None
+    rescale: Optional[float] = None
+    per_sample: bool = False
+
+    def __post_init__(self) -> None:
+        for name, lo in (('shift', 0.0), ('jitter', 1.0), ('rescale', 1.0)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
+                what = 'a shift in coordinate units' if name == 'shift' else 'a multiplicative factor'
+                raise ValueError(f'coordinate augmentation {name} must be a finite number >= {lo:g} ({what}) or '
+                                 f'None (off); got {v!r}')
+            object.__setattr__(self, name, float(v))
+
+    @classmethod
+    def from_option(cls, option: Any) -> Optional['CoordAug']:
+        """A model's ``coord_aug`` keyword: None, a :class:`CoordAug` or a dict of its fields."""
+        if option is None or isinstance(option, CoordAug):
+            return option
+        if not isinstance(option, dict):
+            raise TypeError(f'coord_aug must be None or a dict with keys shift, jitter, rescale, per_sample; '
+                            f'got {option!r}')
+        bad = sorted(set(option) - {'shift', 'jitter', 'rescale', 'per_sample'})
+        if bad:
+            raise TypeError(f"coord_aug got unknown key(s) {', '.join(bad)}; valid: shift, jitter, rescale, "
+                            f"per_sample")
+        return cls(**option)
+
+    @property
+    def active(self) -> bool:
+        return self.shift is not None or self.jitter is not None or self.rescale is not None
+
+    def draw(self, batch_size: int = 1) -> CoordDraw:
+        lead = (batch_size,) if self.per_sample else ()
+
+        def uniform(n: int, lo: float, hi: float) -> torch.Tensor:
+            return torch.empty(*lead, n).uniform_(lo, hi)
+        shift = jitter = rescale = None
+        if self.shift is not None:
+            shift = uniform(2, -self.shift, self.shift).flip(-1)  # drawn (row, col) -> (x, y)
+        if self.jitter is not None:
+            j = math.log(self.jitter)
+            jitter = uniform(2, -j, j).exp().flip(-1)
+        if self.rescale is not None:
+            r = math.log(self.rescale)
+            rescale = uniform(1, -r, r).exp()
+        return CoordDraw(shift, jitter, rescale)
+
+
 @dataclass(frozen=True)
 class Grid:
-    """Layout of the token sequence of one forward pass: prefix tokens, then ``h x w`` patches."""
+    """Layout of the token sequence of one forward pass: prefix tokens, then ``h x w`` patches.
+
+    ``aug``: the coordinate transform drawn for this forward pass (training with coordinate
+    augmentation), else None.
+    """
     h: int
     w: int
     num_prefix: int = 0
+    aug: Optional[CoordDraw] = field(default=None, repr=False)
 
     @property
     def hw(self) -> Tuple[int, int]:
@@ -107,15 +214,23 @@ def grid_coords(
         polar_eps: float = 1.0,
         device: Optional[torch.device] = None,
         dtype: torch.dtype = torch.float32,
+        aug: Optional[CoordDraw] = None,
 ) -> torch.Tensor:
     """Coordinates of the ``h * w`` patch tokens, shape ``(h * w, 2)``, row-major token order.
 
     The result is cached per arguments; treat it as read-only. ``polar_eps`` keeps ``log r``
     finite at the centre (``r`` is in patch units, so the default 1 maps the centre to 0).
+    ``aug`` (a :class:`CoordDraw`, e.g. ``grid.aug``) transforms the coordinates of the mode; a
+    per-sample draw gives ``(B, h * w, 2)``. Polar coordinates take no augmentation.
     """
     check_coord_mode(mode)
     ref = tuple(int(v) for v in ref_hw) if ref_hw is not None else None
     out = _coords_cpu(int(h), int(w), mode, ref, float(polar_eps), torch.is_inference_mode_enabled())
+    if aug is not None:
+        if mode == 'polar':
+            raise ValueError("coordinate augmentation (shift / jitter / rescale) is defined on Cartesian "
+                             "coordinates, not coord_mode='polar'; turn coord_aug off for polar encodings")
+        out = aug.apply(out)
     if device is not None or dtype != torch.float32:
         out = out.to(device=device, dtype=dtype)
     return out
@@ -136,6 +251,8 @@ class GridCache:
         self._store: Dict[Hashable, object] = {}
 
     def get(self, key: Hashable, device: torch.device, build: Callable[[], object]) -> object:
+        if _augmented(key):  # a fresh coordinate draw: built for this forward only, never stored
+            return _to_device(build(), device)
         full_key = (key, str(device), torch.is_inference_mode_enabled())
         hit = self._store.get(full_key)
         if hit is None:
@@ -150,6 +267,11 @@ class GridCache:
 
     def __len__(self) -> int:
         return len(self._store)
+
+
+def _augmented(key: Hashable) -> bool:
+    parts = key if isinstance(key, tuple) else (key,)
+    return any(isinstance(p, Grid) and p.aug is not None for p in parts)
 
 
 def _to_device(obj, device):

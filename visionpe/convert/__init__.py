@@ -3,7 +3,8 @@
 :func:`checkpoint_filter_fn` is every visionpe model's timm ``pretrained_filter_fn``: it unwraps
 the checkpoint, detects its format, converts the keys, and validates the result against the model,
 so a checkpoint that does not fit fails loudly with the offending keys named, never loads in part.
-Each format module registers itself with :func:`register_converter` on import.
+Each format module registers itself with :func:`register_converter` on import (adding one:
+docs/architecture.md, "Converters"; the formats each encoding reads: docs/encodings.md).
 """
 import importlib as _importlib
 import pkgutil as _pkgutil

@@ -3,21 +3,21 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, Iterable, Optional, Tuple
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
 
 from ..pos.absolute import resample_table
 
-StateDict = Dict[str, torch.Tensor]
+StateDict = dict[str, torch.Tensor]
 
 # DeiT-III / RoPE-ViT / EVA name their LayerScale parameters gamma_1, gamma_2
 LAYERSCALE_RULES = ((r'^blocks\.(\d+)\.gamma_1$', r'blocks.\1.ls1.gamma'),
                     (r'^blocks\.(\d+)\.gamma_2$', r'blocks.\1.ls2.gamma'))
 
 
-def rename(sd: StateDict, rules: Iterable[Tuple[str, str]]) -> StateDict:
+def rename(sd: StateDict, rules: Iterable[tuple[str, str]]) -> StateDict:
     """Apply ``(pattern, replacement)`` regex rules to every key (first matching rule wins)."""
     rules = [(re.compile(p), r) for p, r in rules]
     out = {}
@@ -30,7 +30,7 @@ def rename(sd: StateDict, rules: Iterable[Tuple[str, str]]) -> StateDict:
     return out
 
 
-def infer_grid(num_patches: int, hint: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+def infer_grid(num_patches: int, hint: tuple[int, int] | None = None) -> tuple[int, int]:
     """The (rows, cols) of a flattened table: the hint when it fits, else the square root."""
     if hint is not None and hint[0] * hint[1] == num_patches:
         return tuple(hint)
@@ -42,7 +42,7 @@ def infer_grid(num_patches: int, hint: Optional[Tuple[int, int]] = None) -> Tupl
 
 
 def fit_table(table: torch.Tensor, target: torch.Tensor, num_prefix: int, interpolation: str = 'bicubic',
-              antialias: bool = True, target_grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+              antialias: bool = True, target_grid: tuple[int, int] | None = None) -> torch.Tensor:
     """Resample a ``(1, P + h*w, D)`` table to the target's grid (only when sizes differ)."""
     if table.shape == target.shape:
         return table

@@ -26,7 +26,8 @@ The encoding type (AP / LD / LieRE / vanilla) is not guessed: a file of another 
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -129,7 +130,7 @@ def convert_comrope(sd: StateDict, model: nn.Module) -> StateDict:
 
 
 @register_config_reader
-def comrope_config(obj: Any, model_name: str) -> Optional[Dict[str, Any]]:
+def comrope_config(obj: Any, model_name: str) -> dict[str, Any] | None:
     """Architecture keywords of an upstream ComRoPE file (``vit_comrope*`` models only)."""
     if not model_name.startswith('vit_comrope') or not isinstance(obj, Mapping):
         return None
@@ -139,7 +140,7 @@ def comrope_config(obj: Any, model_name: str) -> Optional[Dict[str, Any]]:
         return None
     if not _is_comrope(sd, None):
         return None
-    kw: Dict[str, Any] = dict(pre_norm=True, act_layer='quick_gelu', norm_eps=1e-5, fc_norm=True,
+    kw: dict[str, Any] = dict(pre_norm=True, act_layer='quick_gelu', norm_eps=1e-5, fc_norm=True,
                               patch_bias=False, init_values=0, qkv_bias=True, class_token=True,
                               global_pool='token', pos_embed='none')
     cls = sd.get('vision_model.embeddings.class_embedding')

@@ -6,7 +6,8 @@ blocks 0..4 (``pos_block.{i}``).
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch.nn as nn
 

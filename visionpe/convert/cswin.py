@@ -13,7 +13,8 @@ Upstream (stages S = 1..4, blocks i)         visionpe (:mod:`visionpe.models.csw
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch.nn as nn
 

@@ -5,7 +5,8 @@ trained at another grid is resampled to the model's (timm semantics: bicubic, an
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch.nn as nn
 

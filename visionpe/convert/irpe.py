@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch.nn as nn
 
@@ -27,10 +28,10 @@ def _is_irpe(sd: Mapping[str, Any], model: nn.Module) -> bool:
     return any(_KEY.match(k) for k in sd)
 
 
-def _describe(sd: Mapping[str, Any]) -> Dict[str, Any]:
+def _describe(sd: Mapping[str, Any]) -> dict[str, Any]:
     """What the upstream keys say about the iRPE options (those that can be read off them)."""
     keys = [m for m in (_KEY.match(k) for k in sd) if m]
-    out: Dict[str, Any] = dict(rpe_on=''.join(c for c in 'qkv' if any(m.group(2) == c for m in keys)))
+    out: dict[str, Any] = dict(rpe_on=''.join(c for c in 'qkv' if any(m.group(2) == c for m in keys)))
     out['mode'] = 'bias' if any(m.group(3).endswith('lookup_table_bias') for m in keys) else 'ctx'
     cross = any(m.group(3).startswith('rp_rows.') for m in keys)
     first = sd[keys[0].string]
@@ -82,7 +83,7 @@ def convert_irpe(sd: StateDict, model: nn.Module) -> StateDict:
 
 
 @register_config_reader
-def irpe_config(obj: Any, model_name: str) -> Optional[Dict[str, Any]]:
+def irpe_config(obj: Any, model_name: str) -> dict[str, Any] | None:
     """iRPE options and DeiT architecture read off an upstream iRPE checkpoint (``vit_irpe*`` models only)."""
     if not model_name.startswith('vit_irpe'):
         return None

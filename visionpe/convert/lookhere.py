@@ -13,7 +13,8 @@ the releases store none, they are ViT-B/16.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -55,7 +56,7 @@ def convert_lookhere(sd: StateDict, model: nn.Module) -> StateDict:
     return sd
 
 
-def _lh_config(obj: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+def _lh_config(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
     for key in ('lh_config', 'config'):
         cfg = obj.get(key)
         if isinstance(cfg, Mapping):
@@ -68,14 +69,14 @@ def _lh_config(obj: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
 
 
 @register_config_reader
-def lookhere_config(obj: Any, model_name: str) -> Optional[Dict[str, Any]]:
+def lookhere_config(obj: Any, model_name: str) -> dict[str, Any] | None:
     """Model keywords from a LookHere file's stored config (``vit_lookhere*`` models only)."""
     if not model_name.startswith('vit_lookhere') or not isinstance(obj, Mapping):
         return None
     lh = _lh_config(obj)
     if lh is None:
         return None
-    kw: Dict[str, Any] = {}
+    kw: dict[str, Any] = {}
     for src, dst in _LH_KEYS.items():
         if src in lh:
             v = lh[src]

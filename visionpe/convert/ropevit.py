@@ -7,7 +7,8 @@ shape ``(2, depth, heads, d/2)``, LayerScale ``gamma_1/2``.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch.nn as nn
 

@@ -8,7 +8,8 @@ Upstream ``TransformerBlock(att=True)``        visionpe :class:`visionpe.models.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch.nn as nn
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -47,7 +48,7 @@ def _detect(sd: Mapping[str, Any], model: nn.Module) -> bool:
         'patch_embed.proj.weight' in sd and sd['patch_embed.proj.weight'].shape != own['patch_embed.proj.weight'].shape)
 
 
-def axial_theta(freqs: torch.Tensor) -> Optional[float]:
+def axial_theta(freqs: torch.Tensor) -> float | None:
     """theta of a naver RoPE-Axial ``rope_freqs`` buffer ``(2, heads, d/2)`` (None if not axial)."""
     quarter = freqs.shape[-1] // 2
     fx, fy = freqs[0, 0, :quarter].double(), freqs[1, 0, :quarter].double()
@@ -62,7 +63,7 @@ def convert_swin(sd: StateDict, model: nn.Module) -> StateDict:
     original = _is_original_layout(sd)
     own = model.state_dict()
     out: StateDict = {}
-    freqs: Dict[int, Dict[int, torch.Tensor]] = {}
+    freqs: dict[int, dict[int, torch.Tensor]] = {}
     for k, v in sd.items():
         if k.rsplit('.', 1)[-1] in _DROP:
             continue
@@ -107,7 +108,7 @@ def convert_swin(sd: StateDict, model: nn.Module) -> StateDict:
 
 
 @register_config_reader
-def swin_rope_config(obj: Any, model_name: str) -> Optional[Dict[str, Any]]:
+def swin_rope_config(obj: Any, model_name: str) -> dict[str, Any] | None:
     """Architecture keywords of a naver RoPE Swin file: axial theta, and whether it has bias tables."""
     if not model_name.startswith('swin_rope2d'):
         return None
@@ -118,7 +119,7 @@ def swin_rope_config(obj: Any, model_name: str) -> Optional[Dict[str, Any]]:
     rope = [v for k, v in sd.items() if k.endswith('attn.rope_freqs')]
     if not rope:
         return None
-    kwargs: Dict[str, Any] = {}
+    kwargs: dict[str, Any] = {}
     if any(k.endswith(_TABLE) for k in sd):
         kwargs['rel_pos_bias'] = 'table'
     theta = axial_theta(rope[0])

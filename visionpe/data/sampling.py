@@ -14,7 +14,8 @@ function of ``(seed, epoch, position)``.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ def seed_everything_from(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class ResumableBatchSampler(Sampler[List[Tuple[int, int]]]):
+class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of ``(index, sample_seed)`` for one rank; see the module docstring.
 
     ``set_epoch`` is called by Lightning at every epoch start; ``start_batch`` (set by
@@ -93,11 +94,11 @@ class ResumableBatchSampler(Sampler[List[Tuple[int, int]]]):
         return np.arange(self.rank, self._per_rank() * self.world_size if self.drop_last else self.num_samples,
                          self.world_size)
 
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         # read epoch and offset now (DataLoader iterators call iter() eagerly, then consume lazily)
         return self._batches(self.epoch, self.start_batch)
 
-    def _batches(self, epoch: int, start: int) -> Iterator[List[Tuple[int, int]]]:
+    def _batches(self, epoch: int, start: int) -> Iterator[list[tuple[int, int]]]:
         if self.shuffle:
             g = torch.Generator().manual_seed(int(mix_seed(self.seed, epoch)))
             order = torch.randperm(self.num_samples, generator=g).numpy()
@@ -122,7 +123,7 @@ class ResumableLoader:
     def __init__(self, loader: DataLoader, batch_sampler: ResumableBatchSampler) -> None:
         self.loader = loader
         self.batch_sampler = batch_sampler
-        self._resume: Optional[Dict[str, int]] = None
+        self._resume: dict[str, int] | None = None
         self._epoch = 0
         self._done = 0
 
@@ -154,11 +155,11 @@ class ResumableLoader:
             self._done += 1
             yield batch
 
-    def state_dict(self) -> Dict[str, int]:
+    def state_dict(self) -> dict[str, int]:
         return {'epoch': self._epoch, 'batches': self._done, 'seed': self.batch_sampler.seed,
                 'batch_size': self.batch_sampler.batch_size, 'world_size': self.batch_sampler.world_size}
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int]) -> None:
         bs = self.batch_sampler
         if state.get('seed', bs.seed) != bs.seed:
             raise ValueError(

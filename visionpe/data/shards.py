@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ('jpg', 'jpeg', 'png', 'webp')
 
 
-def expand_shards(spec: Union[str, Sequence[str]]) -> List[str]:
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
     """Shard list from a brace pattern (``/data/in1k/train-{000000..001023}.tar``), a folder (all ``*.tar``
     in it, sorted) or a list; local paths must exist."""
     import braceexpand
@@ -47,7 +48,7 @@ def expand_shards(spec: Union[str, Sequence[str]]) -> List[str]:
     return urls
 
 
-def _samples(urls: List[str]) -> Iterator[Dict[str, Any]]:
+def _samples(urls: list[str]) -> Iterator[dict[str, Any]]:
     from webdataset.tariterators import tarfile_samples
     return tarfile_samples([dict(url=u) for u in urls])
 
@@ -59,8 +60,8 @@ class ShardStream(IterableDataset):
     (``set_epoch``, ``start_batch``, ``len``).
     """
 
-    def __init__(self, shards: Union[str, Sequence[str]], num_samples: int, batch_size: int,
-                 transform: Optional[Callable] = None, *, shuffle: bool = True, shuffle_buffer: int = 1000,
+    def __init__(self, shards: str | Sequence[str], num_samples: int, batch_size: int,
+                 transform: Callable | None = None, *, shuffle: bool = True, shuffle_buffer: int = 1000,
                  seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  drop_last: bool = True) -> None:
         self.urls = expand_shards(shards)
@@ -89,7 +90,7 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return self.per_stream() * self.workers
 
-    def __iter__(self) -> Iterator[Dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid = info.id if info is not None else 0
         if info is not None and info.num_workers != self.workers:
@@ -99,14 +100,14 @@ class ShardStream(IterableDataset):
         skip = max(0, (self.start_batch - wid + self.workers - 1) // self.workers)
         return self._stream(self.epoch, self.rank * self.workers + wid, skip)
 
-    def _stream(self, epoch: int, k: int, skip: int) -> Iterator[Dict[str, Any]]:
+    def _stream(self, epoch: int, k: int, skip: int) -> Iterator[dict[str, Any]]:
         streams = self.world_size * self.workers
         order = np.arange(len(self.urls))
         if self.shuffle:
             order = np.random.default_rng(int(mix_seed(self.seed, epoch))).permutation(len(self.urls))
         mine = [self.urls[i] for i in order[k::streams]]
         rng = np.random.default_rng(int(mix_seed(self.seed, epoch, k, 1)))
-        batch: List[Optional[Any]] = []
+        batch: list[Any | None] = []
         for b, raw in enumerate(self._raw(mine, rng)):
             if b >= self.per_stream() * self.batch_size:
                 break
@@ -119,9 +120,9 @@ class ShardStream(IterableDataset):
         if batch and not self.drop_last:
             yield collate_skip_bad(batch)
 
-    def _raw(self, urls: List[str], rng: np.random.Generator) -> Iterator[Dict[str, Any]]:
+    def _raw(self, urls: list[str], rng: np.random.Generator) -> Iterator[dict[str, Any]]:
         """Samples of ``urls`` cycled forever, through a seeded shuffle buffer."""
-        buf: List[Dict[str, Any]] = []
+        buf: list[dict[str, Any]] = []
         while True:
             got = False
             for s in _samples(urls):
@@ -140,7 +141,7 @@ class ShardStream(IterableDataset):
 
 
 
-def decode_sample(raw: Dict[str, Any], transform: Optional[Callable], seed: Optional[int]) -> Optional[Any]:
+def decode_sample(raw: dict[str, Any], transform: Callable | None, seed: int | None) -> Any | None:
     """``(transform(image), label)`` of a raw shard sample, or None (logged) if it cannot be read."""
     from PIL import Image
     key = next((k for k in IMAGE_KEYS if k in raw), None)
@@ -166,18 +167,18 @@ def decode_sample(raw: Dict[str, Any], transform: Optional[Callable], seed: Opti
 class ShardEvalStream(IterableDataset):
     """Every sample of the shards once, in order, split over ranks and workers by shard (evaluation)."""
 
-    def __init__(self, shards: Union[str, Sequence[str]], batch_size: int, transform: Optional[Callable] = None,
+    def __init__(self, shards: str | Sequence[str], batch_size: int, transform: Callable | None = None,
                  *, rank: int = 0, world_size: int = 1) -> None:
         self.urls = expand_shards(shards)
         self.batch_size, self.transform = batch_size, transform
         self.rank, self.world_size = rank, world_size
 
-    def __iter__(self) -> Iterator[Dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         streams = self.world_size * nw
         mine = self.urls[self.rank * nw + wid::streams]
-        batch: List[Optional[Any]] = []
+        batch: list[Any | None] = []
         for raw in (_samples(mine) if mine else ()):
             batch.append(decode_sample(raw, self.transform, None))
             if len(batch) == self.batch_size:

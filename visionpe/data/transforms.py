@@ -21,17 +21,17 @@ the frame at any size, exactly the training view with ``c = 1, s = 1`` and no fl
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 
 __all__ = ['BatchScaleAugment', 'resize_batch', 'resample', 'axis_weights', 'normalize_batch', 'to_size',
            'create_imagenet_transform']
 
-Size = Union[int, Tuple[int, int]]
+Size = int | tuple[int, int]
 
 
-def to_size(size: Size) -> Tuple[int, int]:
+def to_size(size: Size) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
     h, w = size
@@ -52,7 +52,7 @@ def axis_weights(a: torch.Tensor, b: torch.Tensor, n_out: int, n_in: int) -> tor
 
 
 def resample(x: torch.Tensor, ax: torch.Tensor, bx: torch.Tensor, ay: torch.Tensor, by: torch.Tensor,
-             size: Tuple[int, int]) -> torch.Tensor:
+             size: tuple[int, int]) -> torch.Tensor:
     """``out[b, c, i, j] = x[b, c]`` resampled at rows ``ay * (i + 1/2) + by`` and columns ``ax * (j + 1/2) + bx``."""
     h, w = size
     B, C, H, W = x.shape
@@ -86,7 +86,7 @@ class BatchScaleAugment:
             raise ValueError(f'hflip is a probability, got {hflip}')
         self.hflip = hflip
 
-    def params(self, n: int, g: torch.Generator, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    def params(self, n: int, g: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
         """Per-sample maps ``x_in = A * u + B`` in normalised coordinates: ``(Ax, Bx, Ay, By)``."""
         c = _uniform(*self.canvas, n, g, device)
         half = 1 - 1 / c  # range of the item centre on the canvas
@@ -107,7 +107,7 @@ class BatchScaleAugment:
                                                                                         self.size[0]), self.size)
 
 
-def _pixel_map(A: torch.Tensor, B: torch.Tensor, n_in: int, n_out: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _pixel_map(A: torch.Tensor, B: torch.Tensor, n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised map ``x = A u + B`` as a pixel map ``p = a (j + 1/2) + b``."""
     return n_in * A / n_out, n_in / 2 * (1 + B - A)
 
@@ -139,13 +139,13 @@ def create_imagenet_transform(
         mean: Sequence[float],
         std: Sequence[float],
         interpolation: str = 'bicubic',
-        auto_augment: Optional[str] = 'rand-m9-mstd0.5-inc1',
+        auto_augment: str | None = 'rand-m9-mstd0.5-inc1',
         color_jitter: float = 0.4,
         re_prob: float = 0.25,
         scale: Sequence[float] = (0.08, 1.0),
         ratio: Sequence[float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
-        train_crop_mode: Optional[str] = None,
+        train_crop_mode: str | None = None,
         crop_pct: float = 0.875,
         crop_mode: str = 'center',
 ):

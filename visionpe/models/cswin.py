@@ -1,6 +1,6 @@
 """CSWin Transformer with LePE (Dong et al., "CSWin Transformer: A General Vision Transformer Backbone
-with Cross-Shaped Windows", CVPR 2022; microsoft/CSWin-Transformer ``models/cswin.py``; SPECS.md
-section 6). Registered presets ``cswin_<size>``.
+with Cross-Shaped Windows", CVPR 2022; microsoft/CSWin-Transformer ``models/cswin.py``;
+docs/encodings.md, "CSWin: LePE"). Registered presets ``cswin_<size>``.
 
 Per block the channels (and heads) split in half: the first half attends inside *vertical* stripes
 (full height x ``sw`` columns), the second inside *horizontal* stripes (``sw`` rows x full width);

@@ -1,6 +1,6 @@
 """Radial-strip transformer (RST: "Spread Your Wings: A Radial Strip Transformer for Image Deblurring",
-arXiv 2404.00358; official code Calvin11311/MDT ``basicsr/models/archs/mdt_arch.py``; SPECS.md
-section 11), as a hierarchical classification / detection backbone ``rst_<size>``.
+arXiv 2404.00358; official code Calvin11311/MDT ``basicsr/models/archs/mdt_arch.py``;
+docs/encodings.md, "Radial-strip transformer"), as a hierarchical classification / detection backbone ``rst_<size>``.
 
 Four stages at strides 4, 8, 16, 32 (CSWin's conv stem and conv merges), each block
 ``x + StripAttention(LN(x))``, ``x + Mlp(LN(x))``. :class:`StripAttention` attends inside strips

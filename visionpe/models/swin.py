@@ -9,10 +9,10 @@ load one to one. What changes:
   window mask exists (shifted windows or padding), windows are folded into the head axis:
   q, k, v ``(B, nW * heads, N, d)`` with one 4-D bias ``(1, nW * heads, N, N)`` = position bias +
   mask, so the bias never grows with the batch (timm expands it to ``(B * nW, heads, N, N)``);
-* position inside a window is any of: Swin's bias table (``rel_pos_bias='table'``, SPECS section
-  5), SwinV2's continuous log-spaced bias (``'cpb'``), and/or a rotary encoding from
-  :mod:`visionpe.pos` on window-local coordinates (``pe='rope2d'``: RoPE-ViT's Swin, SPECS
-  section 7; one encoding per stage, RoPE-Mixed frequencies ``layers.{i}.pe.freqs`` of shape
+* position inside a window is any of: Swin's bias table (``rel_pos_bias='table'``, docs/encodings.md,
+  "Swin"), SwinV2's continuous log-spaced bias (``'cpb'``), and/or a rotary encoding from
+  :mod:`visionpe.pos` on window-local coordinates (``pe='rope2d'``: RoPE-ViT's Swin, same
+  section; one encoding per stage, RoPE-Mixed frequencies ``layers.{i}.pe.freqs`` of shape
   ``(2, depth_i, heads_i, d_i / 2)``, no weight decay);
 * any input size, two ways (per-call with ``dynamic_img_size=True``, chosen by ``window_policy``):
   ``'keep'`` keeps every window and pads the map to a window multiple; with ``pad_mask=True``

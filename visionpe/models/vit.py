@@ -14,17 +14,19 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import (DropPath, LayerScale, Mlp, PatchEmbed, calculate_drop_path_rates, get_act_layer,
-                         trunc_normal_)
+                         to_2tuple, trunc_normal_)
+from timm.layers.patch_embed import PatchEmbedResamplerFixedOrigSize
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_timm
 
 from ..attention import Attention
-from ..grid import Grid, GridCache, check_coord_mode
+from ..grid import CoordAug, CoordDraw, Grid, GridCache, check_coord_mode
 from ..layers import norm_layer_by_name
 from ..pos import EncodingContext, build_encoding
-from ..pos.absolute import resample_table, sincos_2d
+from ..pos.absolute import resample_table, sample_table_cape, sincos_2d
 from ..pos.base import LayerPos, PosEncoding
 from ._registry import default_cfg, model_builder, register_presets
 
@@ -98,6 +100,12 @@ class VisionTransformer(nn.Module):
         head: ``'linear'`` or ``'mlp_tanh'`` (hidden size ``head_hidden_dim``).
         norm_layer: ``'layernorm'``, ``'rmsnorm'`` or ``'rmsnorm_eps_outside'`` (:mod:`visionpe.layers`).
         attn_backend: ``auto | math | sdpa | xformers | flex`` (see :mod:`visionpe.attention`).
+        coord_aug: coordinate augmentation in training, ``dict(shift=, jitter=, rescale=, per_sample=)``
+            (:class:`visionpe.grid.CoordAug`, DINOv3's semantics): every consumer of token coordinates
+            (the encoding ``pe``, a sin-cos table, a learned table through CAPE sampling) gets the same draw.
+        flexi_patch_sizes: FlexiViT patch-size randomisation (Beyer et al., CVPR 2023): in training every
+            batch runs at a patch size drawn uniformly from this list, the kernel resampled from the stored
+            one with timm's pseudo-inverse resize (``resample_patch_embed``). ``set_patch_size`` fixes it.
     """
 
     def __init__(
@@ -139,6 +147,8 @@ class VisionTransformer(nn.Module):
             head_hidden_dim: Optional[int] = None,
             patch_bias: Optional[bool] = None,
             attn_backend: str = 'auto',
+            coord_aug: Optional[Union[Dict[str, Any], CoordAug]] = None,
+            flexi_patch_sizes: Optional[List[int]] = None,
             pe: Optional[str] = None,
             **pe_options: Any,
     ) -> None:
@@ -207,12 +217,104 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head_type = head
         self.head_hidden_size = embed_dim
+        self.coord_aug = self._check_coord_aug(CoordAug.from_option(coord_aug))
+        self.flexi_patch_sizes = self._check_flexi(flexi_patch_sizes)
+        self._patch_override: Optional[Tuple[int, int]] = None
+        self.patch_resampler = PatchEmbedResamplerFixedOrigSize(tuple(self.patch_embed.patch_size)) \
+            if self.flexi_patch_sizes else None
         if head == 'mlp_tanh':
             self.head_hidden_size = head_hidden_dim or int(embed_dim * mlp_ratio)
             self.head = MlpHead(embed_dim, self.head_hidden_size, num_classes)
         else:
             self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
+
+    # ------------------------------------------------------------------ resolution-robust training options
+    def _check_coord_aug(self, aug: Optional[CoordAug]) -> Optional[CoordAug]:
+        if aug is None or not aug.active:
+            return None
+        consumers = []
+        if self.pos_embed_type in ('learn', 'sincos'):
+            if self.pos_embed_type == 'sincos' and self.pos_embed_coord_mode == 'polar':
+                raise ValueError("coord_aug does not apply to a sin-cos table over polar coordinates "
+                                 "(pos_embed_coord_mode='polar')")
+            consumers.append(f'pos_embed={self.pos_embed_type!r}')
+        if self.pe is not None:
+            name = getattr(self.pe, 'encoding_name', type(self.pe).__name__)
+            support = self.pe.coord_aug_support
+            if support is None:
+                raise ValueError(
+                    f"coord_aug does not apply to the encoding {name!r}: it reads no continuous token coordinates. "
+                    f"It applies to rope2d, comrope, pope2d, lookhere, lape and to absolute tables "
+                    f"(pos_embed='learn' via CAPE sampling, 'sincos'); remove coord_aug for this model")
+            if getattr(self.pe, 'coord_mode', None) == 'polar':
+                raise ValueError(f"coord_aug (shift / jitter / rescale) is defined on Cartesian coordinates; "
+                                 f"the encoding {name!r} uses coord_mode='polar'")
+            if aug.per_sample and support != 'sample':
+                raise ValueError(f"coord_aug per_sample=True is not supported by the encoding {name!r} (its "
+                                 f"tables are shared by the batch): use per_sample=False (one draw per batch)")
+            consumers.append(f'pe={name!r}')
+        if not consumers:
+            raise ValueError("coord_aug needs a consumer of token coordinates, but this model has "
+                             "pos_embed='none' and no position encoding")
+        return aug
+
+    def _check_flexi(self, sizes: Optional[List[int]]) -> Optional[Tuple[int, ...]]:
+        if not sizes:
+            return None
+        if isinstance(sizes, int) or any(isinstance(p, bool) or not isinstance(p, int) or p <= 0 for p in sizes):
+            raise ValueError(f'flexi_patch_sizes must be a list of positive integers, got {sizes!r}')
+        H, W = self.patch_embed.img_size
+        bad = [p for p in sizes if H % p or W % p]
+        if bad and not self.patch_embed.dynamic_img_pad:
+            raise ValueError(f'flexi_patch_sizes {bad} do not divide the image size {H}x{W}; choose divisors or '
+                             f'create the model with dynamic_img_pad=True')
+        return tuple(sorted(set(sizes)))
+
+    @property
+    def patch_size(self) -> Tuple[int, int]:
+        """The patch size used now: the one set by :meth:`set_patch_size`, else the stored kernel's."""
+        return self._patch_override or tuple(self.patch_embed.patch_size)
+
+    def set_patch_size(self, patch_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
+        """Run at another patch size (FlexiViT; the evaluator's patch-size knob): the kernel is resampled from
+        the stored one on every forward (timm's pseudo-inverse resize), so the state dict is unchanged and no
+        loss accumulates over calls. ``None`` restores the stored size. Training with ``flexi_patch_sizes``
+        draws its own size per batch and ignores this setting."""
+        if patch_size is None:
+            self._patch_override = None
+            return
+        p = to_2tuple(patch_size)
+        if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in p):
+            raise ValueError(f'patch_size must be a positive integer or a pair of them, got {patch_size!r}')
+        p = tuple(p)
+        if p != tuple(self.patch_embed.patch_size) and self.patch_resampler is None:
+            self.patch_resampler = PatchEmbedResamplerFixedOrigSize(
+                tuple(self.patch_embed.patch_size), device=self.patch_embed.proj.weight.device)
+        self._patch_override = None if p == tuple(self.patch_embed.patch_size) else p
+
+    def _draw_patch_size(self) -> Tuple[int, int]:
+        if self.training and self.flexi_patch_sizes:
+            p = self.flexi_patch_sizes[int(torch.randint(len(self.flexi_patch_sizes), ()))]
+            return p, p
+        return self.patch_size
+
+    def _coord_draw(self, batch_size: int) -> Optional[CoordDraw]:
+        if self.training and self.coord_aug is not None:
+            return self.coord_aug.draw(batch_size)
+        return None
+
+    def _patchify(self, x: torch.Tensor, p: Tuple[int, int]) -> torch.Tensor:
+        """Patch embedding ``(B, h, w, C)`` at patch size ``p`` (the stored kernel, or it resampled to ``p``)."""
+        pe = self.patch_embed
+        if p == tuple(pe.patch_size):
+            return pe(x)
+        if pe.dynamic_img_pad:
+            H, W = x.shape[-2:]
+            x = F.pad(x, (0, (p[1] - W % p[1]) % p[1], 0, (p[0] - H % p[0]) % p[0]))
+        weight = self.patch_resampler(pe.proj.weight, list(p))
+        x = F.conv2d(x, weight, pe.proj.bias, stride=p)
+        return pe.norm(x.permute(0, 2, 3, 1))
 
     # ------------------------------------------------------------------ init / timm housekeeping
     def init_weights(self) -> None:
@@ -276,11 +378,11 @@ class VisionTransformer(nn.Module):
             self.pe.set_grid_size(new, prev)
 
     # ------------------------------------------------------------------ forward
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, patch_size: Tuple[int, int]) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f'expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}')
         H, W = x.shape[-2:]
-        ph, pw = self.patch_embed.patch_size
+        ph, pw = patch_size
         if not self.patch_embed.dynamic_img_pad and (H % ph or W % pw):
             def near(v, p):
                 return sorted({max(p, v // p * p), (v + p - 1) // p * p})
@@ -296,19 +398,23 @@ class VisionTransformer(nn.Module):
     def _abs_pos(self, grid: Grid, device: torch.device) -> Optional[torch.Tensor]:
         if self.pos_embed_type == 'learn':
             prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            if grid.aug is not None:
+                return sample_table_cape(self.pos_embed, tuple(self.patch_embed.grid_size), prefix, grid)
             return resample_table(self.pos_embed, grid.hw, tuple(self.patch_embed.grid_size), prefix,
                                   self.pos_embed_interp, self.pos_embed_antialias)
         if self.pos_embed_type == 'sincos':
-            key = (grid.hw, self.pos_embed_coord_mode, self._ref_grid)
+            key = (grid, self.pos_embed_coord_mode, self._ref_grid)
             return self._sincos.get(key, device, lambda: sincos_2d(
-                grid.h, grid.w, self.embed_dim, coord_mode=self.pos_embed_coord_mode, ref_hw=self._ref_grid))
+                grid.h, grid.w, self.embed_dim, coord_mode=self.pos_embed_coord_mode, ref_hw=self._ref_grid,
+                aug=grid.aug))
         return None
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
-        self._check_input(x)
-        x = self.patch_embed(x)  # (B, h, w, C)
+        p = self._draw_patch_size()
+        self._check_input(x, p)
+        x = self._patchify(x, p)  # (B, h, w, C)
         B, h, w, C = x.shape
-        grid = Grid(h, w, self.num_prefix_tokens)
+        grid = Grid(h, w, self.num_prefix_tokens, aug=self._coord_draw(B))
         x = x.reshape(B, h * w, C)
         pos = self._abs_pos(grid, x.device)
         with_cls_entry = pos is not None and pos.shape[1] == grid.num_tokens and self.num_prefix_tokens > 0
@@ -440,7 +546,6 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
                      dict(pos_embed='none', pe='rope2d', rope_type='mixed', theta=10.)),
     'rope2d_polar': ('2-D RoPE over polar coordinates (log radius, angle) about the image centre',
                      dict(pos_embed='none', pe='rope2d', rope_type='axial', theta=100., coord_mode='polar')),
-    # --- issue 3: iRPE, ComRoPE, LookHere, PoPE ---
     'irpe': ('iRPE contextual, product method, on keys, shared heads, ratio 1.9 (+ learned APE, as DeiT-iRPE)',
              dict(pos_embed='learn', pos_embed_antialias=False, pe='irpe', mode='ctx', method='product',
                   rpe_on='k', shared_head=True, ratio=1.9)),

@@ -21,7 +21,6 @@ def register_encoding(name: str) -> Callable[[Type[PosEncoding]], Type[PosEncodi
         if name in _ENCODINGS and _ENCODINGS[name] is not cls:
             raise KeyError(f'encoding {name!r} registered twice')
         _ENCODINGS[name] = cls
-        cls.encoding_name = name
         return cls
     return deco
 

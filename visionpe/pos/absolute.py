@@ -3,7 +3,7 @@
 The ViT keeps its absolute table as ``model.pos_embed`` (timm's key and semantics); the functions
 here compute what gets added for a grid. LaPE (Yu et al., ICCV 2023, "LaPE: Layer-adaptive Position
 Embedding") is an encoding of its own: its table never enters the residual stream but is threaded
-through one LayerNorm per block and added to each attention input (SPECS.md section 2).
+through one LayerNorm per block and added to each attention input (docs/encodings.md, "LaPE").
 """
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from typing import Any, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 
-from ..grid import Grid, GridCache, check_coord_mode, grid_coords
+from ..grid import CoordDraw, Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
 from .base import EncodingContext, PosEncoding
 
-__all__ = ['sincos_2d', 'resample_table', 'LaPE', 'LaPEChain']
+__all__ = ['sincos_2d', 'resample_table', 'sample_table_cape', 'LaPE', 'LaPEChain']
 
 
 def sincos_2d(
@@ -28,19 +29,41 @@ def sincos_2d(
         temperature: float = 10000.,
         coord_mode: str = 'index',
         ref_hw: Optional[Tuple[int, int]] = None,
+        aug: Optional[CoordDraw] = None,
 ) -> torch.Tensor:
-    """Fixed 2-D sin-cos table (MAE), shape ``(1, h * w, dim)``.
+    """Fixed 2-D sin-cos table (MAE), shape ``(1, h * w, dim)`` (``(B, h * w, dim)`` for a per-sample ``aug``).
 
     ``omega_i = 1 / temperature^(i / (dim/4))`` for ``i < dim/4`` and the embedding of a patch at
-    ``(x, y)`` is ``[sin(x omega), cos(x omega), sin(y omega), cos(y omega)]``.
+    ``(x, y)`` is ``[sin(x omega), cos(x omega), sin(y omega), cos(y omega)]``; ``aug`` moves ``(x, y)``
+    (coordinate augmentation, :class:`visionpe.grid.CoordAug`).
     """
     if dim % 4:
         raise ValueError(f'sin-cos position embedding needs embed_dim divisible by 4, got {dim}')
-    xy = grid_coords(h, w, coord_mode, ref_hw=ref_hw).double()
+    xy = grid_coords(h, w, coord_mode, ref_hw=ref_hw, aug=aug).double()
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    ox, oy = xy[:, :1] * omega, xy[:, 1:] * omega
-    out = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1)
-    return out.float().unsqueeze(0)
+    ox, oy = xy[..., :1] * omega, xy[..., 1:] * omega
+    out = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=-1).float()
+    return out if out.dim() == 3 else out.unsqueeze(0)
+
+
+def sample_table_cape(table: torch.Tensor, table_hw: Tuple[int, int], num_prefix: int, grid: Grid) -> torch.Tensor:
+    """CAPE for a learned table (Likhomanenko et al., NeurIPS 2021, "CAPE: Encoding Relative Positions with
+    Continuous Augmented Positional Embeddings"): the patch part of the ``(1, P + h0*w0, D)`` table is
+    sampled bilinearly (``grid_sample``, ``align_corners=False``, border padding) at the grid's ``centered``
+    coordinates moved by ``grid.aug``. Without a draw and with ``grid.hw == table_hw`` every token reads its
+    own table entry. Returns ``(1 or B, P + h*w, D)``; the P prefix rows are kept as they are.
+    """
+    h0, w0 = table_hw
+    D = table.shape[-1]
+    loc = grid_coords(grid.h, grid.w, 'centered', aug=grid.aug).to(device=table.device, dtype=table.dtype)
+    loc = loc if loc.dim() == 3 else loc.unsqueeze(0)  # (B or 1, N, 2) as grid_sample's (x, y)
+    B = loc.shape[0]
+    patch = table[:, num_prefix:].reshape(1, h0, w0, D).permute(0, 3, 1, 2).expand(B, -1, -1, -1)
+    out = F.grid_sample(patch, loc.unsqueeze(1), mode='bilinear', padding_mode='border', align_corners=False)
+    out = out[:, :, 0].transpose(1, 2)  # (B, N, D)
+    if num_prefix:
+        out = torch.cat([table[:, :num_prefix].expand(B, -1, -1), out], dim=1)
+    return out
 
 
 def resample_table(
@@ -94,6 +117,7 @@ class LaPE(PosEncoding):
     ``x = x + Attn(LN1_l(x) + p_l)``. Prefix tokens get their own table rows (``with_prefix``).
     """
     hooks = frozenset({'tokens'})
+    coord_aug_support = 'sample'
 
     def __init__(
             self,
@@ -123,22 +147,25 @@ class LaPE(PosEncoding):
         self._cache = GridCache()
 
     def _p0(self, grid: Grid) -> torch.Tensor:
+        if self.pos_embed is not None and grid.aug is not None:
+            return sample_table_cape(self.pos_embed, self.grid_size, self.num_prefix, grid)
         if self.pos_embed is not None:
             return resample_table(self.pos_embed, grid.hw, self.grid_size, self.num_prefix,
                                   self.interpolation, self.antialias)
         device = self.device
 
         def build():
-            t = sincos_2d(grid.h, grid.w, self.ctx.dim, coord_mode=self.coord_mode, ref_hw=self.grid_size)
-            return torch.cat([t.new_zeros(1, self.num_prefix, t.shape[-1]), t], dim=1)
-        return self._cache.get(grid.hw, device, build)
+            t = sincos_2d(grid.h, grid.w, self.ctx.dim, coord_mode=self.coord_mode, ref_hw=self.grid_size,
+                          aug=grid.aug)
+            return torch.cat([t.new_zeros(t.shape[0], self.num_prefix, t.shape[-1]), t], dim=1)
+        return self._cache.get((grid, self.coord_mode), device, build)
 
     def prepare(self, grid: Grid) -> Sequence[torch.Tensor]:
         """``[p_1, ..., p_depth]``: a list when gradients are on (backward keeps every ``p_l`` anyway), else a
         :class:`LaPEChain` that holds one ``p_l`` at a time (inference memory does not grow with depth)."""
         p = self._p0(grid)
         if self.num_prefix < grid.num_prefix:  # prefix tokens without a table row get no PE
-            p = torch.cat([p.new_zeros(1, grid.num_prefix - self.num_prefix, p.shape[-1]), p], dim=1)
+            p = torch.cat([p.new_zeros(p.shape[0], grid.num_prefix - self.num_prefix, p.shape[-1]), p], dim=1)
         chain = LaPEChain(p, self.norms)
         return chain if not torch.is_grad_enabled() else list(chain)
 

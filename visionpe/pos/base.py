@@ -1,4 +1,4 @@
-"""The one small interface every position encoding implements (DESIGN.md, "The encoding interface").
+"""The one small interface every position encoding implements (docs/architecture.md, "The encoding interface").
 
 An encoding may act at four points and says which in ``hooks``:
 
@@ -51,6 +51,10 @@ class PosEncoding(nn.Module):
     hooks: ClassVar[FrozenSet[str]] = frozenset()
     #: True when the value hook needs the attention probabilities (forces the math backend).
     needs_probs: bool = False
+    #: How the encoding takes coordinate augmentation (``grid.aug``, see :class:`visionpe.grid.CoordAug`):
+    #: None (it reads no continuous coordinates), ``'batch'`` (one draw per batch) or ``'sample'`` (also
+    #: one draw per image).
+    coord_aug_support: ClassVar[Optional[str]] = None
 
     def __init__(self, ctx: EncodingContext):
         super().__init__()
@@ -118,9 +122,6 @@ class PosEncoding(nn.Module):
     def no_weight_decay(self) -> Set[str]:
         """Names (relative to this module) of parameters that take no weight decay."""
         return set()
-
-    def uses(self, hook: str) -> bool:
-        return hook in self.hooks
 
 
 class LayerPos:

@@ -1,6 +1,6 @@
 """ComRoPE: rotary position embedding with trainable commuting angle matrices (Yu et al., CVPR 2025,
 "ComRoPE: Scalable and Robust Rotary Position Embedding Parameterized by Trainable Commuting Angle
-Matrices"; reference code Longin-Yu/ComRoPE ``model.py``; SPECS.md section 8).
+Matrices"; reference code Longin-Yu/ComRoPE ``model.py``; docs/encodings.md, "ComRoPE").
 
 Per head, q and k of a token at position ``p = (p_0, p_1)`` are rotated by
 ``R(p) = blockdiag_j expm(p_0 A_0j + p_1 A_1j)``: ``b x b`` blocks, block ``j`` acting on channels
@@ -93,6 +93,7 @@ def _factorise(pos: torch.Tensor) -> Optional[Tuple[Tuple[torch.Tensor, torch.Te
 class ComRoPE(PosEncoding):
     """ComRoPE-AP / -LD (and the code base's LieRE / vanilla RoPE baselines) on q and k."""
     hooks = frozenset({'rotate', 'tokens'})
+    coord_aug_support = 'batch'
 
     def __init__(
             self,
@@ -179,7 +180,7 @@ class ComRoPE(PosEncoding):
     # ------------------------------------------------------------------ positions
     def positions(self, grid: Grid) -> torch.Tensor:
         """(row, col) of the rotated tokens: prefix tokens first unless ``prefix_pos`` is None."""
-        xy = grid_coords(grid.h, grid.w, self.coord_mode, ref_hw=self.ref_hw, polar_eps=self.polar_eps)
+        xy = grid_coords(grid.h, grid.w, self.coord_mode, ref_hw=self.ref_hw, polar_eps=self.polar_eps, aug=grid.aug)
         rc = xy.flip(-1)  # grid_coords gives (x, y); ComRoPE's axis 0 is the row
         if not grid.num_prefix or self.prefix_pos is None:
             return rc

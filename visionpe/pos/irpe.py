@@ -1,6 +1,6 @@
 """iRPE: image relative position encoding (Wu et al., "Rethinking and Improving Relative Position
 Encoding for Vision Transformer", ICCV 2021; microsoft/Cream ``iRPE/DeiT-with-iRPE/irpe.py``;
-SPECS.md section 4).
+docs/encodings.md, "iRPE").
 
 Every query/key pair falls in a bucket given by the 2-D offset ``query - key`` (rows ``dr``,
 columns ``dc``, patch units) through the piecewise index ``g`` (``alpha = r``, ``beta = 2r``,

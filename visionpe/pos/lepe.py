@@ -1,7 +1,7 @@
 """LePE: locally-enhanced positional encoding (Dong et al., "CSWin Transformer", CVPR 2022;
-microsoft/CSWin-Transformer ``models/cswin.py``; SPECS.md section 6).
+microsoft/CSWin-Transformer ``models/cswin.py``; docs/encodings.md, "CSWin: LePE").
 
-A *value* term (DESIGN.md, hook 4): the attention output of a window gets
+A *value* term (docs/architecture.md, "The encoding interface"): the attention output of a window gets
 
     out = softmax(q k^T / sqrt(d)) v + DWConv3x3(V)
 

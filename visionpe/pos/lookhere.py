@@ -1,6 +1,6 @@
 """LookHere: directed attention heads with distance penalties (Fuller et al., "LookHere: Vision
 Transformers with Directed Attention Generalize and Extrapolate", NeurIPS 2024;
-GreenCUBIC/lookhere ``lookhere.py``; SPECS.md section 9).
+GreenCUBIC/lookhere ``lookhere.py``; docs/encodings.md, "LookHere").
 
 Each head of layer ``l`` adds to the logit of a query patch ``i`` and a key patch ``j``::
 
@@ -266,6 +266,7 @@ class LookHere(PosEncoding):
             the training grid ``ref_hw``; any non-polar mode of :mod:`visionpe.grid`).
     """
     hooks = frozenset({'bias'})
+    coord_aug_support = 'batch'
 
     def __init__(
             self,
@@ -322,7 +323,7 @@ class LookHere(PosEncoding):
 
     # --- per-grid tensors --------------------------------------------------------------------------
     def _coords(self, grid: Grid) -> torch.Tensor:
-        return grid_coords(grid.h, grid.w, self.coord_mode, ref_hw=self.ref_hw)
+        return grid_coords(grid.h, grid.w, self.coord_mode, ref_hw=self.ref_hw, aug=grid.aug)
 
     def base(self, grid: Grid, layer: int = 0) -> torch.Tensor:
         """The cached ``(heads, T, T)`` base of ``layer``'s layout on ``grid``."""

@@ -1,5 +1,5 @@
 """CPVT position encoding generator (Chu et al., "Conditional Positional Encodings for Vision
-Transformers", ICLR 2023; SPECS.md section 3).
+Transformers", ICLR 2023; docs/encodings.md, "CPVT").
 
 ``PEG(x) = DWConv3x3(x) + x`` on the patch tokens laid out as ``(B, D, h, w)``: depthwise,
 stride 1, zero padding 1, with bias; prefix tokens pass through. Same math as timm's Twins

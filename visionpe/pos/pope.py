@@ -1,7 +1,7 @@
 """PoPE-2D: polar coordinate position embedding (Gopalakrishnan, Csordas, Schmidhuber, Mozer,
 "Decoupling the What and Where With Polar Coordinate Positional Embeddings", arXiv 2509.10534),
-axial 2-D form as in the unofficial lucidrains PoPE-pytorch ``AxialPoPE`` (SPECS.md section 10,
-../shared/golden/pope2d/NOTES.md).
+axial 2-D form as in the unofficial lucidrains PoPE-pytorch ``AxialPoPE`` (docs/encodings.md,
+"PoPE").
 
 Every channel ``c`` of a head (dim ``d``) is one complex number: magnitude ``softplus(x_c)`` (content)
 and phase ``phi_c`` (position). Channels ``c < d/2`` follow the column ``x``, the rest the row ``y``, each
@@ -111,6 +111,7 @@ def widen_for_prefix(q: torch.Tensor, k: torch.Tensor, q_pope: torch.Tensor, k_p
 class PoPE2D(PosEncoding):
     """Axial 2-D PoPE on q and k (see module docstring)."""
     hooks = frozenset({'rotate'})
+    coord_aug_support = 'batch'
 
     def __init__(
             self,
@@ -140,7 +141,7 @@ class PoPE2D(PosEncoding):
         self._cache = GridCache()
 
     def phases(self, grid: Grid) -> torch.Tensor:
-        xy = grid_coords(grid.h, grid.w, self.coord_mode, ref_hw=self.ref_hw, polar_eps=self.polar_eps)
+        xy = grid_coords(grid.h, grid.w, self.coord_mode, ref_hw=self.ref_hw, polar_eps=self.polar_eps, aug=grid.aug)
         return pope_phases(xy, self.ctx.head_dim, self.theta)
 
     def state_for_phases(self, phases: torch.Tensor, num_prefix: int = 0) -> PoPEState:

@@ -1,5 +1,5 @@
 """2-D rotary position embedding (Heo et al., "Rotary Position Embedding for Vision Transformer",
-ECCV 2024, naver-ai/rope-vit; SPECS.md section 7).
+ECCV 2024, naver-ai/rope-vit; docs/encodings.md, "2-D RoPE").
 
 Adjacent channel pairs ``(2j, 2j+1)`` of every head of q and k rotate by an angle ``phi_j``:
 ``(a, b) -> (a cos phi - b sin phi, a sin phi + b cos phi)``. Prefix tokens are not rotated.
@@ -72,8 +72,9 @@ class MixedRoPEState:
     def __getitem__(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device_type=self.freqs.device.type, enabled=False):
             f = self.freqs[:, layer].float()  # (2, heads, d/2)
-            # (heads, N, d/2): x F_x + y F_y, elementwise (no matmul downcast under autocast)
-            angles = self.xy[:, 0, None] * f[0].unsqueeze(-2) + self.xy[:, 1, None] * f[1].unsqueeze(-2)
+            # ([B,] heads, N, d/2): x F_x + y F_y, elementwise (no matmul downcast under autocast)
+            xy = self.xy.unsqueeze(-3)  # ([B,] 1, N, 2)
+            angles = xy[..., 0, None] * f[0].unsqueeze(-2) + xy[..., 1, None] * f[1].unsqueeze(-2)
             return rope_tables(angles, self.num_prefix)
 
 
@@ -81,6 +82,7 @@ class MixedRoPEState:
 class RoPE2D(PosEncoding):
     """Axial or mixed 2-D RoPE on q and k (see module docstring)."""
     hooks = frozenset({'rotate'})
+    coord_aug_support = 'sample'
 
     def __init__(
             self,
@@ -113,7 +115,8 @@ class RoPE2D(PosEncoding):
         self._cache = GridCache()
 
     def _coords(self, grid: Grid) -> torch.Tensor:
-        xy = grid_coords(grid.h, grid.w, self.coord_mode, ref_hw=self.ref_hw, polar_eps=self.polar_eps)
+        xy = grid_coords(grid.h, grid.w, self.coord_mode, ref_hw=self.ref_hw, polar_eps=self.polar_eps,
+                         aug=grid.aug)
         return xy * self.pos_scale if self.pos_scale != 1.0 else xy
 
     def _axial_angles(self, grid: Grid) -> torch.Tensor:
@@ -128,7 +131,7 @@ class RoPE2D(PosEncoding):
         else:
             mag_y = mag_x
         xy = self._coords(grid)
-        return torch.cat([torch.outer(xy[:, 0], mag_x), torch.outer(xy[:, 1], mag_y)], dim=-1)  # (N, d/2)
+        return torch.cat([xy[..., 0, None] * mag_x, xy[..., 1, None] * mag_y], dim=-1)  # ([B,] N, d/2)
 
     def prepare(self, grid: Grid) -> Any:
         """Axial: the ``(sin, cos)`` tables ``(P + N, d)``, cached per grid. Mixed: a
@@ -137,7 +140,7 @@ class RoPE2D(PosEncoding):
             device = self.device
             key = (grid, self.coord_mode, self.ref_hw, self.pos_scale, self.ntk_scale, self.theta)
             return self._cache.get(key, device, lambda: rope_tables(self._axial_angles(grid), grid.num_prefix))
-        key = (grid.hw, self.coord_mode, self.ref_hw, self.pos_scale, 'xy')
+        key = (grid, self.coord_mode, self.ref_hw, self.pos_scale, 'xy')
         xy = self._cache.get(key, self.freqs.device, lambda: self._coords(grid))
         return MixedRoPEState(xy, self.freqs, grid.num_prefix)
 
@@ -152,6 +155,8 @@ class RoPE2D(PosEncoding):
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, layer: int, state: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         sin, cos = state[layer] if self.rope_type == 'mixed' else state
+        if sin.dim() == 3 and self.rope_type == 'axial':  # per-sample coordinates: (B, T, d) -> (B, 1, T, d)
+            sin, cos = sin.unsqueeze(1), cos.unsqueeze(1)
         return apply_rope(q, sin, cos), apply_rope(k, sin, cos)
 
     def no_weight_decay(self) -> Set[str]:

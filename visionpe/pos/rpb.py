@@ -1,5 +1,5 @@
 """Window relative position bias: Swin's table and SwinV2's continuous (log-spaced) bias
-(SPECS.md section 5).
+(docs/encodings.md, "Swin").
 
 Swin (Liu et al., ICCV 2021; microsoft/Swin-Transformer, timm ``swin_transformer``): per window of
 ``Mh x Mw`` tokens a learned table of ``(2Mh - 1)(2Mw - 1)`` rows and one column per head;

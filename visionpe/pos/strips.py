@@ -1,5 +1,6 @@
 """Strip windows for radial-strip attention (RST, arXiv 2404.00358; official code Calvin11311/MDT
-``basicsr/models/archs/mdt_arch.py``; SPECS.md section 11) and their Fourier relative-position bias.
+``basicsr/models/archs/mdt_arch.py``; docs/encodings.md, "Radial-strip transformer") and their Fourier
+relative-position bias.
 
 A *layout* says which tokens of an ``h x w`` grid share a strip. Strips hold different numbers of
 tokens, so they are packed as a padded batch: ``index`` lists the token of every slot of every strip

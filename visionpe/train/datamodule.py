@@ -15,7 +15,7 @@ import copy
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data.fashion_mnist import FMNIST_MEAN, FMNIST_STD, FashionMNISTBatches, load_fashion_mnist, subset_indices
 from ..data.imagefolder import BadSampleMonitor, SafeImageFolder, check_image_folder, collate_skip_bad
+from ..data.multires import MultiResolution, ScheduledBatches, ScheduledTransformSkipBad
 from ..data.sampling import ResumableBatchSampler, ResumableLoader
 from ..data.shards import ShardEvalStream, ShardStream
 from ..data.transforms import BatchScaleAugment, create_imagenet_transform, normalize_batch, resize_batch
@@ -76,6 +77,13 @@ class ImageClassificationData(pl.LightningDataModule):
             number of training samples (defines the epoch length).
         max_bad_fraction, bad_check_after: stop with an error when more than this fraction of the
             images could not be read (checked once ``bad_check_after`` were seen, and at epoch ends).
+        multires_sizes, multires_range, multires_step: multi-resolution training (fashion_mnist, imagefolder):
+            every training batch at one size from this list, or from ``lo, lo + step, ..., hi``; its batch size
+            scaled by ``(img_size / size)^2`` (rounded to a multiple of ``multires_batch_multiple``) so tokens
+            per batch stay about constant; validation and test stay at ``img_size``
+            (:mod:`visionpe.data.multires`, timm's ScheduledBatchSampler; the same sizes on every DDP rank).
+        multires_schedule, multires_schedule_epochs: ``uniform`` (each batch's size uniform over the set) or
+            ``progressive`` (small to large over ``multires_schedule_epochs`` epochs, timm's curriculum).
     """
 
     def __init__(
@@ -112,6 +120,12 @@ class ImageClassificationData(pl.LightningDataModule):
             bad_check_after: int = 1000,
             pin_memory: bool = True,
             persistent_workers: bool = True,
+            multires_sizes: Optional[List[int]] = None,
+            multires_range: Optional[Tuple[int, int]] = None,
+            multires_step: int = 8,
+            multires_schedule: str = 'uniform',
+            multires_schedule_epochs: Optional[int] = None,
+            multires_batch_multiple: int = 2,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -136,6 +150,15 @@ class ImageClassificationData(pl.LightningDataModule):
         self._record_resolved(mean=self.mean, std=self.std)
         self.monitor = BadSampleMonitor(max_bad_fraction, bad_check_after)
         self._augment = BatchScaleAugment(img_size, scale, ratio, canvas, hflip) if dataset == 'fashion_mnist' else None
+        self.multires = MultiResolution.from_options(
+            multires_sizes, multires_range, multires_step, img_size=img_size, batch_size=batch_size,
+            schedule=multires_schedule, schedule_epochs=multires_schedule_epochs,
+            batch_multiple=multires_batch_multiple)
+        if self.multires is not None and dataset == 'webdataset':
+            raise ValueError('multi-resolution batches need a map-style dataset (fashion_mnist or imagefolder); '
+                             'webdataset streams cannot be scheduled per batch')
+        self._size_augments = {s: BatchScaleAugment(s, scale, ratio, canvas, hflip) for s in self.multires.sizes} \
+            if self.multires is not None and dataset == 'fashion_mnist' else {}
         self._splits: Dict[str, Any] = {}
         self._train_loader: Optional[ResumableLoader] = None
         self._pending_loader_state: Optional[Dict[str, Any]] = None
@@ -197,10 +220,10 @@ class ImageClassificationData(pl.LightningDataModule):
                         'val': FashionMNISTBatches(images[val_idx], labels[val_idx]) if len(val_idx) else None,
                         'test': FashionMNISTBatches(t_images[test_idx], t_labels[test_idx])}
 
-    def _timm_transform(self, train: bool):
+    def _timm_transform(self, train: bool, img_size: Optional[int] = None):
         hp = self.hparams
         return create_imagenet_transform(
-            train, self.img_size, self.mean, self.std, interpolation=hp.interpolation,
+            train, img_size or self.img_size, self.mean, self.std, interpolation=hp.interpolation,
             auto_augment=hp.auto_augment, color_jitter=hp.color_jitter, re_prob=hp.re_prob, scale=hp.scale,
             ratio=hp.ratio, hflip=hp.hflip, train_crop_mode=hp.train_crop_mode, crop_pct=hp.eval_crop_pct)
 
@@ -252,6 +275,8 @@ class ImageClassificationData(pl.LightningDataModule):
             kw = self._loader_kwargs()
             kw['persistent_workers'] = False  # workers must see each epoch's set_epoch / resume offset
             return ResumableLoader(DataLoader(stream, batch_size=None, **kw), stream)
+        if self.multires is not None:
+            return self._build_multires_loader(rank, world)
         if self.dataset == 'fashion_mnist':
             ds = self._splits['train']
             bs = ResumableBatchSampler(len(ds), self.batch_size, shuffle=True, drop_last=True, seed=self.seed,
@@ -262,6 +287,21 @@ class ImageClassificationData(pl.LightningDataModule):
                                    rank=rank, world_size=world)
         return ResumableLoader(DataLoader(_Indexed(ds, idx), batch_sampler=bs, collate_fn=collate_skip_bad,
                                           **self._loader_kwargs()), bs)
+
+    def _build_multires_loader(self, rank: int, world: int) -> ResumableLoader:
+        """Training batches of scheduled sizes (:mod:`visionpe.data.multires`)."""
+        mr, ds = self.multires, self._splits['train']
+        if self.dataset == 'fashion_mnist':
+            bs = mr.batch_sampler(len(ds), self.seed, rank, world)
+            return ResumableLoader(DataLoader(ScheduledBatches(ds, mr.sizes), sampler=bs, batch_size=None,
+                                              num_workers=0), bs)
+        idx = self._splits['train_idx']
+        base = copy.copy(ds)
+        base.transform = None  # the scheduled dataset applies the transform of the batch's size
+        transforms = [self._timm_transform(True, s) for s in mr.sizes]
+        bs = mr.batch_sampler(len(idx), self.seed, rank, world)
+        return ResumableLoader(DataLoader(ScheduledTransformSkipBad(_Indexed(base, idx), transforms),
+                                          batch_sampler=bs, collate_fn=collate_skip_bad, **self._loader_kwargs()), bs)
 
     def _eval_loader(self, split: str):
         self.setup()
@@ -304,7 +344,8 @@ class ImageClassificationData(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is not None and trainer.training:
             g = torch.Generator(device=x.device).manual_seed(int(batch['seed']))
-            x = self._augment(x, g)
+            augment = self._size_augments[int(batch['size'])] if 'size' in batch else self._augment
+            x = augment(x, g)
         else:
             x = resize_batch(x, self.img_size)
         return normalize_batch(x, self.mean, self.std), batch['label']

@@ -1,0 +1,229 @@
+"""Coordinate augmentation (DINOv3 shift / jitter / rescale, CAPE for learned tables) and FlexiViT
+patch-size randomisation: distributions, parity with timm's RotaryEmbeddingDinoV3, eval invariance, errors,
+and a few training steps for every encoding each option applies to."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3, _apply_coord_augs, _build_grid
+
+import visionpe  # noqa: F401
+from visionpe.grid import CoordAug, CoordDraw, Grid, grid_coords
+from visionpe.pos.absolute import sample_table_cape
+
+TINY = dict(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=3, dynamic_img_size=True,
+            init_values=None)
+# presets whose encoding reads token coordinates; per-sample draws where the encoding takes them
+COORD_PRESETS = {'ape': 'sample', 'sincos': 'sample', 'lape': 'sample', 'rope2d': 'sample',
+                 'rope2d_mixed': 'sample', 'comrope_ap': 'batch', 'comrope_ld': 'batch', 'lookhere': 'batch',
+                 'pope2d': 'batch'}
+AUG = dict(shift=0.5, jitter=1.5, rescale=2.0)
+
+
+def tiny(preset: str, **kw) -> torch.nn.Module:
+    """A one-block ViT whose attention is far from uniform (timm's init gives near-zero logits and a small
+    attention branch, which would hide any change of positions)."""
+    torch.manual_seed(0)
+    if preset == 'pope2d':
+        kw = {'delta_init': 'uniform', **kw}  # delta starts inside (-2 pi, 0), where its gradient is not clamped
+    model = timm.create_model(f'vit_{preset}_tiny', **{**TINY, **kw})
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.normal_(0, 0.5)
+            blk.attn.proj.weight.normal_(0, 0.5)
+    return model
+
+
+# ----------------------------------------------------------------------------------- the coordinate source
+@pytest.mark.parametrize('shape', [(4, 4), (3, 5), (6, 2)])
+@pytest.mark.parametrize('settings', [dict(shift=0.3), dict(jitter=1.7), dict(rescale=2.0), AUG])
+def test_draw_equals_timm_dinov3(shape, settings):
+    """Same seed: our centred coordinates with the draw == timm's DINOv3 grid with its augmentation, and the
+    sin/cos RotaryEmbeddingDinoV3 builds in training == the one built from our coordinates."""
+    h, w = shape
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ref = _apply_coord_augs(_build_grid([h, w], grid_type='centered').flatten(0, 1),
+                                settings.get('shift'), settings.get('jitter'), settings.get('rescale'))
+        torch.manual_seed(seed)
+        ours = grid_coords(h, w, 'centered', aug=CoordAug(**settings).draw())
+        assert (ours.flip(-1) - ref).abs().max().item() < 1e-6  # timm's grids are (row, col)
+
+        dim = 16
+        rope = RotaryEmbeddingDinoV3(dim, temperature=100., shift_coords=settings.get('shift'),
+                                     jitter_coords=settings.get('jitter'), rescale_coords=settings.get('rescale'),
+                                     rotate_half=False).train()
+        torch.manual_seed(seed)
+        emb = rope.get_embed([h, w])
+        torch.manual_seed(seed)
+        rc = grid_coords(h, w, 'centered', aug=CoordAug(**settings).draw()).flip(-1)
+        angles = (2 * math.pi * rc[:, :, None] / rope.periods).flatten(1).repeat_interleave(2, -1)
+        assert (torch.cat([angles.sin(), angles.cos()], -1) - emb).abs().max().item() < 1e-5
+
+
+def test_draw_moments():
+    """Shift ~ U(-s, s), log jitter ~ U(-log J, log J) per axis, log rescale ~ U(-log R, log R), independent
+    axes: means and variances over 20,000 draws within 5 standard errors, and the ranges respected."""
+    n, s, J, R = 20000, 0.7, 1.5, 2.0
+    torch.manual_seed(0)
+    d = CoordAug(shift=s, jitter=J, rescale=R, per_sample=True).draw(n)
+    assert d.shift.shape == (n, 2) and d.jitter.shape == (n, 2) and d.rescale.shape == (n, 1)
+    for x, half in ((d.shift, s), (d.jitter.log(), math.log(J)), (d.rescale.log(), math.log(R))):
+        assert x.abs().max() <= half + 1e-6
+        var = half ** 2 / 3
+        se_mean, se_var = math.sqrt(var / n), math.sqrt((half ** 4 / 5 - var ** 2) / n)
+        assert (x.mean(0).abs() < 5 * se_mean).all(), (x.mean(0), se_mean)
+        assert ((x.var(0) - var).abs() < 5 * se_var).all(), (x.var(0), var)
+    # the two axes are drawn independently
+    assert abs(torch.corrcoef(d.shift.T)[0, 1].item()) < 5 / math.sqrt(n)
+    assert abs(torch.corrcoef(d.jitter.log().T)[0, 1].item()) < 5 / math.sqrt(n)
+    # per batch: one transform for every token
+    torch.manual_seed(0)
+    one = CoordAug(**AUG).draw(8)
+    assert one.shift.shape == (2,) and not one.per_sample
+    xy = grid_coords(3, 4, 'index', aug=one)
+    base = grid_coords(3, 4, 'index')
+    assert torch.allclose(xy, (base + one.shift) * one.jitter * one.rescale)
+
+
+def test_coord_aug_settings_errors():
+    for bad in (dict(shift=-1.), dict(jitter=0.5), dict(rescale=0.9), dict(rescale=float('inf')),
+                dict(jitter=True)):
+        with pytest.raises(ValueError, match='coordinate augmentation'):
+            CoordAug(**bad)
+    with pytest.raises(TypeError, match='unknown key'):
+        CoordAug.from_option(dict(scale=2.0))
+    with pytest.raises(ValueError, match='polar'):
+        grid_coords(4, 4, 'polar', aug=CoordAug(shift=1.).draw())
+
+
+def test_cape_sampling():
+    """Without a draw at the table's own grid every token reads its entry; a shift of one patch (2 / w in
+    centred units) along x reads the right neighbour (border-clamped at the edge); prefix rows untouched."""
+    torch.manual_seed(0)
+    h0, w0, P, D = 4, 5, 1, 6
+    table = torch.randn(1, P + h0 * w0, D)
+    same = sample_table_cape(table, (h0, w0), P, Grid(h0, w0, P, aug=CoordDraw()))
+    assert (same - table).abs().max().item() < 1e-6
+    shifted = sample_table_cape(table, (h0, w0), P, Grid(h0, w0, P, aug=CoordDraw(shift=torch.tensor([2 / w0, 0.]))))
+    t = table[0, P:].view(h0, w0, D)
+    want = torch.cat([t[:, 1:], t[:, -1:]], dim=1).reshape(1, h0 * w0, D)
+    assert (shifted[:, P:] - want).abs().max().item() < 1e-5
+    assert torch.equal(shifted[:, :P], table[:, :P])
+
+
+# ----------------------------------------------------------------------------------- the model option
+@pytest.mark.parametrize('preset', sorted(COORD_PRESETS))
+def test_eval_is_deterministic_and_unchanged(preset):
+    plain, aug = tiny(preset), tiny(preset, coord_aug={**AUG, 'per_sample': COORD_PRESETS[preset] == 'sample'})
+    aug.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 16, 20)
+    plain.eval(), aug.eval()
+    with torch.no_grad():
+        ref = plain(x)
+        assert torch.equal(aug(x), ref) and torch.equal(aug(x), ref)
+        ref = plain.forward_features(x)
+        aug.train()
+        torch.manual_seed(1)
+        a = aug.forward_features(x)
+        torch.manual_seed(1)
+        b = aug.forward_features(x)
+        c = aug.forward_features(x)
+    assert torch.equal(a, b)  # a draw is a function of the torch seed
+    for other in (c, ref):  # and training does move the coordinates
+        assert (a - other).abs().max() > 1e-5 * a.abs().max()  # well above float32 noise (~1e-7)
+
+
+def test_every_consumer_sees_the_same_draw(monkeypatch):
+    """The draw is made once per forward by the model and reaches the encoding through the grid."""
+    model = tiny('rope2d', coord_aug=AUG).train()
+    seen = []
+    prepare = model.pe.prepare
+    monkeypatch.setattr(model.pe, 'prepare', lambda grid: seen.append(grid) or prepare(grid))
+    model(torch.randn(2, 3, 16, 16))
+    model.eval()
+    model(torch.randn(2, 3, 16, 16))
+    assert isinstance(seen[0].aug, CoordDraw) and seen[1].aug is None
+    sin, cos = model.pe.prepare(seen[0])
+    P = seen[0].num_prefix
+    xy = grid_coords(4, 4, 'index', aug=seen[0].aug)
+    assert not torch.allclose(xy, grid_coords(4, 4, 'index'))
+    # the first x frequency of axial RoPE is 1: its rotation angle is the augmented x coordinate
+    assert torch.allclose(sin[P:, 0], xy[:, 0].sin(), atol=1e-6) and torch.allclose(cos[P:, 0], xy[:, 0].cos(), atol=1e-6)
+
+
+@pytest.mark.parametrize('preset,kw,match', [
+    ('cpvt', dict(coord_aug=AUG), 'does not apply'),
+    ('irpe', dict(coord_aug=AUG), 'does not apply'),
+    ('nope', dict(coord_aug=AUG), 'needs a consumer'),
+    ('rope2d_polar', dict(coord_aug=AUG), 'polar'),
+    ('comrope_ap', dict(coord_aug={**AUG, 'per_sample': True}), 'per_sample'),
+    ('ape', dict(flexi_patch_sizes=[4, 6]), 'do not divide'),
+    ('ape', dict(flexi_patch_sizes=4), 'list of positive integers'),
+])
+def test_option_errors(preset, kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(preset, **kw)
+
+
+# ----------------------------------------------------------------------------------- FlexiViT
+def test_flexi_patch_size():
+    """Training draws the patch size per batch from the set (seeded); set_patch_size(p) in eval equals a model
+    whose kernel was resampled once with timm's resample_patch_embed; the state dict keeps the stored kernel."""
+    from timm.layers import resample_patch_embed
+    model = tiny('rope2d', flexi_patch_sizes=[2, 4, 8]).train()
+    grids = []
+    model.pe.prepare = (lambda f: (lambda grid: grids.append(grid.hw) or f(grid)))(model.pe.prepare)
+    torch.manual_seed(0)
+    for _ in range(12):
+        model(torch.randn(1, 3, 16, 16))
+    assert set(grids) == {(8, 8), (4, 4), (2, 2)}
+    model.eval()
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 16, 16)
+    model.set_patch_size(8)
+    assert model.patch_size == (8, 8)
+    with torch.no_grad():
+        out = model(x)
+    ref = tiny('rope2d').eval()
+    ref.load_state_dict({k: v for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        ref.patch_embed.set_input_size(patch_size=8)
+        assert torch.allclose(ref.patch_embed.proj.weight,
+                              resample_patch_embed(model.patch_embed.proj.weight, [8, 8]))
+        assert (ref(x) - out).abs().max().item() < 1e-5
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys
+    model.set_patch_size(None)
+    assert model.patch_size == (4, 4)
+    with pytest.raises(ValueError, match='positive integer'):
+        model.set_patch_size(0)
+
+
+# ----------------------------------------------------------------------------------- a few training steps
+def _steps(model: torch.nn.Module, n: int = 2, size=(16, 16)) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    model.train()
+    for i in range(n):
+        torch.manual_seed(i)
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, *size)), torch.tensor([0, 1]))
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    moved = {k for k, p in model.named_parameters() if not torch.equal(before[k], p)}
+    assert moved == set(before), set(before) - moved  # gradients reach every parameter
+
+
+CASES = [(p, 'coord_aug', dict(coord_aug=AUG)) for p in sorted(COORD_PRESETS)]
+CASES += [(p, 'coord_aug_per_sample', dict(coord_aug={**AUG, 'per_sample': True}))
+          for p, s in sorted(COORD_PRESETS.items()) if s == 'sample']
+CASES += [(p, 'flexi', dict(flexi_patch_sizes=[2, 4, 8])) for p in sorted(COORD_PRESETS) + ['cpvt', 'irpe', 'nope']]
+
+
+@pytest.mark.parametrize('preset,option,kw', CASES, ids=[f'{p}-{o}' for p, o, _ in CASES])
+def test_few_training_steps(preset, option, kw):
+    _steps(tiny(preset, **kw), size=(16, 16) if option == 'flexi' else (16, 20))
