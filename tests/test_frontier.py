@@ -183,3 +183,18 @@ def test_spiral_converter_errors_name_the_fix():
         convert_state_dict(sd, model)
     with pytest.raises(CheckpointMismatchError, match='vit_spiral_'):
         convert_state_dict(sd, _tiny('alibi2d'))
+
+
+@pytest.mark.parametrize('dq,dv', [(24, 16), (16, 24)])
+def test_sdpa_with_other_qk_width_than_v_equals_math(dq, dv):
+    """SDPA pads the narrower of q/k and v with zero channels (fused kernels need one head dim)."""
+    from visionpe.attention import attend
+    q, k = torch.randn(2, 3, 10, dq, requires_grad=True), torch.randn(2, 3, 10, dq, requires_grad=True)
+    v = torch.randn(2, 3, 10, dv, requires_grad=True)
+    bias = torch.randn(1, 3, 10, 10)
+    ref, _ = attend(q, k, v, 0.3, bias=bias, backend='math')
+    out, _ = attend(q, k, v, 0.3, bias=bias, backend='sdpa')
+    assert out.shape == (2, 3, 10, dv) and (out - ref).abs().max() < 1e-6
+    g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    g_out = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(g_ref, g_out))
