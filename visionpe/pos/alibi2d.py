@@ -74,7 +74,7 @@ def offset_index(h: int, w: int, rows: slice, device: Optional[torch.device] = N
 class DistanceBias(PosEncoding):
     """Base of additive biases that are a per-head function of patch distance: subclasses give
     :meth:`table` ``(heads, h * w)`` (one value per distinct offset) for a layer; this class gathers it whole,
-    by query rows or in the FlexAttention kernel, and leaves every pair with a prefix token at 0."""
+    by query rows or in the FlexAttention kernel. Pairs with a prefix token get :meth:`prefix_table` (0 by default)."""
     hooks = frozenset({'bias'})
 
     def __init__(self, ctx: EncodingContext, coord_mode: str = 'index', ref_hw: Optional[Tuple[int, int]] = None):
