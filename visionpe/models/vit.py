@@ -10,7 +10,6 @@ Presets are data: ``VIT_SIZES`` x ``VIT_ENCODINGS`` below, every entry overridab
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
 import torch
@@ -23,6 +22,7 @@ from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_tim
 
 from ..attention import Attention
 from ..grid import CoordAug, CoordDraw, Grid, GridCache, check_coord_mode
+from ..layers import norm_layer_by_name
 from ..pos import EncodingContext, build_encoding
 from ..pos.absolute import SINCOS_COORD_MODE, resample_table, sample_table_cape, sincos_2d, tile_table
 from ..pos.base import LayerPos, PosEncoding
@@ -108,6 +108,7 @@ class VisionTransformer(TimmBackbone):
         pe: name of a registered encoding (``visionpe.pos.list_encodings()``) or None; every
             remaining keyword is an option of that encoding.
         head: ``'linear'`` or ``'mlp_tanh'`` (hidden size ``head_hidden_dim``).
+        norm_layer: ``'layernorm'``, ``'rmsnorm'`` or ``'rmsnorm_eps_outside'`` (:mod:`visionpe.layers`).
         attn_backend: ``auto | math | sdpa | xformers | flex`` (see :mod:`visionpe.attention`).
         coord_aug: coordinate augmentation in training, ``dict(shift=, jitter=, rescale=, per_sample=)``
             (:class:`visionpe.grid.CoordAug`, DINOv3's semantics): every consumer of token coordinates
@@ -162,6 +163,7 @@ class VisionTransformer(TimmBackbone):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             norm_eps: float = 1e-6,
+            norm_layer: str = 'layernorm',
             act_layer: Union[str, Callable[..., nn.Module], None] = None,
             head: str = 'linear',
             head_hidden_dim: Optional[int] = None,
@@ -188,7 +190,7 @@ class VisionTransformer(TimmBackbone):
             raise TypeError(f"unknown argument(s) {', '.join(sorted(pe_options))} (no position encoding 'pe' "
                             f"is set, so they cannot be encoding options)")
         use_fc_norm = global_pool in ('avg', 'max', 'avgmax') if fc_norm is None else fc_norm
-        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        norm_layer = norm_layer_by_name(norm_layer, norm_eps)
         act_layer = get_act_layer(act_layer) if act_layer is not None else nn.GELU
 
         self.num_classes = num_classes
@@ -552,6 +554,17 @@ VIT_ENCODINGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
                            qkv_k_bias=False, norm_eps=1e-5)),
     'pope2d': ('PoPE-2D: polar (magnitude x phase) position embedding on q and k, theta 10000, index '
                'coordinates', dict(pos_embed='none', pe='pope2d', theta=10000., coord_mode='index')),
+    # --- issue 19: the 2025-26 frontier ---
+    'pape': ('PaPE: 50 query-dependent parabolas per head on widened q/k, 1-based index positions',
+             dict(pos_embed='none', pe='pape', parabolas=50)),
+    'pape_ri': ('PaPE-RI: one query-dependent isotropic paraboloid per head (rotation invariant), widened q/k',
+                dict(pos_embed='none', pe='pape_ri')),
+    'spiral': ('Spiral RoPE: rotary pairs along 4 directions (rotate 2), frequencies 1.5 down, index coordinates '
+               'clamped to the grid as upstream', dict(pos_embed='none', pe='spiral', rotate=2, max_freq=1.5)),
+    'alibi2d': ('2-D ALiBi: -m_h * Euclidean patch distance, ALiBi geometric head slopes, class token unbiased',
+                dict(pos_embed='none', pe='alibi2d')),
+    'fire2d': ('FIRE-2D: per-layer MLP of the log-scaled patch distance over log of max(learned threshold, grid '
+               'extent)', dict(pos_embed='none', pe='fire2d', mlp_hidden=32)),
 }
 
 
