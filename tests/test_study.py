@@ -137,7 +137,7 @@ def test_job_commands_are_valid_train_and_eval_commands(tmp_path):
     assert cli.config['model']['model_name'] == 'vit_ape_tiny' and cli.config['seed_everything'] == job.seed
     from visionpe.eval.cli import build_parser
     args = build_parser().parse_args(eval_cmd[2:])
-    assert args.checkpoints and args.resolutions
+    assert args.checkpoints and args.per_image and args.resolutions == [32, (48, 64)]  # N and HxW sizes
 
 
 # ------------------------------------------------------------------------------------------ report

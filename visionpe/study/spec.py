@@ -6,23 +6,12 @@ A study is one YAML file (``configs/study/*.yaml``) parsed by jsonargparse, the 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..eval.data import parse_size
+
 __all__ = ['Recipe', 'StudySpec', 'Job', 'parse_size', 'load_study', 'study_parser']
-
-_SIZE = re.compile(r'^(\d+)(?:x(\d+))?$')
-
-
-def parse_size(text: str | int) -> tuple[int, int]:
-    """``'64'`` -> (64, 64); ``'48x64'`` -> (48, 64) (height x width)."""
-    m = _SIZE.match(str(text).strip())
-    if not m:
-        raise ValueError(f'bad size {text!r}: use N (square) or HxW, e.g. 64 or 48x64')
-    h = int(m.group(1))
-    return h, int(m.group(2) or h)
-
 
 @dataclass
 class Recipe:
