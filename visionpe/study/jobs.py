@@ -78,7 +78,7 @@ def train_command(spec: StudySpec, job: Job, resume: Path | None = None) -> list
         cmd += ['--trainer.max_epochs', str(spec.epochs)]
     if spec.device != 'cpu':
         cmd += ['--trainer.accelerator', 'gpu' if spec.device.startswith('cuda') else spec.device]
-    cmd += list(job.recipe.args)
+    cmd += [*job.recipe.args, *spec.train_args]
     if resume is not None:
         cmd += ['--ckpt_path', str(resume)]
     return cmd
@@ -175,8 +175,9 @@ def _row_fields(row: dict[str, Any]) -> dict[str, Any]:
     out['size'] = f'{h}x{w}'
     knobs = out.get('knobs')
     if knobs is None:  # evaluator rows carry each knob as a column
-        skip = {'label', 'model', 'checkpoint', 'resolution', 'train_res', 'size', 'top1', 'top5', 'loss',
-                'images_per_s', 'peak_mem_mb', 'n_images', 'correct', 'bad_images'}
+        skip = {'label', 'model', 'checkpoint', 'checkpoint_sha256', 'resolution', 'height', 'width', 'train_res',
+                'size', 'top1', 'top5', 'loss', 'images_per_s', 'peak_mem_mb', 'n_images', 'n_unreadable',
+                'correct', 'bad_images'}
         knobs = {k: v for k, v in row.items() if k not in skip}
     out['knobs'] = knobs
     out['setting'] = _knob_label(knobs)

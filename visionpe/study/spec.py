@@ -29,7 +29,9 @@ class StudySpec:
     """One study. ``encodings``: names ``<pe>`` of ``model`` (``vit_{pe}_tiny``) or ``['all']`` (every
     encoding the model table has); ``sizes``: test sizes ``N`` or ``HxW``; ``knobs``: evaluator knob flags
     without dashes, each a list of values (``{'rope-scaling': ['none', 'ntk']}``); ``eval_images``: a fixed
-    subset of the test set (``None``: all of it); ``epochs``: override the recipes' ``max_epochs``."""
+    subset of the test set (``None``: all of it); ``epochs``: override the recipes' ``max_epochs``;
+    ``train_args``: ``train.py`` arguments appended to every job's training command, after the recipe's own
+    (e.g. ``[--trainer.max_steps, '4']`` for a smoke run)."""
     name: str
     recipes: list[Recipe]
     encodings: list[str] = field(default_factory=lambda: ['all'])
@@ -41,6 +43,7 @@ class StudySpec:
     knobs: dict[str, list[str]] = field(default_factory=dict)
     eval_images: int | None = None
     epochs: int | None = None
+    train_args: list[str] = field(default_factory=list)
     output: str | None = None
     device: str = 'cpu'
     eval_batch_size: int = 256
