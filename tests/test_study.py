@@ -222,6 +222,21 @@ def test_evaluator_rows_become_study_rows():
     assert old['size'] == '48x48' and old['knobs'] == {'rope_scaling': 'ntk'}
 
 
+def test_make_demo_runs_the_quick_study():
+    """``make demo``: set-up, then the quick study (two encodings, two workers), then the pointer to the full
+    leaderboard."""
+    text = (REPO / 'Makefile').read_text()
+    recipe = text.split('\ndemo: setup\n', 1)[1].split('\n\n', 1)[0].splitlines()
+    cmd = shlex.split(recipe[0].strip())
+    assert cmd[:3] == ['$(PY)', '-m', 'visionpe.study']
+    from visionpe.study.__main__ import build_parser
+    args = build_parser().parse_args(cmd[3:])
+    assert args.command == 'run' and args.workers == 2
+    spec = load_study(REPO / args.config)
+    assert spec.name == 'fmnist_quick' and [j.encoding for j in spec.jobs()] == ['ape', 'rope2d_mixed']
+    assert any('benchmarks/results/fmnist_study/report/leaderboard.md' in ln for ln in recipe[1:])
+
+
 # ------------------------------------------------------------------------------------------ end to end
 from visionpe.data.fashion_mnist import FMNIST_DIR  # noqa: E402
 HAS_FMNIST = (Path(FMNIST_DIR) / 't10k-images-idx3-ubyte.gz').is_file()
