@@ -1,5 +1,5 @@
 """The resolution-extrapolation evaluator: outputs and their agreement, test-time knobs, the COCO
-dispatch, the Fashion-MNIST benchmark's training cache, and the errors on bad input. Tiny models, tiny images."""
+dispatch and the errors on bad input. Tiny models, tiny images."""
 from __future__ import annotations
 
 import csv
@@ -337,24 +337,3 @@ def test_resume_reuses_measured_rows(folder, rope_file, tmp_path, monkeypatch):
     assert len((out / 'rows.partial.jsonl').read_text().splitlines()) == 3
     calls.clear()
     assert main([*argv, '--resolutions', '16']) == 0 and len(calls) == 1  # without --resume: measured anew
-
-
-@needs_fmnist
-@pytest.mark.slow
-def test_fmnist_benchmark_resumes_an_unfinished_training(tmp_path, monkeypatch):
-    """``last.ckpt`` without the finished marker (a killed run, or one still running elsewhere) is resumed
-    from, never taken for a trained model."""
-    from visionpe.eval.fmnist_bench import train_encoding
-    monkeypatch.chdir(tmp_path)
-    kw = {k: v for k, v in TINY.items() if k != 'img_size'}
-    args = ['--model.model_kwargs', json.dumps(kw), '--data.img_size', '16', '--data.batch_size', '16',
-            '--data.train_subset', '64', '--data.val_subset', '16', '--trainer.enable_progress_bar', 'false']
-    last, seconds = train_encoding('ape', train_args=[*args, '--trainer.max_steps', '2'])
-    assert seconds is not None and torch.load(last, weights_only=False)['global_step'] == 2
-    done = tmp_path / 'runs' / 'fmnist_bench' / 'ape' / 'train_time.json'
-    done.unlink()  # as if the run had been killed after its last checkpoint
-    last, seconds = train_encoding('ape', train_args=[*args, '--trainer.max_steps', '4'])
-    assert seconds is not None, 'an unfinished training was taken as cached'
-    assert torch.load(last, weights_only=False)['global_step'] == 4
-    assert json.loads(done.read_text())['resumed'] is True
-    assert train_encoding('ape', train_args=args)[1] is None  # finished: cached now

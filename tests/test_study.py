@@ -200,6 +200,39 @@ def test_aggregate_without_rows_says_so(tmp_path):
         write_report(tmp_path, '32', 'fixed')
 
 
+def test_job_resumes_an_unfinished_training_and_reuses_a_finished_one(tmp_path, monkeypatch):
+    """``last.ckpt`` without ``train_done.json`` (a killed run, or one still running elsewhere) is resumed
+    from (``--ckpt_path``), never taken for a trained model; a finished one is not trained again."""
+    import visionpe.study.jobs as jobs
+    spec = _spec(tmp_path)
+    job = spec.jobs()[0]
+    last = jobs.job_dir(spec, job) / 'checkpoints' / 'last.ckpt'
+    calls = []
+
+    def fake_run(cmd, log_file, threads):
+        calls.append(cmd)
+        if 'fit' in cmd:  # training: writes last.ckpt
+            last.parent.mkdir(parents=True, exist_ok=True)
+            last.write_bytes(b'weights')
+        else:  # the sweep: one row per size
+            out = Path(cmd[cmd.index('--output') + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            rows = [dict(label='m', model='m', checkpoint=str(last), resolution=r, top1=50.0, n_images=8)
+                    for r in (32, '48x64')]
+            (out / 'results.json').write_text(json.dumps(dict(rows=rows)))
+    monkeypatch.setattr(jobs, '_run', fake_run)
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b'partial')  # as if the run had been killed after a periodic checkpoint
+    rows = jobs.run_job(spec, job)
+    train = calls[0]
+    assert 'fit' in train and train[train.index('--ckpt_path') + 1] == str(last)
+    assert json.loads((jobs.job_dir(spec, job) / 'train_done.json').read_text())['resumed'] is True
+    assert [json.loads(ln)['size'] for ln in rows.read_text().splitlines()] == ['32x32', '48x64']
+    calls.clear()
+    jobs.run_job(spec, job)  # finished: only the sweep runs again
+    assert len(calls) == 1 and 'fit' not in calls[0]
+
+
 def test_train_args_reach_every_training_command(tmp_path):
     spec = _spec(tmp_path, train_args=['--trainer.max_steps', '4'])
     for job in spec.jobs():

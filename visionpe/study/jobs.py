@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from ..eval.data import size_text
 from .spec import Job, StudySpec, parse_size
 
 __all__ = ['train_command', 'eval_command', 'run_job', 'run_local', 'emit_slurm', 'rows_path', 'job_dir',
@@ -168,11 +169,7 @@ _ROW_KEYS = ('label', 'resolution', 'size', 'knobs', 'top1', 'top5', 'loss', 'n_
 
 def _row_fields(row: dict[str, Any]) -> dict[str, Any]:
     out = {k: row[k] for k in _ROW_KEYS if k in row}
-    if 'size' not in out:
-        r = row.get('resolution')
-        out['size'] = r if isinstance(r, str) else f'{r}x{r}'
-    h, w = parse_size(out['size'])
-    out['size'] = f'{h}x{w}'
+    out['size'] = size_text(parse_size(out.get('size', row.get('resolution'))))  # 'HxW', square sizes included
     knobs = out.get('knobs')
     if knobs is None:  # evaluator rows carry each knob as a column
         skip = {'label', 'model', 'checkpoint', 'checkpoint_sha256', 'resolution', 'height', 'width', 'train_res',
