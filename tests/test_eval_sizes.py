@@ -165,3 +165,24 @@ def test_study_and_benchmark_delegate_to_the_study_runner(monkeypatch, tmp_path,
             main(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err
     assert len(seen) == n
+
+
+def test_max_images_all_means_the_full_set_even_on_a_cpu(tmp_path):
+    """The full study evaluates all 10,000 Fashion-MNIST test images: its jobs pass --max-images all, which
+    overrides the evaluator's 2,000-image CPU default."""
+    from visionpe.eval.cli import build_parser, config_from_args
+    from visionpe.eval.runner import ClassificationTask
+    args = build_parser().parse_args(['--max-images', 'all', '--device', 'cpu'])
+    task = ClassificationTask(config_from_args(args, []), parse_data('fmnist'))
+    assert task.max_images is None and task.images.n_requested == 10_000
+    default = ClassificationTask(config_from_args(build_parser().parse_args(['--device', 'cpu']), []),
+                                 parse_data('fmnist'))
+    assert default.max_images == 2000
+    from visionpe.study.jobs import eval_command
+    from visionpe.study.spec import Recipe, StudySpec
+    spec = StudySpec(name='t', recipes=[Recipe('fixed', 'configs/fmnist_vit_tiny.yaml')], encodings=['ape'],
+                     output=str(tmp_path))
+    cmd = eval_command(spec, spec.jobs()[0], tmp_path / 'last.ckpt', tmp_path / 'eval')
+    assert build_parser().parse_args(cmd[2:]).max_images == 'all'
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(['--max-images', 'many'])

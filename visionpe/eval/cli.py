@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from .engine import row_key
 from .models import RANDOM, KnobSpace, ModelSource, known_knobs
-from .runner import MAX_BAD_FRACTION, TASKS, EvalConfig, EvalResult, run_eval
+from .runner import ALL, MAX_BAD_FRACTION, TASKS, EvalConfig, EvalResult, run_eval
 
 __all__ = ['main', 'build_parser', 'config_from_args', 'default_checkpoint', 'DEFAULT_RUN']
 
@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='image folders: resize the short side to r / ratio, centre-crop r (default 1.0 as RoPE-ViT; '
                         '0.875 as timm/DeiT). Not for fmnist, which resizes the whole image as in training')
     p.add_argument('--batch-size', type=int, default=256)
-    p.add_argument('--max-images', type=int, default=None,
-                   help='evaluate a fixed subset of this many images (default: all; Fashion-MNIST on a CPU: 2000)')
+    p.add_argument('--max-images', type=_count_or_all, default=None, metavar='N|all',
+                   help='evaluate a fixed subset of this many images (default: all, except Fashion-MNIST on a CPU: '
+                        '2000); "all": every image on any device')
     p.add_argument('--device', default='auto', help='auto | cpu | cuda | cuda:N')
     p.add_argument('--workers', type=int, default=None,
                    help='image-folder DataLoader workers (default 2); with --study: worker processes, one thread '
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'by blocks of query rows; the 16 MiB library default makes batch-256 blocks a row or two')
     p.add_argument('--resume', action='store_true',
                    help=f'reuse the rows of earlier runs into the same --output ({PARTIAL_ROWS}) that have the '
-                        'same label, checkpoint (path and content), resolution and image count; measure only the '
+                        'same label, checkpoint (path and content), size (HxW) and image count; measure only the '
                         'rest (rows are only ever appended to that file)')
     p.add_argument('--max-bad-fraction', type=float, default=MAX_BAD_FRACTION,
                    help='image folders: unreadable images are skipped and listed; stop when more than this '
@@ -115,6 +116,10 @@ def _size_arg(text: str):
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return h if h == w and 'x' not in text else (h, w)
+
+
+def _count_or_all(text: str) -> int | str:
+    return ALL if text == ALL else int(text)
 
 
 def study_argv(args: argparse.Namespace) -> list[str]:

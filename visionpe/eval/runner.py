@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CLS_METRICS = ('top1', 'top5', 'loss', 'images_per_s', 'peak_mem_mb')
 COCO_METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'images_per_s', 'peak_mem_mb')
 CPU_FMNIST_SUBSET = 2000  # Fashion-MNIST on a CPU: a fixed 2,000-image test subset (full 10k on a GPU)
+ALL = 'all'  # --max-images all: every image, on any device
 MAX_BAD_FRACTION = 0.001  # as training (--data.max_bad_fraction)
 
 
@@ -46,7 +47,7 @@ class EvalConfig:
     task: str = 'cls'
     crop_ratio: float | None = None     # image folders: default 1.0 (RoPE-ViT); must stay unset for fmnist
     batch_size: int = 256
-    max_images: int | None = None       # None: all (Fashion-MNIST on CPU: CPU_FMNIST_SUBSET)
+    max_images: int | str | None = None  # None: all (Fashion-MNIST on CPU: CPU_FMNIST_SUBSET); 'all': all, always
     device: str = 'auto'
     knobs: KnobSpace = field(default_factory=KnobSpace)
     train_res: int | None = None        # overrides the training resolution found in the checkpoint
@@ -161,8 +162,8 @@ def _check_common(cfg: EvalConfig) -> DataSpec:
     check_resolutions(cfg.resolutions, None, '')
     if cfg.batch_size <= 0:
         raise ValueError(f'--batch-size must be positive, got {cfg.batch_size}')
-    if cfg.max_images is not None and cfg.max_images <= 0:
-        raise ValueError(f'--max-images must be positive, got {cfg.max_images}')
+    if cfg.max_images not in (None, ALL) and (not isinstance(cfg.max_images, int) or cfg.max_images <= 0):
+        raise ValueError(f'--max-images must be a positive number or "all", got {cfg.max_images!r}')
     if not 0 <= cfg.max_bad_fraction <= 1:
         raise ValueError(f'--max-bad-fraction must be in [0, 1], got {cfg.max_bad_fraction}')
     cfg.knobs.validate()
@@ -193,8 +194,8 @@ class ClassificationTask(Task):
                              'option')
         self.cfg, self.spec = cfg, spec
         self.device = self.model_device = resolve_device(cfg.device)
-        self.max_images = cfg.max_images
-        if self.max_images is None and spec.kind == FMNIST and self.device.type == 'cpu':
+        self.max_images = None if cfg.max_images == ALL else cfg.max_images
+        if cfg.max_images is None and spec.kind == FMNIST and self.device.type == 'cpu':
             self.max_images = CPU_FMNIST_SUBSET
         self.n_classes = num_classes_of(spec)
         self.per_image = cfg.per_image
@@ -263,6 +264,8 @@ class DetectionTask(Task):
                              f'HxW sizes {rect} do not apply; give single numbers (e.g. 512 800)')
         if cfg.per_image:
             raise ValueError('--per-image is for classification (per-image top-1); drop it with --task coco')
+        if cfg.max_images == ALL:
+            cfg.max_images = None
         self.cfg, self.spec = cfg, spec
         self.device = resolve_device(cfg.device)
 

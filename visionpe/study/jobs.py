@@ -91,8 +91,7 @@ def eval_command(spec: StudySpec, job: Job, checkpoint: Path, out: Path) -> list
            '--resolutions', *spec.sizes, '--train-res', str(parse_size(spec.train_size)[0]),
            '--output', str(out), '--device', spec.device, '--batch-size', str(spec.eval_batch_size),
            '--per-image', '--no-progress']
-    if spec.eval_images is not None:
-        cmd += ['--max-images', str(spec.eval_images)]
+    cmd += ['--max-images', 'all' if spec.eval_images is None else str(spec.eval_images)]  # all: the full set
     for flag, values in spec.knobs.items():
         cmd += [f'--{flag}', *[str(v) for v in values]]
     return cmd
