@@ -1,4 +1,5 @@
-# make demo : set up, train the default Fashion-MNIST model, sweep resolutions, print the table, write the plot
+# make demo : set up, then the quick study (configs/study/fmnist_quick.yaml): learned APE and RoPE-Mixed trained side
+#             by side (two processes, one thread each), swept, compared with intervals, plots written
 # make test : set up, run the test suite
 PY := .venv/bin/python
 # test processes: one per core of a 2-core CI machine (each worker runs torch on one thread)
@@ -9,8 +10,9 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) train.py
-	$(PY) eval_resolution.py
+	$(PY) -m visionpe.study run --config configs/study/fmnist_quick.yaml --workers 2
+	@echo "The full Fashion-MNIST study (every encoding, 3 seeds, full test set), when committed:"
+	@echo "  benchmarks/results/fmnist_study/report/leaderboard.md"
 
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=25 tests

@@ -1,5 +1,5 @@
 """The resolution-extrapolation evaluator: outputs and their agreement, test-time knobs, the COCO
-dispatch, the Fashion-MNIST benchmark, and the errors on bad input. Tiny models, tiny images."""
+dispatch and the errors on bad input. Tiny models, tiny images."""
 from __future__ import annotations
 
 import csv
@@ -337,49 +337,3 @@ def test_resume_reuses_measured_rows(folder, rope_file, tmp_path, monkeypatch):
     assert len((out / 'rows.partial.jsonl').read_text().splitlines()) == 3
     calls.clear()
     assert main([*argv, '--resolutions', '16']) == 0 and len(calls) == 1  # without --resume: measured anew
-
-
-def test_fmnist_benchmark_two_encodings_cached(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    kw = {k: v for k, v in TINY.items() if k != 'img_size'}
-    train_args = (f"--model.model_kwargs '{json.dumps(kw)}' --data.img_size 16 --data.batch_size 16 "
-                  "--data.train_subset 32 --data.val_subset 16 --trainer.max_steps 2 "
-                  "--trainer.enable_progress_bar false")
-    argv = ['--benchmark', 'fmnist', '--bench-encodings', 'ape', 'rope2d', '--bench-train-args', train_args,
-            '--resolutions', '16', '32', '--max-images', '16', '--no-progress']
-    assert main(argv) == 0
-    bench = tmp_path / 'runs' / 'fmnist_bench'
-    ckpts = {pe: bench / pe / 'checkpoints' / 'last.ckpt' for pe in ('ape', 'rope2d')}
-    stamp = {pe: p.stat().st_mtime_ns for pe, p in ckpts.items()}
-    js = json.loads((bench / 'report' / 'results.json').read_text())
-    labels = {r['label'] for r in js['rows']}
-    assert labels == {'vit_ape_tiny', 'vit_rope2d_tiny [coord=index]', 'vit_rope2d_tiny [coord=ref]'}
-    rope_notes = next(m['notes'] for m in js['meta']['models'] if m['name'] == 'vit_rope2d_tiny')
-    assert any("trained with 'index' coordinates" in n for n in rope_notes)  # normalized* and polar dropped
-    assert {r['train_res'] for r in js['rows']} == {16}
-    assert all(not t['cached'] and t['train_s'] > 0 for t in js['meta']['benchmark']['trained'].values())
-    assert main(argv) == 0  # second run: checkpoints reused, no training
-    assert {pe: p.stat().st_mtime_ns for pe, p in ckpts.items()} == stamp
-    js = json.loads((bench / 'report' / 'results.json').read_text())
-    assert all(t['cached'] for t in js['meta']['benchmark']['trained'].values())
-
-
-@needs_fmnist
-@pytest.mark.slow
-def test_fmnist_benchmark_resumes_an_unfinished_training(tmp_path, monkeypatch):
-    """``last.ckpt`` without the finished marker (a killed run, or one still running elsewhere) is resumed
-    from, never taken for a trained model."""
-    from visionpe.eval.fmnist_bench import train_encoding
-    monkeypatch.chdir(tmp_path)
-    kw = {k: v for k, v in TINY.items() if k != 'img_size'}
-    args = ['--model.model_kwargs', json.dumps(kw), '--data.img_size', '16', '--data.batch_size', '16',
-            '--data.train_subset', '64', '--data.val_subset', '16', '--trainer.enable_progress_bar', 'false']
-    last, seconds = train_encoding('ape', train_args=[*args, '--trainer.max_steps', '2'])
-    assert seconds is not None and torch.load(last, weights_only=False)['global_step'] == 2
-    done = tmp_path / 'runs' / 'fmnist_bench' / 'ape' / 'train_time.json'
-    done.unlink()  # as if the run had been killed after its last checkpoint
-    last, seconds = train_encoding('ape', train_args=[*args, '--trainer.max_steps', '4'])
-    assert seconds is not None, 'an unfinished training was taken as cached'
-    assert torch.load(last, weights_only=False)['global_step'] == 4
-    assert json.loads(done.read_text())['resumed'] is True
-    assert train_encoding('ape', train_args=args)[1] is None  # finished: cached now

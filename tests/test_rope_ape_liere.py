@@ -8,6 +8,7 @@ and through upstream's (ComRoPE code base) checkpoint layout.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -104,6 +105,7 @@ def test_sizes_32_to_512(name):
         assert torch.isfinite(out).all(), size
 
 
-def test_new_encodings_are_in_the_fmnist_benchmark():
-    from visionpe.eval.fmnist_bench import bench_encodings
-    assert {'rope2d_ape', 'rope2d_mixed_ape', 'liere', 'rope2d_dinov3'} <= set(bench_encodings())
+def test_new_encodings_are_in_the_fmnist_study():
+    from visionpe.study import load_study
+    study = load_study(Path(__file__).resolve().parents[1] / 'configs' / 'study' / 'fmnist.yaml')
+    assert {'rope2d_ape', 'rope2d_mixed_ape', 'liere', 'rope2d_dinov3'} <= {j.encoding for j in study.jobs()}

@@ -137,7 +137,7 @@ def test_job_commands_are_valid_train_and_eval_commands(tmp_path):
     assert cli.config['model']['model_name'] == 'vit_ape_tiny' and cli.config['seed_everything'] == job.seed
     from visionpe.eval.cli import build_parser
     args = build_parser().parse_args(eval_cmd[2:])
-    assert args.checkpoints and args.resolutions
+    assert args.checkpoints and args.per_image and args.resolutions == [32, (48, 64)]  # N and HxW sizes
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -198,3 +198,110 @@ def test_report_with_one_seed_uses_binomial_intervals(tmp_path):
 def test_aggregate_without_rows_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match='run the study first'):
         write_report(tmp_path, '32', 'fixed')
+
+
+def test_job_resumes_an_unfinished_training_and_reuses_a_finished_one(tmp_path, monkeypatch):
+    """``last.ckpt`` without ``train_done.json`` (a killed run, or one still running elsewhere) is resumed
+    from (``--ckpt_path``), never taken for a trained model; a finished one is not trained again."""
+    import visionpe.study.jobs as jobs
+    spec = _spec(tmp_path)
+    job = spec.jobs()[0]
+    last = jobs.job_dir(spec, job) / 'checkpoints' / 'last.ckpt'
+    calls = []
+
+    def fake_run(cmd, log_file, threads):
+        calls.append(cmd)
+        if 'fit' in cmd:  # training: writes last.ckpt
+            last.parent.mkdir(parents=True, exist_ok=True)
+            last.write_bytes(b'weights')
+        else:  # the sweep: one row per size
+            out = Path(cmd[cmd.index('--output') + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            rows = [dict(label='m', model='m', checkpoint=str(last), resolution=r, top1=50.0, n_images=8)
+                    for r in (32, '48x64')]
+            (out / 'results.json').write_text(json.dumps(dict(rows=rows)))
+    monkeypatch.setattr(jobs, '_run', fake_run)
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b'partial')  # as if the run had been killed after a periodic checkpoint
+    rows = jobs.run_job(spec, job)
+    train = calls[0]
+    assert 'fit' in train and train[train.index('--ckpt_path') + 1] == str(last)
+    assert json.loads((jobs.job_dir(spec, job) / 'train_done.json').read_text())['resumed'] is True
+    assert [json.loads(ln)['size'] for ln in rows.read_text().splitlines()] == ['32x32', '48x64']
+    calls.clear()
+    jobs.run_job(spec, job)  # finished: only the sweep runs again
+    assert len(calls) == 1 and 'fit' not in calls[0]
+
+
+def test_train_args_reach_every_training_command(tmp_path):
+    spec = _spec(tmp_path, train_args=['--trainer.max_steps', '4'])
+    for job in spec.jobs():
+        train_cmd = run_job(spec, job, dry_run=True)[0]
+        assert train_cmd[-2:] == ['--trainer.max_steps', '4']  # after the recipe's own arguments
+    from visionpe.train.cli import main as train_main
+    assert train_main(train_cmd[2:], run=False).config['trainer']['max_steps'] == 4
+
+
+def test_evaluator_rows_become_study_rows():
+    """Only knob columns form the setting: the size columns (height, width, size) and counters do not."""
+    from visionpe.study.jobs import _row_fields
+    base = dict(label='m', model='m', checkpoint='c.ckpt', checkpoint_sha256='0' * 64, train_res=32, top1=50.0,
+                n_images=8, n_unreadable=0, correct='AA==', images_per_s=1.0, peak_mem_mb=1.0, rope_scaling='ntk')
+    a = _row_fields({**base, 'resolution': 32, 'height': 32, 'width': 32, 'size': '32x32'})
+    b = _row_fields({**base, 'resolution': '32x64', 'height': 32, 'width': 64, 'size': '32x64'})
+    assert a['knobs'] == b['knobs'] == {'rope_scaling': 'ntk'} and a['setting'] == b['setting'] == 'rope_scaling=ntk'
+    assert (a['size'], b['size']) == ('32x32', '32x64') and b['correct'] == 'AA=='
+    old = _row_fields({**base, 'resolution': 48})  # an evaluator row from before HxW sizes
+    assert old['size'] == '48x48' and old['knobs'] == {'rope_scaling': 'ntk'}
+
+
+def test_make_demo_runs_the_quick_study():
+    """``make demo``: set-up, then the quick study (two encodings, two workers), then the pointer to the full
+    leaderboard."""
+    text = (REPO / 'Makefile').read_text()
+    recipe = text.split('\ndemo: setup\n', 1)[1].split('\n\n', 1)[0].splitlines()
+    cmd = shlex.split(recipe[0].strip())
+    assert cmd[:3] == ['$(PY)', '-m', 'visionpe.study']
+    from visionpe.study.__main__ import build_parser
+    args = build_parser().parse_args(cmd[3:])
+    assert args.command == 'run' and args.workers == 2
+    spec = load_study(REPO / args.config)
+    assert spec.name == 'fmnist_quick' and [j.encoding for j in spec.jobs()] == ['ape', 'rope2d_mixed']
+    assert any('benchmarks/results/fmnist_study/report/leaderboard.md' in ln for ln in recipe[1:])
+
+
+# ------------------------------------------------------------------------------------------ end to end
+from visionpe.data.fashion_mnist import FMNIST_DIR  # noqa: E402
+HAS_FMNIST = (Path(FMNIST_DIR) / 't10k-images-idx3-ubyte.gz').is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_FMNIST, reason='needs the Debian package dataset-fashion-mnist')
+def test_quick_study_end_to_end(tmp_path, capsys):
+    """configs/study/fmnist_quick.yaml with tiny overrides: two jobs trained and swept by two worker processes,
+    rows with per-image results and sizes, then the report (leaderboard with both encodings, three plots)."""
+    import yaml
+    from visionpe.study.__main__ import main
+    study = yaml.safe_load((REPO / 'configs/study/fmnist_quick.yaml').read_text())
+    study.update(sizes=['32', '48', '32x64'], seeds=[0], eval_images=128, output=str(tmp_path / 'out'),
+                 train_args=['--trainer.max_steps', '4', '--model.warmup_epochs', '0', '--data.train_subset', '256',
+                             '--data.val_subset', '64', '--trainer.enable_progress_bar', 'false'])
+    assert study['encodings'] == ['ape', 'rope2d_mixed']
+    cfg = tmp_path / 'quick.yaml'
+    cfg.write_text(yaml.safe_dump(study))
+    assert main(['run', '--config', str(cfg), '--workers', '2', '--no-progress']) == 0
+    rows_dir = tmp_path / 'out' / 'rows'
+    files = sorted(p.name for p in rows_dir.glob('*.jsonl'))
+    assert files == ['ape__fixed__s0.jsonl', 'rope2d_mixed__fixed__s0.jsonl']
+    for f in files:
+        rows = [json.loads(ln) for ln in (rows_dir / f).read_text().splitlines()]
+        assert sorted(r['size'] for r in rows) == ['32x32', '32x64', '48x48']
+        for r in rows:
+            c = unpack_correct(r['correct'], r['n_images'])
+            assert r['n_images'] == 128 and r['top1'] == pytest.approx(100 * c.mean())
+            assert len(r['checkpoint_sha256']) == 64 and r['versions']['torch']
+    board = (tmp_path / 'out' / 'report' / 'leaderboard.md').read_text()
+    assert '| ape |' in board and '| rope2d_mixed |' in board and '32x64' in board
+    for png in ('families', 'best', 'retention'):
+        assert (tmp_path / 'out' / 'report' / f'{png}.png').stat().st_size > 0
+    assert 'rope2d_mixed' in capsys.readouterr().out  # the comparison is printed

@@ -5,7 +5,7 @@ resolutions with one engine (:mod:`.engine`) and a task (:mod:`.runner`: classif
 folder or Fashion-MNIST, :mod:`.data`; COCO detection through ``visionpe.det.evaluate``, ``--task coco``),
 and writes CSV / JSON / Markdown / PNG (:mod:`.report`). The knobs are declared by the encodings and
 models (:class:`visionpe.pos.base.Knob`, docs/knobs.md).
-``--benchmark fmnist`` trains every ``vit_<pe>_tiny`` first (:mod:`.fmnist_bench`).
+``--study FILE`` / ``--benchmark fmnist`` hand over to the study runner (:mod:`visionpe.study`).
 """
 from .engine import Case, Plan, Task, sweep
 from .models import Knobs, KnobSpace, ModelSource, apply_knobs, knob_support, known_knobs

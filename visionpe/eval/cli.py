@@ -7,7 +7,9 @@ Examples::
         --data imagenet:/data/imagenet/val --resolutions 224 320 384 512 --crop-ratio 1.0
     python eval_resolution.py --checkpoints runs/x/checkpoints/last.ckpt --coord-modes index ref \\
         --rope-scaling none ntk --temperature off on
-    python eval_resolution.py --benchmark fmnist --bench-encodings ape rope2d --bench-epochs 2
+    python eval_resolution.py --checkpoints runs/x/checkpoints/last.ckpt --resolutions 32 48 32x64 64x32 --per-image
+    python eval_resolution.py --study configs/study/fmnist_quick.yaml --workers 2   # train + sweep + report
+    python eval_resolution.py --benchmark fmnist --aggregate   # = --study configs/study/fmnist.yaml
     python eval_resolution.py --task coco --models vit_rope2d_small --checkpoints det.ckpt --data coco:/data/coco \\
         --resolutions 512 800 1024
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, Sequence
 
 from .engine import row_key
 from .models import RANDOM, KnobSpace, ModelSource, known_knobs
-from .runner import MAX_BAD_FRACTION, TASKS, EvalConfig, EvalResult, run_eval
+from .runner import ALL, MAX_BAD_FRACTION, TASKS, EvalConfig, EvalResult, run_eval
 
 __all__ = ['main', 'build_parser', 'config_from_args', 'default_checkpoint', 'DEFAULT_RUN']
 
@@ -51,18 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
                         '(e.g. the architecture of a bare safetensors file)')
     p.add_argument('--data', default='fmnist', help='fmnist | PATH (image folder PATH/<class>/<image>) | '
                    'imagenet:PATH | coco:PATH (COCO_ROOT/annotations/instances_val2017.json + val2017/)')
-    p.add_argument('--resolutions', nargs='+', type=int, metavar='R',
-                   help='square sizes in px (coco: the shorter side); default 32 48 64 96 128')
-    p.add_argument('--output', metavar='DIR', help='run folder (default runs/eval/<time>, or '
-                   'runs/fmnist_bench/report for --benchmark)')
+    p.add_argument('--resolutions', nargs='+', type=_size_arg, metavar='SIZE',
+                   help='sizes in px: N (square) or HxW (height x width), e.g. 32 48 32x64 64x32; default 32 48 64 '
+                        '96 128. Fashion-MNIST: the whole image resized to HxW; image folders: HxW centre-crops the '
+                        'largest region of aspect H:W and resizes it to HxW; coco: N only, the shorter side')
+    p.add_argument('--output', metavar='DIR', help='run folder (default runs/eval/<time>; --study: the study folder)')
     p.add_argument('--crop-ratio', type=float, default=None,
                    help='image folders: resize the short side to r / ratio, centre-crop r (default 1.0 as RoPE-ViT; '
                         '0.875 as timm/DeiT). Not for fmnist, which resizes the whole image as in training')
     p.add_argument('--batch-size', type=int, default=256)
-    p.add_argument('--max-images', type=int, default=None,
-                   help='evaluate a fixed subset of this many images (default: all; Fashion-MNIST on a CPU: 2000)')
+    p.add_argument('--max-images', type=_count_or_all, default=None, metavar='N|all',
+                   help='evaluate a fixed subset of this many images (default: all, except Fashion-MNIST on a CPU: '
+                        '2000); "all": every image on any device')
     p.add_argument('--device', default='auto', help='auto | cpu | cuda | cuda:N')
-    p.add_argument('--workers', type=int, default=2, help='image-folder DataLoader workers')
+    p.add_argument('--workers', type=int, default=None,
+                   help='image-folder DataLoader workers (default 2); with --study: worker processes, one thread '
+                        'each (default 1)')
+    p.add_argument('--per-image', action='store_true',
+                   help='classification: add `correct` to every row, the top-1 correctness of each image in test-set '
+                        'order (base64 of packed bits, visionpe.study.stats.unpack_correct), for paired comparisons; '
+                        'every row of a run covers the same images (a fixed subset)')
     p.add_argument('--train-res', type=int, default=None,
                    help='training resolution (default: from the checkpoint or the model config)')
     p.add_argument('--max-bias-mb', type=float, default=1024.0,
@@ -70,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'by blocks of query rows; the 16 MiB library default makes batch-256 blocks a row or two')
     p.add_argument('--resume', action='store_true',
                    help=f'reuse the rows of earlier runs into the same --output ({PARTIAL_ROWS}) that have the '
-                        'same label, checkpoint (path and content), resolution and image count; measure only the '
+                        'same label, checkpoint (path and content), size (HxW) and image count; measure only the '
                         'rest (rows are only ever appended to that file)')
     p.add_argument('--max-bad-fraction', type=float, default=MAX_BAD_FRACTION,
                    help='image folders: unreadable images are skipped and listed; stop when more than this '
@@ -85,15 +94,65 @@ def build_parser() -> argparse.ArgumentParser:
     for knob in known_knobs().values():
         k.add_argument(knob.option, nargs='*' if knob.bare is not None else '+', dest=f'knob_{knob.name}',
                        metavar=knob.name.upper(), help=knob.help)
-    b = p.add_argument_group('Fashion-MNIST benchmark')
-    b.add_argument('--benchmark', choices=('fmnist',), help='train every vit_<pe>_tiny at 32 px (cached), then sweep')
-    b.add_argument('--bench-encodings', nargs='+', metavar='PE', help='encodings (default: all of VIT_ENCODINGS)')
-    b.add_argument('--bench-epochs', type=int, default=None, help='epochs (default: configs/fmnist_vit_tiny.yaml)')
-    b.add_argument('--bench-dir', default=None, help='checkpoint cache (default runs/fmnist_bench)')
-    b.add_argument('--bench-train-args', default='', metavar='STR',
-                   help='extra train.py arguments, e.g. "--data.train_subset 5000 --trainer.max_steps 100"')
-    b.add_argument('--retrain', action='store_true', help='train again even when a checkpoint is cached')
+    b = p.add_argument_group('studies (python -m visionpe.study: train, sweep and report many models)')
+    b.add_argument('--study', metavar='FILE', help='run the study file (configs/study/*.yaml): its pending jobs with '
+                   '--workers processes, then its report')
+    b.add_argument('--benchmark', choices=tuple(BENCHMARKS), help='shortcut: --benchmark fmnist is --study '
+                   f'{BENCHMARKS["fmnist"]} (the Fashion-MNIST study)')
+    b.add_argument('--aggregate', action='store_true', help='with --study: only build the report from finished rows')
+    b.add_argument('--emit-slurm', metavar='DIR', help='with --study: write a SLURM array script (one task per '
+                   'pending job) into DIR instead of running')
     return p
+
+
+BENCHMARKS = {'fmnist': 'configs/study/fmnist.yaml'}
+
+
+def _size_arg(text: str):
+    """``--resolutions`` items: ``N`` -> N, ``HxW`` -> (h, w) (argparse reports a bad one)."""
+    from .data import parse_size
+    try:
+        h, w = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return h if h == w and 'x' not in text else (h, w)
+
+
+def _count_or_all(text: str) -> int | str:
+    return ALL if text == ALL else int(text)
+
+
+def study_argv(args: argparse.Namespace) -> list[str]:
+    """``--study`` / ``--benchmark`` as the arguments of ``python -m visionpe.study``."""
+    from ..study.jobs import REPO
+    study = args.study or BENCHMARKS[args.benchmark]
+    if args.benchmark and args.study:
+        raise ValueError('--benchmark is a shortcut for --study: give one of them')
+    if not Path(study).is_file() and (REPO / study).is_file():
+        study = str(REPO / study)
+    if args.aggregate and args.emit_slurm:
+        raise ValueError('--aggregate and --emit-slurm are two different steps: give one')
+    ignored = [o for o, v in (('--models', args.models), ('--checkpoints', args.checkpoints),
+                              ('--resolutions', args.resolutions), ('--max-images', args.max_images),
+                              ('--per-image', args.per_image), ('--resume', args.resume),
+                              *((k.option, getattr(args, f'knob_{n}', None) is not None)
+                                for n, k in known_knobs().items())) if v]
+    if ignored:
+        raise ValueError(f'{" ".join(ignored)}: a study takes its models, sizes and images from its file ({study}); '
+                         f'drop them or edit the file (python -m visionpe.study --config {study} --print_config)')
+    cmd = 'aggregate' if args.aggregate else 'emit-slurm' if args.emit_slurm else 'run'
+    argv = [cmd, '--config', study]
+    if args.emit_slurm:
+        argv += ['--slurm-dir', args.emit_slurm]
+    if args.output:
+        argv += ['--output', args.output]
+    if args.device != 'auto':
+        argv += ['--device', args.device]
+    if cmd == 'run':
+        argv += ['--workers', str(args.workers or 1)]
+        if args.no_progress:
+            argv.append('--no-progress')
+    return argv
 
 
 def default_checkpoint(run_dir: Path = DEFAULT_RUN) -> Path:
@@ -154,33 +213,9 @@ def config_from_args(args: argparse.Namespace, models: list[ModelSource]) -> Eva
     return EvalConfig(models=models, data=args.data, resolutions=args.resolutions or DEFAULT_RESOLUTIONS,
                       task=args.task, crop_ratio=args.crop_ratio, batch_size=args.batch_size,
                       max_images=args.max_images, device=args.device, knobs=knob_space(args),
-                      train_res=args.train_res, workers=args.workers, progress=not args.no_progress,
-                      max_bias_mb=args.max_bias_mb, max_bad_fraction=args.max_bad_fraction)
-
-
-def _benchmark(args: argparse.Namespace) -> tuple:
-    from .fmnist_bench import BENCH_COORD_MODES, BENCH_DIR, bench_encodings, train_all
-    if args.models or args.checkpoints:
-        raise ValueError('--benchmark fmnist trains its own models: drop --models / --checkpoints '
-                         '(choose encodings with --bench-encodings)')
-    if args.task != 'cls' or args.data not in ('fmnist', 'fashion_mnist'):
-        raise ValueError('--benchmark fmnist is a Fashion-MNIST classification benchmark: drop --task / --data')
-    encodings = bench_encodings(args.bench_encodings)
-    bench_dir = Path(args.bench_dir) if args.bench_dir else BENCH_DIR
-    t0 = time.perf_counter()
-    trained, failed = train_all(encodings, bench_dir, args.bench_epochs, shlex.split(args.bench_train_args),
-                                args.retrain)
-    train_wall = time.perf_counter() - t0
-    if not trained:
-        raise RuntimeError(f'every encoding failed to train: {failed}')
-    from ..pos.base import COORD_MODE
-    if getattr(args, f'knob_{COORD_MODE.name}') is None:  # every model keeps the modes of its own family
-        setattr(args, f'knob_{COORD_MODE.name}', list(BENCH_COORD_MODES))
-    models = [ModelSource(f'vit_{pe}_tiny', info['checkpoint'], use_ema=not args.no_ema) for pe, info in trained.items()]
-    extra = dict(benchmark=dict(encodings=encodings, bench_dir=str(bench_dir), epochs=args.bench_epochs,
-                                train_args=args.bench_train_args, trained=trained, failed=failed,
-                                train_wall_s=train_wall))
-    return models, extra, bench_dir / 'report'
+                      train_res=args.train_res, workers=2 if args.workers is None else args.workers,
+                      progress=not args.no_progress, max_bias_mb=args.max_bias_mb,
+                      max_bad_fraction=args.max_bad_fraction, per_image=args.per_image)
 
 
 PARTIAL_ROWS = 'rows.partial.jsonl'
@@ -224,6 +259,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the evaluator; bad input ends with ``error: ...`` on stderr and exit status 2."""
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.study or args.benchmark:
+        from ..study.__main__ import main as study_main
+        try:
+            sargv = study_argv(args)
+        except ValueError as e:
+            parser.exit(2, f'{parser.prog}: error: {e}\n')
+        return study_main(sargv)
+    if args.aggregate or args.emit_slurm:
+        parser.exit(2, f'{parser.prog}: error: --aggregate / --emit-slurm need --study FILE (or --benchmark fmnist)\n')
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     from ..train.ckpt_io import trusting
     try:
@@ -235,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = Path(args.output or '.') / PARTIAL_ROWS
         parser.exit(130, f'{parser.prog}: interrupted; the rows measured so far are in {where} (rerun with --resume '
                          f'to measure only the rest)\n')
-    return 1 if result.meta.get('benchmark', {}).get('failed') else 0  # an encoding failed to train
+    return 0
 
 
 def run_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None):
@@ -243,11 +287,7 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None):
     from .report import markdown_table, write_reports
     extra: dict[str, Any] = {}
     out = Path(args.output) if args.output else None
-    if args.benchmark:
-        models, extra, bench_out = _benchmark(args)
-        out = out or bench_out
-    else:
-        models = model_sources(args)
+    models = model_sources(args)
     cfg = config_from_args(args, models)
     out = out or Path('runs') / 'eval' / time.strftime('%Y%m%d-%H%M%S')
     args.output = str(out)  # where an interrupted run's rows are
@@ -269,7 +309,5 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None):
     if bad.get('count'):
         print(f"skipped {bad['count']} unreadable image(s) (listed in results.json): "
               + ', '.join(i['path'] for i in bad['images'][:5]) + (' ...' if bad['count'] > 5 else ''))
-    for pe, err in extra.get('benchmark', {}).get('failed', {}).items():
-        print(f'training vit_{pe}_tiny failed: {err}')
     print('\nwrote ' + ', '.join(str(p) for p in paths.values()))
     return result, out

@@ -7,6 +7,11 @@
   28 x 28 image resized to ``r`` (no crop: the item fills the frame at every resolution), so
   ``crop_ratio`` does not apply.
 
+Sizes are ``(height, width)``: :func:`parse_size` reads ``N`` (square) or ``HxW``. A non-square size on an
+image folder centre-crops each image to the size's aspect ratio (the largest such crop, times
+``crop_ratio``) and resizes that crop to exactly ``H x W`` (no distortion, one shape per batch); a square
+size is timm's transform above, unchanged.
+
 ``max_images`` keeps a fixed subset (the same images at every resolution and for every model:
 :func:`visionpe.data.fashion_mnist.subset_indices`). :class:`EvalImages` serves it per resolution; an
 image folder's unreadable files (corrupt, empty, truncated) are skipped, counted and listed, and the run
@@ -16,19 +21,51 @@ stops once they are more than ``max_bad_fraction`` of the subset (as training do
 from __future__ import annotations
 
 import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-__all__ = ['DataSpec', 'parse_data', 'FMNIST', 'num_classes_of', 'EvalImages']
+__all__ = ['DataSpec', 'parse_data', 'FMNIST', 'num_classes_of', 'EvalImages', 'Size', 'parse_size', 'size_text',
+           'size_value', 'size_order']
 
 log = logging.getLogger(__name__)
 
 FMNIST = 'fmnist'
 FMNIST_TEST_IMAGES = 10_000
 _PREFIXES = ('imagenet', 'folder', 'imagefolder', 'coco')
+_SIZE = re.compile(r'^(\d+)(?:x(\d+))?$')
+Size = tuple[int, int]
+
+
+def parse_size(text: str | int | Sequence[int]) -> Size:
+    """``'64'`` or ``64`` -> (64, 64); ``'48x64'`` -> (48, 64) (height x width); an (h, w) pair as it is."""
+    if isinstance(text, (tuple, list)) and len(text) == 2:
+        return int(text[0]), int(text[1])
+    m = _SIZE.match(str(text).strip())
+    if not m:
+        raise ValueError(f'bad size {text!r}: use N (square) or HxW, e.g. 64 or 48x64')
+    h = int(m.group(1))
+    return h, int(m.group(2) or h)
+
+
+def size_text(size: Size) -> str:
+    """(48, 64) -> ``'48x64'`` (every size, square ones included)."""
+    return f'{size[0]}x{size[1]}'
+
+
+def size_value(size: Size) -> int | str:
+    """A row's ``resolution``: the int ``N`` for a square size (as rows always had), ``'HxW'`` otherwise."""
+    return size[0] if size[0] == size[1] else size_text(size)
+
+
+def size_order(size: Size | str | int) -> tuple[int, int]:
+    """Sort key of sizes in reports: by area, then height."""
+    h, w = parse_size(size)
+    return h * w, h
 
 
 @dataclass(frozen=True)
@@ -97,6 +134,36 @@ def _collate(items):
     return x, torch.tensor([g[1] for g in good], dtype=torch.long), bad
 
 
+def folder_transform(size: Size, mean: Sequence[float], std: Sequence[float], interpolation: str = 'bicubic',
+                     crop_ratio: float = 1.0):
+    """Image-folder evaluation transform at ``size`` (h, w): square sizes timm's (short side to
+    ``r / crop_ratio``, centre crop ``r``); non-square ones the centre crop of the image's largest region of
+    aspect ``h : w`` (times ``crop_ratio``) resized to exactly ``h x w``."""
+    from ..data.transforms import create_imagenet_transform
+    h, w = size
+    if h == w:
+        return create_imagenet_transform(False, h, mean, std, interpolation=interpolation, crop_pct=crop_ratio)
+    from torchvision import transforms as T
+    mode = T.InterpolationMode(interpolation)
+    return T.Compose([_AspectCrop(h / w, crop_ratio), T.Resize((h, w), interpolation=mode, antialias=True),
+                      T.ToTensor(), T.Normalize(mean, std)])
+
+
+class _AspectCrop:
+    """Centre crop of a PIL image to aspect ``ratio`` (height / width), the largest such region times
+    ``crop_ratio`` per side."""
+
+    def __init__(self, ratio: float, crop_ratio: float = 1.0):
+        self.ratio, self.crop_ratio = ratio, crop_ratio
+
+    def __call__(self, img):
+        iw, ih = img.size
+        ch, cw = (ih, ih / self.ratio) if ih / iw <= self.ratio else (iw * self.ratio, iw)
+        ch, cw = max(1, math.floor(ch * self.crop_ratio)), max(1, math.floor(cw * self.crop_ratio))
+        top, left = (ih - ch) // 2, (iw - cw) // 2
+        return img.crop((left, top, left + cw, top + ch))
+
+
 class EvalImages:
     """The evaluation subset of ``spec``, batched at any resolution; unreadable images of a folder are
     skipped (each read once: later passes leave them out), counted and listed (:meth:`report`), and more
@@ -123,16 +190,16 @@ class EvalImages:
     def n_unreadable(self) -> int:
         return len(self.unreadable)
 
-    def batches(self, size: int, mean: Sequence[float], std: Sequence[float],
+    def batches(self, size: Size, mean: Sequence[float], std: Sequence[float],
                 interpolation: str = 'bicubic') -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(images (B, 3, size, size), labels)`` of the readable images."""
+        """``(images (B, 3, h, w), labels)`` of the readable images, in test-set order."""
+        size = parse_size(size)
         if self.folder is None:
             from ..data.fashion_mnist import FashionMNISTTest
             yield from FashionMNISTTest(size, batch_size=self.batch_size, subset=self.max_images, root=self.spec.root,
                                         mean=mean, std=std)
             return
-        from ..data.transforms import create_imagenet_transform
-        tf = create_imagenet_transform(False, size, mean, std, interpolation=interpolation, crop_pct=self.crop_ratio)
+        tf = folder_transform(size, mean, std, interpolation, self.crop_ratio)
         ds = _Readable(self.folder, [i for i in self.indices if i not in self.unreadable], tf)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
                                              collate_fn=_collate)

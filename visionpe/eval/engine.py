@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..attention import bias_budget
+from .data import parse_size, size_text, size_value
 from .models import (KnobSpace, Knobs, ModelSource, apply_knobs, build_overrides, expand_knobs, knob_contexts,
                      knob_support)
 
@@ -51,10 +52,15 @@ class Plan:
 
 @dataclass
 class Case:
-    """One row: a plan's model at one knob setting and one resolution."""
+    """One row: a plan's model at one knob setting and one size ``(h, w)``."""
     plan: Plan
     knobs: Knobs
-    resolution: int
+    size: Size
+
+    @property
+    def resolution(self) -> int | str:
+        """The row's ``resolution``: ``N`` for a square size, ``'HxW'`` otherwise."""
+        return size_value(self.size)
 
     @property
     def label(self) -> str:
@@ -93,12 +99,20 @@ class Task:
         return {}
 
 
+def row_size(row: dict[str, Any]) -> Size:
+    """A row's ``(height, width)`` (rows written before non-square sizes have ``resolution`` only)."""
+    if row.get('height') is not None and row.get('width') is not None:
+        return int(row['height']), int(row['width'])
+    return parse_size(row['resolution'])
+
+
 def row_key(row: dict[str, Any]) -> tuple:
-    """What identifies a measured row for reuse: label, checkpoint path and content digest, resolution and
-    the number of images asked for (evaluated + unreadable)."""
+    """What identifies a measured row for reuse: label, checkpoint path and content digest, size (h, w),
+    the number of images asked for (evaluated + unreadable) and whether it has per-image results."""
     n = row.get('n_images')
     n = None if n is None else int(n) + int(row.get('n_unreadable') or 0)
-    return row['label'], str(row['checkpoint']), row.get('checkpoint_sha256'), int(row['resolution']), n
+    return (row['label'], str(row['checkpoint']), row.get('checkpoint_sha256'), row_size(row), n,
+            'correct' in row)
 
 
 def _plan(task: Task, source: ModelSource, space: KnobSpace, train_res: int | None, label: str) -> Plan:
@@ -117,35 +131,39 @@ def _plan(task: Task, source: ModelSource, space: KnobSpace, train_res: int | No
     return plan
 
 
-def sweep(task: Task, models: Sequence[ModelSource], resolutions: Sequence[int], space: KnobSpace,
+def sweep(task: Task, models: Sequence[ModelSource], resolutions: Sequence[int | str | Size], space: KnobSpace,
           *, train_res: int | None = None, max_bias_mb: float = 1024.0, progress: bool = True,
           on_row: Callable[[dict[str, Any]], None] | None = None, reuse: Sequence[dict[str, Any]] = (),
           device: torch.device | None = None) -> EvalResult:
-    """Measure every model x knob setting x resolution with ``task``; the rows and the run's metadata.
+    """Measure every model x knob setting x size with ``task``; the rows and the run's metadata.
 
+    ``resolutions``: sizes ``N``, ``'HxW'`` or ``(h, w)``. Every row has ``resolution`` (``N`` for a square
+    size, ``'HxW'`` otherwise), ``height``, ``width`` and ``size`` (``'HxW'``).
     ``reuse``: rows of an earlier run (``rows.partial.jsonl``); a case with a row of the same label,
     checkpoint (path and content), resolution and image count is taken from it, not measured again.
     ``on_row`` gets every row as soon as it is measured (or reused).
     """
     from tqdm.auto import tqdm
     space.validate()
+    sizes = [parse_size(r) for r in resolutions]
     names = [s.name for s in models]
     labels = [f'{s.name} ({Path(s.checkpoint).stem})' if names.count(s.name) > 1 and s.checkpoint else s.name
               for s in models]  # one name twice: told apart by the checkpoint
     plans = [_plan(task, s, space, train_res, lab) for s, lab in zip(models, labels)]  # every check first
     earlier = {row_key(r): r for r in reuse}
     n_expected = task.expected_images()
+    per_image = bool(getattr(task, 'per_image', False))
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     reused = 0
-    bar = tqdm(total=sum(len(p.settings) for p in plans) * len(resolutions), desc=f'eval {task.name}', unit='run',
+    bar = tqdm(total=sum(len(p.settings) for p in plans) * len(sizes), desc=f'eval {task.name}', unit='run',
                disable=not progress, dynamic_ncols=True)
     for plan in plans:
         src = plan.source
         digest = src.fingerprint()
         for knobs in plan.settings:
-            cases = [Case(plan, knobs, r) for r in resolutions]
-            keys = [(c.label, str(src.checkpoint), digest, c.resolution, n_expected) for c in cases]
+            cases = [Case(plan, knobs, hw) for hw in sizes]
+            keys = [(c.label, str(src.checkpoint), digest, c.size, n_expected, per_image) for c in cases]
             model = None
             if not all(k in earlier for k in keys):  # something to measure: the model at this setting
                 overrides = build_overrides(knobs, plan.support)
@@ -163,21 +181,21 @@ def sweep(task: Task, models: Sequence[ModelSource], resolutions: Sequence[int],
                 model.eval()
             memo: dict[str, Any] = {}
             for case, key in zip(cases, keys):
-                bar.set_postfix_str(f'{case.label} @ {case.resolution}px')
+                bar.set_postfix_str(f'{case.label} @ {size_text(case.size)}px')
                 old = earlier.get(key)
                 if old is not None:
-                    m = {k: old[k] for k in (*task.metrics, 'n_images', 'n_unreadable') if k in old}
+                    m = {k: old[k] for k in (*task.metrics, 'n_images', 'n_unreadable', 'correct') if k in old}
                     reused += 1
                 else:
-                    undo = apply_knobs(model, knobs, (case.resolution, case.resolution), plan.train_size, memo)
+                    undo = apply_knobs(model, knobs, case.size, plan.train_size, memo)
                     try:
                         with knob_contexts(knobs), bias_budget(max_bias_mb):
                             m = task.measure(model, case)
                     finally:
                         undo()
                 row = dict(label=case.label, model=src.name, checkpoint=src.checkpoint, checkpoint_sha256=digest,
-                           **knobs.as_dict(), resolution=case.resolution,
-                           train_res=plan.train_size[0] if plan.train_size else None, **m)
+                           **knobs.as_dict(), resolution=case.resolution, height=case.size[0], width=case.size[1],
+                           size=size_text(case.size), train_res=plan.train_size[0] if plan.train_size else None, **m)
                 rows.append(row)
                 if on_row:
                     on_row(row)
@@ -189,6 +207,7 @@ def sweep(task: Task, models: Sequence[ModelSource], resolutions: Sequence[int],
     models_meta = [dict(name=p.source.name, checkpoint=p.source.checkpoint, checkpoint_sha256=p.source.fingerprint(),
                         kwargs=p.source.kwargs, train_res=list(p.train_size) if p.train_size else None,
                         knobs=sorted(p.support), notes=p.notes, **task.model_meta(p)) for p in plans]
-    meta = dict(task=task.name, resolutions=list(resolutions), models=models_meta, skipped=skipped,
+    meta = dict(task=task.name, resolutions=[size_value(hw) for hw in sizes], sizes=[size_text(hw) for hw in sizes],
+                models=models_meta, skipped=skipped,
                 knob_space=space.as_dict(), reused_rows=reused, **task.meta(rows))
     return EvalResult(rows, meta, task.headline, task.metrics)

@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .data import size_order
 from .engine import EvalResult
 
-__all__ = ['write_reports', 'markdown_table', 'format_value', 'FORMATS', 'run_metadata']
+__all__ = ['write_reports', 'markdown_table', 'format_value', 'FORMATS', 'run_metadata', 'ordered_sizes']
 
 # metric -> (title, format, higher is better)
 FORMATS: dict[str, tuple] = {
@@ -53,9 +54,16 @@ def _labels(rows: Sequence[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r['label'] for r in rows))
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], metric: str, resolutions: Sequence[int],
+def ordered_sizes(resolutions: Sequence[int | str]) -> list[int | str]:
+    """Row ``resolution`` values (``N`` or ``'HxW'``) in report order: by area, then height."""
+    return sorted(dict.fromkeys(resolutions), key=size_order)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], metric: str, resolutions: Sequence[int | str],
                    unit: str = 'px') -> str:
-    """Rows: labels; columns: resolutions (training resolution marked with †); best per column in bold."""
+    """Rows: labels; columns: sizes ``N`` / ``HxW`` by area then height (training resolution marked with †);
+    best per column in bold."""
+    resolutions = ordered_sizes(resolutions)
     labels = _labels(rows)
     cell = {(r['label'], r['resolution']): r.get(metric) for r in rows}
     higher = FORMATS.get(metric, ('', '', True))[2]
@@ -114,7 +122,8 @@ def write_reports(result: EvalResult, out_dir: Path, argv: Sequence[str] | None 
     with _replacing(paths['csv']) as tmp, open(tmp, 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
-        for r in rows:
+        label_at = {lab: i for i, lab in enumerate(_labels(rows))}
+        for r in sorted(rows, key=lambda r: (label_at[r['label']], size_order(r['resolution']))):  # by area
             w.writerow({k: ('' if r.get(k) is None else r.get(k)) for k in keys})
 
     with _replacing(paths['json']) as tmp, open(tmp, 'w') as f:
@@ -148,11 +157,15 @@ def write_reports(result: EvalResult, out_dir: Path, argv: Sequence[str] | None 
     return paths
 
 
-def plot(rows: Sequence[dict[str, Any]], metric: str, resolutions: Sequence[int], path: Path,
+def plot(rows: Sequence[dict[str, Any]], metric: str, resolutions: Sequence[int | str], path: Path,
          title: str = '') -> None:
-    """Metric vs resolution, one line per label: one colour per model, one line style per knob setting of
+    """Metric vs size, one line per label: one colour per model, one line style per knob setting of
     that model; each line's training resolution marked by a star and the training resolutions by dotted
-    vertical lines."""
+    vertical lines. Square sizes only: x is the side in px; with ``HxW`` sizes, x is the size's rank (by area,
+    then height), labelled with the size."""
+    resolutions = ordered_sizes(resolutions)
+    square = all(isinstance(r, int) for r in resolutions)
+    xpos = {r: (r if square else i) for i, r in enumerate(resolutions)}
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -164,14 +177,15 @@ def plot(rows: Sequence[dict[str, Any]], metric: str, resolutions: Sequence[int]
     settings: dict[str, int] = {}  # labels drawn so far per model
     train_sizes = set()
     for lab in _labels(rows):
-        pts = sorted((r['resolution'], r[metric]) for r in rows if r['label'] == lab and r.get(metric) is not None)
+        pts = sorted((xpos[r['resolution']], r[metric]) for r in rows
+                     if r['label'] == lab and r.get(metric) is not None and r['resolution'] in xpos)
         if not pts:
             continue
         i = models.index(model_of[lab])
         k = settings[model_of[lab]] = settings.get(model_of[lab], -1) + 1
         line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=lab, color=palette[i % len(palette)],
                         ls=('-', '--', ':', '-.')[k % 4], marker='osD^v'[i // len(palette) % 5], ms=3)
-        tr = next((r.get('train_res') for r in rows if r['label'] == lab), None)
+        tr = xpos.get(next((r.get('train_res') for r in rows if r['label'] == lab), None))
         if tr is not None:
             train_sizes.add(tr)
             at = [p for p in pts if p[0] == tr]
@@ -179,9 +193,9 @@ def plot(rows: Sequence[dict[str, Any]], metric: str, resolutions: Sequence[int]
                 ax.plot([tr], [at[0][1]], marker='*', ms=12, color=line.get_color())
     for tr in sorted(train_sizes):
         ax.axvline(tr, color='grey', ls=':', lw=1)
-        ax.annotate(f'train {tr}', (tr, 0.02), xycoords=('data', 'axes fraction'), fontsize=8, color='grey')
-    ax.set_xticks(list(resolutions))
-    ax.set_xlabel('resolution (px)')
+        ax.annotate(f'train {resolutions[tr] if not square else tr}', (tr, 0.02), xycoords=('data', 'axes fraction'), fontsize=8, color='grey')
+    ax.set_xticks([xpos[r] for r in resolutions], [str(r) for r in resolutions])
+    ax.set_xlabel('resolution (px)' if square else 'size (px, height x width; by area)')
     ax.set_ylabel(FORMATS.get(metric, (metric,))[0])
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

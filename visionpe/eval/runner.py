@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..benchmark import peak_memory
 from ..models._base import nearest_multiples
-from .data import FMNIST, DataSpec, EvalImages, num_classes_of, parse_data
+from .data import FMNIST, DataSpec, EvalImages, Size, num_classes_of, parse_data, parse_size, size_text
 from .engine import Case, EvalResult, Plan, Task, sweep
 from .models import KnobSpace, ModelSource, patch_size_of, train_resolution
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CLS_METRICS = ('top1', 'top5', 'loss', 'images_per_s', 'peak_mem_mb')
 COCO_METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'images_per_s', 'peak_mem_mb')
 CPU_FMNIST_SUBSET = 2000  # Fashion-MNIST on a CPU: a fixed 2,000-image test subset (full 10k on a GPU)
+ALL = 'all'  # --max-images all: every image, on any device
 MAX_BAD_FRACTION = 0.001  # as training (--data.max_bad_fraction)
 
 
@@ -42,11 +43,11 @@ MAX_BAD_FRACTION = 0.001  # as training (--data.max_bad_fraction)
 class EvalConfig:
     models: list[ModelSource]
     data: str = FMNIST
-    resolutions: Sequence[int] = (32, 48, 64, 96, 128)
+    resolutions: Sequence[int | str | Size] = (32, 48, 64, 96, 128)  # N (square), 'HxW' or (h, w)
     task: str = 'cls'
     crop_ratio: float | None = None     # image folders: default 1.0 (RoPE-ViT); must stay unset for fmnist
     batch_size: int = 256
-    max_images: int | None = None       # None: all (Fashion-MNIST on CPU: CPU_FMNIST_SUBSET)
+    max_images: int | str | None = None  # None: all (Fashion-MNIST on CPU: CPU_FMNIST_SUBSET); 'all': all, always
     device: str = 'auto'
     knobs: KnobSpace = field(default_factory=KnobSpace)
     train_res: int | None = None        # overrides the training resolution found in the checkpoint
@@ -54,6 +55,7 @@ class EvalConfig:
     progress: bool = True
     max_bias_mb: float = 1024.0            # attention bias budget (visionpe.attention.bias_budget)
     max_bad_fraction: float = MAX_BAD_FRACTION  # image folders: fail when more images than this are unreadable
+    per_image: bool = False             # classification: each row gets ``correct`` (per-image top-1, packed bits)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,9 +74,12 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                        device: torch.device, topk: int = 5) -> dict[str, float]:
-    """Top-1 / top-k accuracy (%), mean cross-entropy, images/s and peak memory of ``model`` on ``batches``."""
+                        device: torch.device, topk: int = 5, per_image: bool = False) -> dict[str, Any]:
+    """Top-1 / top-k accuracy (%), mean cross-entropy, images/s and peak memory of ``model`` on ``batches``;
+    ``per_image``: also ``correct``, the top-1 correctness of every image in batch order, packed
+    (:func:`visionpe.study.stats.pack_correct`)."""
     n = c1 = ck = 0
+    hits: list[torch.Tensor] = []
     loss = 0.0
     times: list[tuple[int, float]] = []
     first: torch.Tensor | None = None
@@ -90,6 +95,8 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
         k = min(topk, logits.shape[-1])
         hit = logits.topk(k, dim=-1).indices.eq(y[:, None])
         c1 += int(hit[:, 0].sum())
+        if per_image:
+            hits.append(hit[:, 0].cpu())
         ck += int(hit.any(-1).sum())
         loss += float(F.cross_entropy(logits.float(), y, reduction='sum'))
         n += x.shape[0]
@@ -99,23 +106,34 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
     seconds = sum(t for _, t in timed)
     with peak_memory(device) as pm:
         model(first)
-    return dict(top1=100.0 * c1 / n, top5=100.0 * ck / n, loss=loss / n,
-                images_per_s=sum(b for b, _ in timed) / seconds if seconds > 0 else float('inf'),
-                peak_mem_mb=pm.mib, n_images=n)
+    out = dict(top1=100.0 * c1 / n, top5=100.0 * ck / n, loss=loss / n,
+               images_per_s=sum(b for b, _ in timed) / seconds if seconds > 0 else float('inf'),
+               peak_mem_mb=pm.mib, n_images=n)
+    if per_image:
+        from ..study.stats import pack_correct
+        out['correct'] = pack_correct(torch.cat(hits).numpy())
+    return out
 
 
-def check_resolutions(resolutions: Sequence[int], patch: tuple[int, int] | None, who: str) -> None:
-    """Every resolution must be a multiple of the patch size (else the patch grid would drop pixels)."""
-    for r in resolutions:
-        if r <= 0:
-            raise ValueError(f'--resolutions must be positive, got {r}')
+def check_resolutions(resolutions: Sequence[int | str | Size], patch: tuple[int, int] | None, who: str) -> None:
+    """Every size (``N``, ``'HxW'`` or (h, w)) must be positive and, per axis, a multiple of the patch size
+    (else the patch grid would drop pixels)."""
+    sizes = [parse_size(r) for r in resolutions]
+    for h, w in sizes:
+        if h <= 0 or w <= 0:
+            raise ValueError(f'--resolutions must be positive, got {size_text((h, w))}')
     if patch is None:
         return
-    bad = [r for r in resolutions if r % patch[0] or r % patch[1]]
+    bad = [(h, w) for h, w in sizes if h % patch[0] or w % patch[1]]
     if bad:
-        sugg = '; '.join(f'{r} -> {" or ".join(map(str, nearest_multiples(r, max(patch))))}' for r in bad)
-        raise ValueError(f'resolution(s) {bad} not a multiple of the patch size {patch[0]}x{patch[1]} of {who}; '
-                         f'nearest valid sizes: {sugg}')
+        def near(v: int, p: int) -> str:
+            return ' or '.join(map(str, nearest_multiples(v, p)))
+        sugg = '; '.join(f'{h} -> {near(h, max(patch))}' if h == w else
+                         f'{size_text((h, w))} -> height {near(h, patch[0])}, width {near(w, patch[1])}'
+                         for h, w in bad)
+        shown = [h if h == w else size_text((h, w)) for h, w in bad]
+        raise ValueError(f'resolution(s) {shown} not a multiple of the patch size {patch[0]}x{patch[1]} of {who} '
+                         f'(per axis); nearest valid sizes: {sugg}')
 
 
 def _norm_stats(info: dict[str, Any], spec: DataSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -140,11 +158,12 @@ def _check_common(cfg: EvalConfig) -> DataSpec:
         raise ValueError('no model to evaluate: pass --models NAME ... (and --checkpoints PATH ...)')
     if not cfg.resolutions:
         raise ValueError('no resolution: pass --resolutions R ...')
+    cfg.resolutions = [parse_size(r) for r in cfg.resolutions]  # N / 'HxW' -> (h, w); a bad one fails here
     check_resolutions(cfg.resolutions, None, '')
     if cfg.batch_size <= 0:
         raise ValueError(f'--batch-size must be positive, got {cfg.batch_size}')
-    if cfg.max_images is not None and cfg.max_images <= 0:
-        raise ValueError(f'--max-images must be positive, got {cfg.max_images}')
+    if cfg.max_images not in (None, ALL) and (not isinstance(cfg.max_images, int) or cfg.max_images <= 0):
+        raise ValueError(f'--max-images must be a positive number or "all", got {cfg.max_images!r}')
     if not 0 <= cfg.max_bad_fraction <= 1:
         raise ValueError(f'--max-bad-fraction must be in [0, 1], got {cfg.max_bad_fraction}')
     cfg.knobs.validate()
@@ -175,10 +194,12 @@ class ClassificationTask(Task):
                              'option')
         self.cfg, self.spec = cfg, spec
         self.device = self.model_device = resolve_device(cfg.device)
-        self.max_images = cfg.max_images
-        if self.max_images is None and spec.kind == FMNIST and self.device.type == 'cpu':
+        self.max_images = None if cfg.max_images == ALL else cfg.max_images
+        if cfg.max_images is None and spec.kind == FMNIST and self.device.type == 'cpu':
             self.max_images = CPU_FMNIST_SUBSET
         self.n_classes = num_classes_of(spec)
+        self.per_image = cfg.per_image
+        self.n_per_image: int | None = None  # images of the first per-image row: every row must have as many
         self.images = EvalImages(spec, self.max_images, cfg.batch_size, crop_ratio=cfg.crop_ratio or 1.0,
                                  workers=cfg.workers, max_bad_fraction=cfg.max_bad_fraction)
 
@@ -196,8 +217,15 @@ class ClassificationTask(Task):
 
     def measure(self, model: nn.Module, case: Case) -> dict[str, Any]:
         mean, std = _norm_stats(case.plan.info, self.spec)
-        batches = self.images.batches(case.resolution, mean, std, case.plan.info.get('interpolation') or 'bicubic')
-        m = evaluate_classifier(model, batches, self.device)
+        batches = self.images.batches(case.size, mean, std, case.plan.info.get('interpolation') or 'bicubic')
+        m = evaluate_classifier(model, batches, self.device, per_image=self.per_image)
+        if self.per_image:  # the same images in the same order for every row (fixed subset; unreadable ones
+            # are dropped from the first pass on), so rows pair image by image across models and sizes
+            if self.n_per_image is None:
+                self.n_per_image = m['n_images']
+            elif m['n_images'] != self.n_per_image:
+                raise RuntimeError(f'--per-image: {case.label} at {size_text(case.size)} saw {m["n_images"]} images, '
+                                   f'earlier rows {self.n_per_image}: the rows would not pair image by image')
         return {**m, 'n_unreadable': self.images.n_unreadable}
 
     def model_meta(self, plan: Plan) -> dict[str, Any]:
@@ -230,6 +258,14 @@ class DetectionTask(Task):
                              'lengths per image); drop it')
         if cfg.crop_ratio not in (None, 1.0):
             raise ValueError('--crop-ratio does not apply to --task coco (images are resized by their shorter side)')
+        rect = [size_text(hw) for hw in map(parse_size, cfg.resolutions) if hw[0] != hw[1]]
+        if rect:
+            raise ValueError(f'--task coco: sizes are the shorter side of each image (aspect kept, as COCO does), so '
+                             f'HxW sizes {rect} do not apply; give single numbers (e.g. 512 800)')
+        if cfg.per_image:
+            raise ValueError('--per-image is for classification (per-image top-1); drop it with --task coco')
+        if cfg.max_images == ALL:
+            cfg.max_images = None
         self.cfg, self.spec = cfg, spec
         self.device = resolve_device(cfg.device)
 
@@ -243,7 +279,7 @@ class DetectionTask(Task):
 
     def measure(self, model: nn.Module, case: Case) -> dict[str, Any]:
         from ..det.evaluate import evaluate_detection
-        m = evaluate_detection(model, self.spec.root, case.resolution, self.cfg.batch_size, self.device,
+        m = evaluate_detection(model, self.spec.root, case.size[0], self.cfg.batch_size, self.device,
                                self.cfg.max_images)
         missing = [k for k in COCO_METRICS if k not in m]
         if missing:
@@ -274,9 +310,10 @@ def _subset_note(spec: DataSpec, max_images: int | None, device: torch.device) -
 
 def _preprocessing(spec: DataSpec, crop_ratio: float) -> str:
     if spec.kind == FMNIST:
-        return ('Fashion-MNIST training convention: the whole 28x28 image resized to r x r (bilinear, antialiased), '
+        return ('Fashion-MNIST training convention: the whole 28x28 image resized to h x w (bilinear, antialiased), '
                 'repeated to 3 channels, normalised; no crop')
-    return f'resize short side to r / {crop_ratio:g}, centre-crop r x r, normalise'
+    return (f'square r: resize short side to r / {crop_ratio:g}, centre-crop r x r; HxW: centre-crop the largest '
+            f'region of aspect H:W (times {crop_ratio:g}), resize to H x W; normalise')
 
 
 def device_description(device: torch.device) -> str:

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from ..eval.data import size_text
 from .spec import Job, StudySpec, parse_size
 
 __all__ = ['train_command', 'eval_command', 'run_job', 'run_local', 'emit_slurm', 'rows_path', 'job_dir',
@@ -78,7 +79,7 @@ def train_command(spec: StudySpec, job: Job, resume: Path | None = None) -> list
         cmd += ['--trainer.max_epochs', str(spec.epochs)]
     if spec.device != 'cpu':
         cmd += ['--trainer.accelerator', 'gpu' if spec.device.startswith('cuda') else spec.device]
-    cmd += list(job.recipe.args)
+    cmd += [*job.recipe.args, *spec.train_args]
     if resume is not None:
         cmd += ['--ckpt_path', str(resume)]
     return cmd
@@ -90,8 +91,7 @@ def eval_command(spec: StudySpec, job: Job, checkpoint: Path, out: Path) -> list
            '--resolutions', *spec.sizes, '--train-res', str(parse_size(spec.train_size)[0]),
            '--output', str(out), '--device', spec.device, '--batch-size', str(spec.eval_batch_size),
            '--per-image', '--no-progress']
-    if spec.eval_images is not None:
-        cmd += ['--max-images', str(spec.eval_images)]
+    cmd += ['--max-images', 'all' if spec.eval_images is None else str(spec.eval_images)]  # all: the full set
     for flag, values in spec.knobs.items():
         cmd += [f'--{flag}', *[str(v) for v in values]]
     return cmd
@@ -168,15 +168,12 @@ _ROW_KEYS = ('label', 'resolution', 'size', 'knobs', 'top1', 'top5', 'loss', 'n_
 
 def _row_fields(row: dict[str, Any]) -> dict[str, Any]:
     out = {k: row[k] for k in _ROW_KEYS if k in row}
-    if 'size' not in out:
-        r = row.get('resolution')
-        out['size'] = r if isinstance(r, str) else f'{r}x{r}'
-    h, w = parse_size(out['size'])
-    out['size'] = f'{h}x{w}'
+    out['size'] = size_text(parse_size(out.get('size', row.get('resolution'))))  # 'HxW', square sizes included
     knobs = out.get('knobs')
     if knobs is None:  # evaluator rows carry each knob as a column
-        skip = {'label', 'model', 'checkpoint', 'resolution', 'train_res', 'size', 'top1', 'top5', 'loss',
-                'images_per_s', 'peak_mem_mb', 'n_images', 'correct', 'bad_images'}
+        skip = {'label', 'model', 'checkpoint', 'checkpoint_sha256', 'resolution', 'height', 'width', 'train_res',
+                'size', 'top1', 'top5', 'loss', 'images_per_s', 'peak_mem_mb', 'n_images', 'n_unreadable',
+                'correct', 'bad_images'}
         knobs = {k: v for k, v in row.items() if k not in skip}
     out['knobs'] = knobs
     out['setting'] = _knob_label(knobs)

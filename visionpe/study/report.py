@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..eval.data import size_order
 from .spec import parse_size
 from .stats import Interval, paired_bootstrap, summarize, t_interval, unpack_correct
 
@@ -53,9 +54,7 @@ def load_rows(study_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _size_key(size: str) -> tuple[int, int]:
-    h, w = parse_size(size)
-    return h * w, h
+_size_key = size_order  # sizes by area, then height (as the evaluator's reports)
 
 
 @dataclass

@@ -6,23 +6,12 @@ A study is one YAML file (``configs/study/*.yaml``) parsed by jsonargparse, the 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..eval.data import parse_size
+
 __all__ = ['Recipe', 'StudySpec', 'Job', 'parse_size', 'load_study', 'study_parser']
-
-_SIZE = re.compile(r'^(\d+)(?:x(\d+))?$')
-
-
-def parse_size(text: str | int) -> tuple[int, int]:
-    """``'64'`` -> (64, 64); ``'48x64'`` -> (48, 64) (height x width)."""
-    m = _SIZE.match(str(text).strip())
-    if not m:
-        raise ValueError(f'bad size {text!r}: use N (square) or HxW, e.g. 64 or 48x64')
-    h = int(m.group(1))
-    return h, int(m.group(2) or h)
-
 
 @dataclass
 class Recipe:
@@ -40,7 +29,9 @@ class StudySpec:
     """One study. ``encodings``: names ``<pe>`` of ``model`` (``vit_{pe}_tiny``) or ``['all']`` (every
     encoding the model table has); ``sizes``: test sizes ``N`` or ``HxW``; ``knobs``: evaluator knob flags
     without dashes, each a list of values (``{'rope-scaling': ['none', 'ntk']}``); ``eval_images``: a fixed
-    subset of the test set (``None``: all of it); ``epochs``: override the recipes' ``max_epochs``."""
+    subset of the test set (``None``: all of it); ``epochs``: override the recipes' ``max_epochs``;
+    ``train_args``: ``train.py`` arguments appended to every job's training command, after the recipe's own
+    (e.g. ``[--trainer.max_steps, '4']`` for a smoke run)."""
     name: str
     recipes: list[Recipe]
     encodings: list[str] = field(default_factory=lambda: ['all'])
@@ -52,6 +43,7 @@ class StudySpec:
     knobs: dict[str, list[str]] = field(default_factory=dict)
     eval_images: int | None = None
     epochs: int | None = None
+    train_args: list[str] = field(default_factory=list)
     output: str | None = None
     device: str = 'cpu'
     eval_batch_size: int = 256
