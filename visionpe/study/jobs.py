@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def job_dir(spec: StudySpec, job: Job) -> Path:
-    return spec.out_dir / 'runs' / job.id
+    return spec.work_path / job.id
 
 
 def rows_path(spec: StudySpec, job: Job) -> Path:

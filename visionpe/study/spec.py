@@ -45,6 +45,7 @@ class StudySpec:
     epochs: int | None = None
     train_args: list[str] = field(default_factory=list)
     output: str | None = None
+    work_dir: str | None = None
     device: str = 'cpu'
     eval_batch_size: int = 256
 
@@ -64,6 +65,14 @@ class StudySpec:
     @property
     def out_dir(self) -> Path:
         return Path(self.output or Path('runs') / 'study' / self.name).resolve()
+
+    @property
+    def work_path(self) -> Path:
+        """Where jobs train (checkpoints, logs): ``work_dir``, else ``runs/study/<name>`` when ``output`` is set
+        (committed results hold rows and reports, never checkpoints), else ``<output>/runs``."""
+        if self.work_dir:
+            return Path(self.work_dir).resolve()
+        return (Path('runs') / 'study' / self.name).resolve() if self.output else self.out_dir / 'runs'
 
     def all_encodings(self) -> list[str]:
         from ..models.vit import VIT_ENCODINGS
