@@ -155,6 +155,14 @@ def _math(q, k, v, scale, bias, dropout_p, training):
 
 
 def _sdpa(q, k, v, scale, bias, dropout_p, training):
+    dv = v.shape[-1]
+    if q.device.type == 'cpu' and q.shape[-1] > dv:
+        # q, k wider than v (PoPE): SDPA's fused CPU kernel needs one head width, else it falls back to
+        # explicit logits; zero columns of v cost less (measured 0.70x the time at 785 tokens)
+        v_wide = v.new_empty(*v.shape[:-1], q.shape[-1])
+        v_wide[..., dv:].zero_()
+        v_wide[..., :dv] = v
+        return _sdpa(q, k, v_wide, scale, bias, dropout_p, training)[..., :dv]
     if bias is not None:
         if bias.dim() < 4:
             bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
