@@ -146,7 +146,7 @@ def _warn_once(msg: str) -> None:
 def _math(q, k, v, scale, bias, dropout_p, training):
     attn = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
-        attn = attn + bias
+        attn = attn.add_(bias) if attn.shape == torch.broadcast_shapes(attn.shape, bias.shape) else attn + bias
     attn = attn.softmax(dim=-1)
     probs = attn
     if dropout_p > 0. and training:
