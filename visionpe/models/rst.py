@@ -24,6 +24,7 @@ with the golden sets.
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
@@ -104,14 +105,19 @@ class StripAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
     def _padded(self, backend: str, q, k, v, lay: StripLayout) -> torch.Tensor:
-        """Strips as a padded batch folded into the head axis: (B, heads * nW, L, d), one kernel call."""
+        """Strips grouped by length (:func:`length_buckets`), each group a padded batch folded into the head
+        axis, (B, heads * nW_g, L_g, d), one kernel call per group; the outputs are put back in token order."""
         B = q.shape[0]
-        nW, L = lay.num_windows, lay.max_len
-        shape = (B, self.num_heads * nW, L, self.head_dim)
-        qw, kw, vw = (t.index_select(2, lay.index).reshape(shape) for t in (q, k, v))
-        out, _ = run_backend(backend, qw, kw, vw, self.scale, self.bias(lay), None,
-                             dropout_p=self.attn_drop, training=self.training)
-        return out.reshape(B, self.num_heads, nW * L, self.head_dim).index_select(2, lay.inverse)
+        groups, inverse = length_buckets(self._layouts, lay)
+        outs = []
+        for g in groups:
+            nW, L = g.num_windows, g.max_len
+            shape = (B, self.num_heads * nW, L, self.head_dim)
+            qw, kw, vw = (t.index_select(2, g.index).reshape(shape) for t in (q, k, v))
+            out, _ = run_backend(backend, qw, kw, vw, self.scale, self.bias(g), None,
+                                 dropout_p=self.attn_drop, training=self.training)
+            outs.append(out.reshape(B, self.num_heads, nW * L, self.head_dim))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).index_select(2, inverse)
 
     def _packed_xformers(self, q, k, v, lay: StripLayout) -> torch.Tensor:
         """CUDA + xformers, no additive bias: variable-length strips without padding."""
@@ -130,6 +136,52 @@ class StripAttention(nn.Module):
         part = f'row strips 1x{s.strip_len}' if s.strips == 'row' else \
             f'polar strips: {s.num_sectors} sectors x rings of {s.ring_width}, {s.azimuth_bins} azimuth bins'
         return f'dim={self.dim}, heads={self.num_heads}, {part}, backend={self.attn_backend}'
+
+
+#: a strip joins the current length group while its length is at least this fraction of the group's longest
+BUCKET_FILL = 0.75
+
+
+def length_buckets(cache: GridCache, lay: StripLayout) -> Tuple[List[StripLayout], torch.Tensor]:
+    """``lay``'s strips in groups of similar length (longest first; a new group starts below
+    ``BUCKET_FILL`` of the current group's longest), each a :class:`StripLayout` of its own padded to its
+    longest strip, and the slot of every token in the groups' padded slots put one after the other.
+
+    Padding all strips to the longest one computed about twice the needed attention and bias at 448 px
+    (rst_tiny: 46-57% of the slots were real tokens); in groups, 80-95%. Cached with the layout."""
+    def build() -> Dict[str, Any]:
+        lengths = torch.tensor(lay.lengths)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        groups, start = [], 0
+        while start < len(order):
+            longest = int(lengths[order[start]])
+            end = start + int((lengths[order[start:]] >= BUCKET_FILL * longest).sum())
+            groups.append(order[start:end].sort().values)
+            start = end
+        index, L_all = lay.index.view(lay.num_windows, lay.max_len), lay.max_len
+        slot_of_token = torch.empty(sum(lay.lengths), dtype=torch.long)
+        out, offset = [], 0
+        for wins in groups:
+            L = int(lengths[wins].max())
+            idx = index[wins.to(index.device), :L].cpu()
+            valid = torch.arange(L)[None, :] < lengths[wins][:, None]
+            slots = offset + torch.arange(wins.numel() * L).view(-1, L)
+            slot_of_token[idx[valid]] = slots[valid]
+            offset += wins.numel() * L
+            sub = {f: getattr(lay, f)[wins.to(lay.az_offset.device)][:, :L, :L]
+                   for f in ('az_offset', 'rad_offset', 'az_cos', 'az_sin', 'rad_cos', 'rad_sin')}
+            padded = not bool(valid.all())
+            mask = lay.mask[wins.to(lay.mask.device)][..., :L] if padded and lay.mask is not None else None
+            out.append(dataclasses.replace(
+                lay, num_windows=wins.numel(), max_len=L, index=idx.reshape(-1).to(lay.index.device),
+                valid=valid.to(lay.index.device) if padded else None, mask=mask,
+                lengths=tuple(int(n) for n in lengths[wins]), **sub))
+        if L_all == out[0].max_len and len(out) == 1:
+            return dict(groups=[lay], inverse=lay.inverse, of=lay.index)
+        return dict(groups=out, inverse=slot_of_token.to(lay.index.device), of=lay.index)
+    # keyed by the layout's index tensor, which the entry holds ('of'): no other tensor can take its id
+    got = cache.get(('buckets', id(lay.index), BUCKET_FILL), lay.index.device, build)
+    return got['groups'], got['inverse']
 
 
 def get_layout(cache: GridCache, spec: StripSpec, h: int, w: int, device: torch.device,
