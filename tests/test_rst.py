@@ -202,8 +202,8 @@ def test_length_buckets_equal_one_padded_batch(monkeypatch):
     lay = attn.layout(23, 19, x.device)
     groups, inverse = rst.length_buckets(attn._layouts, lay)
     assert len(groups) > 1 and sum(g.num_windows for g in groups) == lay.num_windows
-    tokens = torch.cat([g.index.view(g.num_windows, g.max_len)[g.valid] if g.valid is not None else g.index
-                        for g in groups])
+    valid = [torch.arange(g.max_len)[None, :] < torch.tensor(lay.lengths)[g.windows][:, None] for g in groups]
+    tokens = torch.cat([g.index.view(g.num_windows, g.max_len)[ok] for g, ok in zip(groups, valid)])
     assert sorted(tokens.tolist()) == list(range(23 * 19))
     assert sum(g.num_windows * g.max_len for g in groups) < lay.num_windows * lay.max_len
     outs, grads = [], []

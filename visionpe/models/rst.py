@@ -24,7 +24,7 @@ with the golden sets.
 """
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
@@ -107,16 +107,21 @@ class StripAttention(nn.Module):
     def _padded(self, backend: str, q, k, v, lay: StripLayout) -> torch.Tensor:
         """Strips grouped by length (:func:`length_buckets`), each group a padded batch folded into the head
         axis, (B, heads * nW_g, L_g, d), one kernel call per group; the outputs are put back in token order."""
-        B = q.shape[0]
+        B, heads, d = q.shape[0], self.num_heads, self.head_dim
         groups, inverse = length_buckets(self._layouts, lay)
+        bias = self.bias(lay)
+        if bias is not None:
+            bias = bias.view(heads, lay.num_windows, lay.max_len, lay.max_len)
         outs = []
         for g in groups:
             nW, L = g.num_windows, g.max_len
-            shape = (B, self.num_heads * nW, L, self.head_dim)
+            shape = (B, heads * nW, L, d)
             qw, kw, vw = (t.index_select(2, g.index).reshape(shape) for t in (q, k, v))
-            out, _ = run_backend(backend, qw, kw, vw, self.scale, self.bias(g), None,
+            gb = None if bias is None else \
+                bias[:, :, :L, :L].index_select(1, g.windows).reshape(1, heads * nW, L, L)
+            out, _ = run_backend(backend, qw, kw, vw, self.scale, gb, None,
                                  dropout_p=self.attn_drop, training=self.training)
-            outs.append(out.reshape(B, self.num_heads, nW * L, self.head_dim))
+            outs.append(out.reshape(B, heads, nW * L, d))
         return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).index_select(2, inverse)
 
     def _packed_xformers(self, q, k, v, lay: StripLayout) -> torch.Tensor:
@@ -142,43 +147,43 @@ class StripAttention(nn.Module):
 BUCKET_FILL = 0.75
 
 
-def length_buckets(cache: GridCache, lay: StripLayout) -> Tuple[List[StripLayout], torch.Tensor]:
-    """``lay``'s strips in groups of similar length (longest first; a new group starts below
-    ``BUCKET_FILL`` of the current group's longest), each a :class:`StripLayout` of its own padded to its
-    longest strip, and the slot of every token in the groups' padded slots put one after the other.
+@dataclass(frozen=True)
+class StripGroup:
+    """Strips of similar length: their window ids, their longest length and their tokens' slots
+    (``(num_windows * max_len,)``, padded slots repeat the strip's first token as in the layout)."""
+    windows: torch.Tensor
+    max_len: int
+    index: torch.Tensor
 
-    Padding all strips to the longest one computed about twice the needed attention and bias at 448 px
+    @property
+    def num_windows(self) -> int:
+        return self.windows.numel()
+
+
+def length_buckets(cache: GridCache, lay: StripLayout) -> Tuple[List[StripGroup], torch.Tensor]:
+    """``lay``'s strips in groups of similar length (longest first; a new group starts below
+    ``BUCKET_FILL`` of the current group's longest), and the slot of every token in the groups'
+    padded slots put one after the other. Only indices are kept (the bias is cut per group from the
+    layout's), so the cache adds token-sized tensors, not strip-pair-sized ones.
+
+    Padding all strips to the longest one computed about twice the needed attention at 448 px
     (rst_tiny: 46-57% of the slots were real tokens); in groups, 80-95%. Cached with the layout."""
     def build() -> Dict[str, Any]:
         lengths = torch.tensor(lay.lengths)
         order = torch.argsort(lengths, descending=True, stable=True)
-        groups, start = [], 0
-        while start < len(order):
-            longest = int(lengths[order[start]])
-            end = start + int((lengths[order[start:]] >= BUCKET_FILL * longest).sum())
-            groups.append(order[start:end].sort().values)
-            start = end
-        index, L_all = lay.index.view(lay.num_windows, lay.max_len), lay.max_len
+        index = lay.index.view(lay.num_windows, lay.max_len).cpu()
         slot_of_token = torch.empty(sum(lay.lengths), dtype=torch.long)
-        out, offset = [], 0
-        for wins in groups:
+        groups, start, offset = [], 0, 0
+        while start < len(order):
+            end = start + int((lengths[order[start:]] >= BUCKET_FILL * lengths[order[start]]).sum())
+            wins = order[start:end].sort().values
             L = int(lengths[wins].max())
-            idx = index[wins.to(index.device), :L].cpu()
+            idx = index[wins, :L]
             valid = torch.arange(L)[None, :] < lengths[wins][:, None]
-            slots = offset + torch.arange(wins.numel() * L).view(-1, L)
-            slot_of_token[idx[valid]] = slots[valid]
-            offset += wins.numel() * L
-            sub = {f: getattr(lay, f)[wins.to(lay.az_offset.device)][:, :L, :L]
-                   for f in ('az_offset', 'rad_offset', 'az_cos', 'az_sin', 'rad_cos', 'rad_sin')}
-            padded = not bool(valid.all())
-            mask = lay.mask[wins.to(lay.mask.device)][..., :L] if padded and lay.mask is not None else None
-            out.append(dataclasses.replace(
-                lay, num_windows=wins.numel(), max_len=L, index=idx.reshape(-1).to(lay.index.device),
-                valid=valid.to(lay.index.device) if padded else None, mask=mask,
-                lengths=tuple(int(n) for n in lengths[wins]), **sub))
-        if L_all == out[0].max_len and len(out) == 1:
-            return dict(groups=[lay], inverse=lay.inverse, of=lay.index)
-        return dict(groups=out, inverse=slot_of_token.to(lay.index.device), of=lay.index)
+            slot_of_token[idx[valid]] = offset + torch.arange(wins.numel() * L).view(-1, L)[valid]
+            groups.append(StripGroup(wins.to(lay.index.device), L, idx.reshape(-1).to(lay.index.device)))
+            start, offset = end, offset + wins.numel() * L
+        return dict(groups=groups, inverse=slot_of_token, of=lay.index)
     # keyed by the layout's index tensor, which the entry holds ('of'): no other tensor can take its id
     got = cache.get(('buckets', id(lay.index), BUCKET_FILL), lay.index.device, build)
     return got['groups'], got['inverse']
