@@ -5,7 +5,7 @@ PY := .venv/bin/python
 # test processes: one per core of a 2-core CI machine (each worker runs torch on one thread)
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench gpu-check
 setup:
 	bash scripts/setup.sh
 
@@ -19,3 +19,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/throughput.py
+
+# one CUDA GPU, <= 8 min: every backend vs math, bf16 training, speed and memory vs timm -> benchmarks/results/gpu
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py

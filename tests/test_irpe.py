@@ -247,3 +247,18 @@ def test_converter_and_config_reader(tmp_path):
 def test_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
         create_tiny('vit_irpe_tiny', **kw)
+
+
+@pytest.mark.parametrize('method', ['product', 'cross'])
+def test_inference_q_term_equals_the_autograd_path(method):
+    """Without autograd the q-side term is gathered straight into the logits' layout; it must equal
+    the reference module's output transposed (the path taken with autograd), whole and by row blocks."""
+    model = _randomize(create_tiny('vit_irpe_tiny', rpe_on='qk', method=method)).eval()
+    pe, grid = model.pe, Grid(5, 7, model.num_prefix_tokens)
+    q, k = torch.randn(2, 2, 4, grid.num_tokens, 16).unbind(0)
+    state = pe.prepare(grid)
+    for rows in (slice(None), slice(3, 11)):
+        ref = pe.bias_rows(q, k, 0.25, 1, state, rows)
+        with torch.no_grad():
+            got = pe.bias_rows(q, k, 0.25, 1, state, rows)
+        assert got.shape == ref.shape and (got - ref).abs().max().item() < 1e-6

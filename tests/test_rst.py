@@ -194,3 +194,34 @@ def test_polar_rope_and_bad_options():
         create_tiny('rst_tiny', azimuth_bins=30, num_sectors=4)
     with pytest.raises(ValueError, match='head dim divisible by 4'):
         create_tiny('rst_tiny', num_heads=(1, 2, 4, 8), embed_dim=34)
+
+
+def test_length_buckets_equal_one_padded_batch(monkeypatch):
+    """Strips grouped by length (several kernel calls) give the one-padded-batch result, forward and
+    backward, and cover every token once."""
+    import visionpe.models.rst as rst
+    attn = _strip_attention(num_sectors=4, ring_width=2, azimuth_bins=24)
+    x = torch.randn(2, 23, 19, 16, requires_grad=True)
+    lay = attn.layout(23, 19, x.device)
+    groups, inverse = rst.length_buckets(attn._layouts, lay)
+    assert all(g.layout is not None for g in groups)  # small: each group keeps its bias inputs
+    assert len(groups) > 1 and sum(g.num_windows for g in groups) == lay.num_windows
+    valid = [torch.arange(g.max_len)[None, :] < torch.tensor(lay.lengths)[g.windows][:, None] for g in groups]
+    tokens = torch.cat([g.index.view(g.num_windows, g.max_len)[ok] for g, ok in zip(groups, valid)])
+    assert sorted(tokens.tolist()) == list(range(23 * 19))
+    assert sum(g.num_windows * g.max_len for g in groups) < lay.num_windows * lay.max_len
+    outs, grads = [], []
+    # 0: every strip in one group, padded to the longest; GROUP_COPY_MB 0: biases cut from the whole one
+    for fill, copy_mb in ((rst.BUCKET_FILL, rst.GROUP_COPY_MB), (rst.BUCKET_FILL, 0.0), (0.0, 0.0)):
+        monkeypatch.setattr(rst, 'BUCKET_FILL', fill)
+        monkeypatch.setattr(rst, 'GROUP_COPY_MB', copy_mb)
+        attn._layouts.clear()
+        with use_backend('sdpa'):
+            out = attn(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(x.grad.clone())
+        x.grad = None
+    for out, grad in zip(outs[1:], grads[1:]):
+        assert (outs[0] - out).abs().max().item() < 1e-5
+        assert (grads[0] - grad).abs().max().item() < 1e-4

@@ -60,7 +60,9 @@ def irpe(gs: GoldenSet):
         grid = Grid(H // p, W // p, model.num_prefix_tokens)
         rec = {}
         _record(model.pe, rec)
-        with use_backend('math'):  # the reference computes explicit logits
+        # the reference computes explicit logits; with autograd on, the q-side term goes through term_qk
+        # (which records the reference module's output) instead of the inference-only transposed gather
+        with use_backend('math'), torch.enable_grad():
             final, inter = model.forward_intermediates(x, output_fmt='NLC', return_prefix_tokens=True)
         for i, (patches, prefix) in enumerate(inter):
             out[f'block{i}_out_{s}'] = torch.cat([prefix, patches], dim=1)

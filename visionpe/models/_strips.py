@@ -214,8 +214,10 @@ class StripBias(nn.Module):
 
     @staticmethod
     def _lookup(table: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        # (rows, heads) at signed offsets (negative = counted from the end, as upstream) -> (heads, *offset)
-        return table.t()[:, offset % table.shape[0]]
+        # (rows, heads) at signed offsets (negative = counted from the end, as upstream) -> (heads, *offset);
+        # index_select over the flat offsets: advanced indexing took 4x the time (rst_tiny at 448 px)
+        flat = (offset % table.shape[0]).flatten()
+        return table.t().contiguous().index_select(1, flat).view(table.shape[1], *offset.shape)
 
     def angular(self, lay: StripLayout) -> torch.Tensor:
         """``a_p[d] cos + b_p[d] sin``: (heads, nW, L, L)."""

@@ -135,6 +135,16 @@ def _gather(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(scores, -1, ids.expand(*scores.shape[:-2], *ids.shape))
 
 
+def _gather_transposed(scores: torch.Tensor, ids_t: torch.Tensor) -> torch.Tensor:
+    """``out[..., i, j] = scores[..., j, ids_t[i, j]]`` for scores (..., M, C) and ids_t (R, M): the
+    transpose of :func:`_gather` built in place, for the q-side term (adding a transposed (N, N) term
+    strides through memory). Inference only: its backward would materialise (..., R, M * C)."""
+    M, C = scores.shape[-2:]
+    flat = _index(ids_t) + torch.arange(M, device=ids_t.device) * C
+    src = scores.flatten(-2).unsqueeze(-2).expand(*scores.shape[:-2], ids_t.shape[0], M * C)
+    return torch.gather(src, -1, flat.expand(*scores.shape[:-2], *ids_t.shape))
+
+
 class IRPETable(nn.Module):
     """One iRPE lookup table with the upstream parameter names.
 
@@ -322,8 +332,22 @@ class IRPE(PosEncoding):
         if lay.rpe_k is not None:
             out = self.term_qk('k', q[:, :, rows] * scale, layer, _rows_of(state, rows))
         if lay.rpe_q is not None:
-            term = self.term_qk('q', k * scale, layer, state, cols=rows).transpose(-1, -2)
-            out = term if out is None else out + term
+            if self.mode == 'ctx' and not torch.is_grad_enabled():  # both terms fresh (B, H, rows, N) tensors
+                term = self.term_q_rows(k * scale, layer, state, rows)
+                out = term if out is None else out.add_(term)
+            else:
+                term = self.term_qk('q', k * scale, layer, state, cols=rows).transpose(-1, -2)
+                out = term if out is None else out + term
+        return out
+
+    def term_q_rows(self, x: torch.Tensor, layer: int, state: Dict[str, Any], rows: slice) -> torch.Tensor:
+        """The q-side contextual term as it enters the logits, rows ``rows``:
+        ``out[b, h, i, j] = x_j . r_q[:, ids[j, i]]`` (``x = s k``), i.e. ``term_qk('q', ...)`` transposed,
+        gathered in that layout (inference only, see :func:`_gather_transposed`)."""
+        out = None
+        for t, ids in zip(self._tables(self.layers[layer].rpe_q, state), state['ids']):
+            term = _gather_transposed(x @ t, ids[:, rows].t())
+            out = term if out is None else out.add_(term)
         return out
 
     def score_mod(self, q: torch.Tensor, k: torch.Tensor, scale: float, layer: int, state: Any) -> Optional[Callable]:

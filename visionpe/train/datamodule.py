@@ -22,6 +22,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..data.device_loader import batch_loader, resident
 from ..data.fashion_mnist import FMNIST_MEAN, FMNIST_STD, FashionMNISTBatches, load_fashion_mnist, subset_indices
 from ..data.imagefolder import BadSampleMonitor, SafeImageFolder, check_image_folder, collate_skip_bad
 from ..data.multires import MultiResolution, ScheduledBatches, ScheduledTransformSkipBad
@@ -84,6 +85,8 @@ class ImageClassificationData(pl.LightningDataModule):
             (:mod:`visionpe.data.multires`, timm's ScheduledBatchSampler; the same sizes on every DDP rank).
         multires_schedule, multires_schedule_epochs: ``uniform`` (each batch's size uniform over the set) or
             ``progressive`` (small to large over ``multires_schedule_epochs`` epochs, timm's curriculum).
+        device_resident: Fashion-MNIST only: keep the whole dataset on the training device and look batches
+            up there (:mod:`visionpe.data.device_loader`; the same images as the host path, for short GPU studies).
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class ImageClassificationData(pl.LightningDataModule):
             multires_schedule: str = 'uniform',
             multires_schedule_epochs: Optional[int] = None,
             multires_batch_multiple: int = 2,
+            device_resident: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -154,6 +158,9 @@ class ImageClassificationData(pl.LightningDataModule):
             multires_sizes, multires_range, multires_step, img_size=img_size, batch_size=batch_size,
             schedule=multires_schedule, schedule_epochs=multires_schedule_epochs,
             batch_multiple=multires_batch_multiple)
+        if self.multires is not None and device_resident:
+            raise ValueError('data.device_resident does not run multi-resolution batches yet (they would silently '
+                             'take the host path): drop one of device_resident and multires_*')
         if self.multires is not None and dataset == 'webdataset':
             raise ValueError('multi-resolution batches need a map-style dataset (fashion_mnist or imagefolder); '
                              'webdataset streams cannot be scheduled per batch')
@@ -168,6 +175,9 @@ class ImageClassificationData(pl.LightningDataModule):
             if train_samples is None:
                 raise ValueError('data.dataset=webdataset needs --data.train_samples (samples in the training '
                                  'shards, e.g. 1281167 for ImageNet-1k): it defines the epoch length')
+        if device_resident and dataset != 'fashion_mnist':
+            raise ValueError(f'data.device_resident keeps an in-memory dataset on the device: fashion_mnist only, '
+                             f'not {dataset!r}')
         if dataset == 'imagefolder' and root is None:
             raise ValueError('data.dataset=imagefolder needs --data.root (the folder holding train/ and val/)')
 
@@ -281,7 +291,7 @@ class ImageClassificationData(pl.LightningDataModule):
             ds = self._splits['train']
             bs = ResumableBatchSampler(len(ds), self.batch_size, shuffle=True, drop_last=True, seed=self.seed,
                                        rank=rank, world_size=world)
-            return ResumableLoader(DataLoader(ds, sampler=bs, batch_size=None, num_workers=0), bs)
+            return ResumableLoader(batch_loader(self._resident(ds), bs, self._batch_device()), bs)
         ds, idx = self._splits['train'], self._splits['train_idx']
         bs = ResumableBatchSampler(len(idx), self.batch_size, shuffle=True, drop_last=True, seed=self.seed,
                                    rank=rank, world_size=world)
@@ -316,10 +326,20 @@ class ImageClassificationData(pl.LightningDataModule):
         if self.dataset == 'fashion_mnist':
             bs = ResumableBatchSampler(len(ds), self.eval_batch_size, shuffle=False, drop_last=False,
                                        rank=rank, world_size=world)
-            return ResumableLoader(DataLoader(ds, sampler=bs, batch_size=None, num_workers=0), bs)
+            return ResumableLoader(batch_loader(self._resident(ds), bs, self._batch_device()), bs)
         idx = self._splits[f'{split}_idx']
         return DataLoader(_Indexed(ds, idx), batch_size=self.eval_batch_size, sampler=_EvalShard(len(idx), rank, world),
                           collate_fn=collate_skip_bad, **self._loader_kwargs())
+
+    def _batch_device(self) -> Optional[torch.device]:
+        """The training device when batches are looked up there (``device_resident``), else None."""
+        if not self.hparams.get('device_resident'):
+            return None
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device('cpu')
+
+    def _resident(self, ds: FashionMNISTBatches) -> FashionMNISTBatches:
+        device = self._batch_device()
+        return ds if device is None else resident(ds, device)
 
     def val_dataloader(self):
         return self._eval_loader('val')
