@@ -51,7 +51,7 @@ import visionpe
 from visionpe.attention import flex_available, flex_compiled, resolve_backend, set_attn_backend, xformers_available
 from visionpe.benchmark import images_per_second, peak_memory, time_interleaved
 from visionpe.models._registry import _MODELS
-from visionpe.pos import PosEncoding, list_encodings
+from visionpe.pos import PosEncoding, list_encodings, registered_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import HIER_BASELINE, TIMM_TWINS, VIT_BASELINE, build  # noqa: E402
@@ -85,7 +85,7 @@ def encodings_of(model: nn.Module) -> list[PosEncoding]:
 
 def bias_capable(model: nn.Module) -> bool:
     """The model adds a bias to the attention logits through an encoding's ``bias`` hook."""
-    return any(e.uses('bias') for e in encodings_of(model))
+    return any('bias' in e.hooks for e in encodings_of(model))
 
 
 def needs_probs(model: nn.Module) -> bool:
@@ -113,7 +113,7 @@ def check_models(args) -> list[tuple[str, dict[str, Any]]]:
     used = set()
     for n in names:
         m = make(dict(model=n), args.quick, 'meta')
-        used |= {getattr(e, 'encoding_name', None) for e in encodings_of(m)}
+        used |= {registered_name(e) for e in encodings_of(m)}
     for enc in list_encodings():
         if enc not in used:
             out.append((f'vit_nope_tiny+pe={enc}', dict(model='vit_nope_tiny', pe=enc)))
@@ -140,7 +140,7 @@ def bench_build(name: str, device: torch.device, quick: bool) -> nn.Module:
 
 
 def encoding_names(model: nn.Module) -> list[str]:
-    return sorted({getattr(e, 'encoding_name', type(e).__name__) for e in encodings_of(model)})
+    return sorted({registered_name(e) for e in encodings_of(model)})
 
 
 @contextlib.contextmanager

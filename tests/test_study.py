@@ -96,7 +96,8 @@ def test_print_config_shows_every_field(capsys):
 def _spec(tmp_path, **kw) -> StudySpec:
     base = dict(name='t', recipes=[Recipe('fixed', 'configs/fmnist_vit_tiny.yaml'),
                                    Recipe('aug', 'configs/fmnist_vit_tiny.yaml', ['--data.hflip', '0.0'], ['ape'])],
-                encodings=['ape', 'rope2d'], seeds=[0, 1], sizes=['32', '48x64'], output=str(tmp_path / 'study'))
+                encodings=['ape', 'rope2d'], seeds=[0, 1], sizes=['32', '48x64'], output=str(tmp_path / 'study'),
+                work_dir=str(tmp_path / 'work'))
     return StudySpec(**{**base, **kw})
 
 
@@ -283,7 +284,7 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     import yaml
     from visionpe.study.__main__ import main
     study = yaml.safe_load((REPO / 'configs/study/fmnist_quick.yaml').read_text())
-    study.update(sizes=['32', '48', '32x64'], seeds=[0], eval_images=128, output=str(tmp_path / 'out'),
+    study.update(sizes=['32', '48', '32x64'], seeds=[0], eval_images=128, output=str(tmp_path / 'out'), work_dir=str(tmp_path / 'work'),
                  train_args=['--trainer.max_steps', '4', '--model.warmup_epochs', '0', '--data.train_subset', '256',
                              '--data.val_subset', '64', '--trainer.enable_progress_bar', 'false'])
     assert study['encodings'] == ['ape', 'rope2d_mixed']

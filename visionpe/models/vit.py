@@ -23,7 +23,7 @@ from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_tim
 from ..attention import Attention
 from ..grid import CoordAug, CoordDraw, Grid, GridCache, check_coord_mode
 from ..layers import norm_layer_by_name
-from ..pos import EncodingContext, build_encoding
+from ..pos import EncodingContext, build_encoding, registered_name
 from ..pos.absolute import SINCOS_COORD_MODE, resample_table, sample_table_cape, sincos_2d, tile_table
 from ..pos.base import LayerPos, PosEncoding
 from ._base import TimmBackbone, maybe_checkpoint
@@ -265,7 +265,7 @@ class VisionTransformer(TimmBackbone):
                                  "(pos_embed_coord_mode='polar')")
             consumers.append(f'pos_embed={self.pos_embed_type!r}')
         if self.pe is not None:
-            name = getattr(self.pe, 'encoding_name', type(self.pe).__name__)
+            name = registered_name(self.pe)
             support = self.pe.coord_aug_support
             if support is None:
                 raise ValueError(

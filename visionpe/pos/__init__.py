@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Type
 from .base import EncodingContext, LayerPos, PosEncoding
 
 __all__ = ['EncodingContext', 'LayerPos', 'PosEncoding', 'register_encoding', 'build_encoding',
-           'list_encodings', 'encoding_options']
+           'list_encodings', 'encoding_options', 'registered_name']
 
 _ENCODINGS: Dict[str, Type[PosEncoding]] = {}
 
@@ -30,6 +30,12 @@ def register_encoding(name: str) -> Callable[[Type[PosEncoding]], Type[PosEncodi
 def list_encodings() -> List[str]:
     _import_all()
     return sorted(_ENCODINGS)
+
+
+def registered_name(enc: PosEncoding | type) -> str:
+    """The registry name of an encoding (instance or class); its class name if it is not registered."""
+    cls = enc if isinstance(enc, type) else type(enc)
+    return next((name for name, c in _ENCODINGS.items() if c is cls), cls.__name__)
 
 
 def encoding_options(name: str) -> List[str]:
