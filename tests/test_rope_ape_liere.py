@@ -69,7 +69,7 @@ def test_liere_preset_is_the_golden_configuration():
     assert pe.freqs.shape == (TINY['depth'], TINY['num_heads'], 2, 16 // 4, 4, 4)  # per axis, non-commuting
     cfg_path = golden_dir() / 'comrope_baselines' / 'liere_b4_sf1' / 'config.json'
     if not cfg_path.is_file():
-        pytest.skip('ComRoPE baselines golden set not found')
+        pytest.skip(f'golden set {cfg_path.parent} not found (set VISIONPE_GOLDEN_DIR to the golden folders)')
     c = json.loads(cfg_path.read_text())['config_kwargs']
     assert (pe.block_size, pe.init_std, pe.scale_factor) == (c['block_size'], c['init_std'], c['scale_factor'])
 
