@@ -296,7 +296,9 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert files == ['ape__fixed__s0.jsonl', 'rope2d_mixed__fixed__s0.jsonl']
     for f in files:
         rows = [json.loads(ln) for ln in (rows_dir / f).read_text().splitlines()]
-        assert sorted(r['size'] for r in rows) == ['32x32', '32x64', '48x48']
+        settings = {r['setting'] for r in rows}  # RoPE-Mixed: index and ref coordinates; APE: its own
+        assert len(settings) == (2 if f.startswith('rope2d_mixed') else 1)
+        assert sorted(r['size'] for r in rows) == sorted(['32x32', '32x64', '48x48'] * len(settings))
         for r in rows:
             c = unpack_correct(r['correct'], r['n_images'])
             assert r['n_images'] == 128 and r['top1'] == pytest.approx(100 * c.mean())
