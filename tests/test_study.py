@@ -302,7 +302,7 @@ def test_quick_study_end_to_end(tmp_path, capsys):
         for r in rows:
             c = unpack_correct(r['correct'], r['n_images'])
             assert r['n_images'] == 128 and r['top1'] == pytest.approx(100 * c.mean())
-            assert len(r['checkpoint_sha256']) == 64 and r['versions']['torch']
+            assert len(r['checkpoint_sha256']) == 64 and r['versions']['torch'] and r['versions']['commit']
     board = (tmp_path / 'out' / 'report' / 'leaderboard.md').read_text()
     assert '| ape |' in board and '| rope2d_mixed |' in board and '32x64' in board
     for png in ('families', 'best', 'retention'):

@@ -50,7 +50,7 @@ class EvalConfig:
     max_images: int | str | None = None  # None: all (Fashion-MNIST on CPU: CPU_FMNIST_SUBSET); 'all': all, always
     device: str = 'auto'
     knobs: KnobSpace = field(default_factory=KnobSpace)
-    train_res: int | None = None        # overrides the training resolution found in the checkpoint
+    train_res: int | str | Size | None = None  # N or HxW: overrides the training size found in the checkpoint
     workers: int = 2
     progress: bool = True
     max_bias_mb: float = 1024.0            # attention bias budget (visionpe.attention.bias_budget)
