@@ -318,6 +318,30 @@ def test_coordinate_modes_stay_in_the_training_frame(folder):
     assert by(res.rows, model='vit_rope2d_tiny', coord_mode='ref')[16]['loss'] == pytest.approx(train['loss'], abs=1e-6)
 
 
+@pytest.mark.parametrize('model', ['vit_pape_tiny', 'vit_pape_ri_tiny', 'vit_spiral_tiny', 'vit_alibi2d_tiny',
+                                   'vit_fire2d_tiny'])
+def test_frontier_encodings_take_the_coordinate_knob(model):
+    """PaPE, PaPE-RI, Spiral RoPE, 2-D ALiBi and FIRE-2D read index coordinates, so position interpolation
+    (``--coord-modes ref``) is their test-time alternative: it is swept, and the rebuilt model gives the same
+    logits at the training size and other logits at twice that size."""
+    from visionpe.eval.models import expand_knobs, knob_support
+    import timm
+    kw = dict(TINY, dynamic_img_size=True)
+    settings, _ = expand_knobs(KnobSpace(coord_mode=['index', 'ref', 'normalized']),
+                               knob_support(timm.create_model(model, **kw)))
+    assert [s.label() for s in settings] == ['coord=index', 'coord=ref']
+    logits = {}
+    for mode in ('index', 'ref'):
+        torch.manual_seed(0)
+        m = timm.create_model(model, coord_mode=mode, **kw).eval()
+        with torch.no_grad():
+            for p in m.parameters():  # weights large enough that positions move the logits far above rounding
+                p.normal_(0, 0.5)
+            logits[mode] = [m(blobs(r)) for r in (16, 32)]
+    torch.testing.assert_close(logits['ref'][0], logits['index'][0], rtol=0, atol=1e-5)
+    assert (logits['ref'][1] - logits['index'][1]).abs().max() > 1e-3
+
+
 def test_resume_reuses_measured_rows(folder, rope_file, tmp_path, monkeypatch):
     out = tmp_path / 'run'
     argv = ['--models', 'vit_rope2d_tiny', '--checkpoints', str(rope_file), '--model-kwargs', json.dumps(TINY),

@@ -24,7 +24,7 @@ import torch
 
 from ..grid import Grid, GridCache, check_coord_mode
 from . import register_encoding
-from .base import EncodingContext, PosEncoding
+from .base import COORD_MODE, EncodingContext, PosEncoding
 
 __all__ = ['ALiBi2D', 'DistanceBias', 'alibi_slopes', 'axis_steps', 'offset_distances', 'offset_index']
 
@@ -76,6 +76,7 @@ class DistanceBias(PosEncoding):
     :meth:`table` ``(heads, h * w)`` (one value per distinct offset) for a layer; this class gathers it whole,
     by query rows or in the FlexAttention kernel. Pairs with a prefix token get :meth:`prefix_table` (0 by default)."""
     hooks = frozenset({'bias'})
+    test_knobs = (COORD_MODE,)  # e.g. --coord-modes index ref (distances in training-grid units)
 
     def __init__(self, ctx: EncodingContext, coord_mode: str = 'index', ref_hw: Optional[Tuple[int, int]] = None):
         super().__init__(ctx)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ..grid import Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
-from .base import EncodingContext, PosEncoding
+from .base import COORD_MODE, EncodingContext, PosEncoding
 
 __all__ = ['PaPE', 'PaPERI', 'PaPEState', 'pape_positions', 'pad_width']
 
@@ -75,6 +75,7 @@ class PaPEState:
 class _ParabolicBase(PosEncoding):
     """Shared machinery: positions, the attention-input hook, the widening and padding."""
     hooks = frozenset({'tokens', 'rotate'})
+    test_knobs = (COORD_MODE,)  # e.g. --coord-modes index ref (position interpolation)
 
     def __init__(self, ctx: EncodingContext, coord_mode: str, ref_hw: Optional[Tuple[int, int]],
                  patch_offset: float, normalize: bool, pad_multiple: int):

@@ -31,7 +31,7 @@ import torch
 
 from ..grid import Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
-from .base import EncodingContext, PosEncoding
+from .base import COORD_MODE, EncodingContext, PosEncoding
 from .rope import apply_rope, rope_tables
 
 __all__ = ['SpiralRoPE', 'spiral_frequencies', 'spiral_angles']
@@ -92,6 +92,7 @@ class SpiralRoPE(PosEncoding):
         pos_scale: multiplies the coordinates (test-time position interpolation).
     """
     hooks = frozenset({'rotate'})
+    test_knobs = (COORD_MODE,)  # e.g. --coord-modes index ref (position interpolation)
 
     def __init__(
             self,
