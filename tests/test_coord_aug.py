@@ -19,7 +19,8 @@ TINY = dict(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_c
 # presets whose encoding reads token coordinates; per-sample draws where the encoding takes them
 COORD_PRESETS = {'ape': 'sample', 'sincos': 'sample', 'lape': 'sample', 'rope2d': 'sample',
                  'rope2d_mixed': 'sample', 'comrope_ap': 'batch', 'comrope_ld': 'batch', 'lookhere': 'batch',
-                 'pope2d': 'batch'}
+                 'pope2d': 'batch', 'pape': 'sample', 'pape_ri': 'sample', 'spiral': 'sample', 'alibi2d': 'batch',
+                 'fire2d': 'batch'}
 AUG = dict(shift=0.5, jitter=1.5, rescale=2.0)
 
 
@@ -29,6 +30,8 @@ def tiny(preset: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     if preset == 'pope2d':
         kw = {'delta_init': 'uniform', **kw}  # delta starts inside (-2 pi, 0), where its gradient is not clamped
+    if preset == 'alibi2d':
+        kw = {'slope_scale': 16.0, **kw}  # ALiBi's slopes for 2 heads (1/16, 1/256) would barely move the logits
     model = timm.create_model(f'vit_{preset}_tiny', **{**TINY, **kw})
     with torch.no_grad():
         for blk in model.blocks:
@@ -206,6 +209,7 @@ def test_flexi_patch_size():
 def _steps(model: torch.nn.Module, n: int = 2, size=(16, 16)) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    reached = set()
     model.train()
     for i in range(n):
         torch.manual_seed(i)
@@ -213,9 +217,11 @@ def _steps(model: torch.nn.Module, n: int = 2, size=(16, 16)) -> None:
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
+        reached |= {k for k, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
         opt.step()
-    moved = {k for k, p in model.named_parameters() if not torch.equal(before[k], p)}
-    assert moved == set(before), set(before) - moved  # gradients reach every parameter
+    assert reached == set(before), set(before) - reached  # gradients reach every parameter (AdamW's weight
+    moved = {k for k, p in model.named_parameters() if not torch.equal(before[k], p)}  # decay alone moves them)
+    assert moved == set(before), set(before) - moved
 
 
 CASES = [(p, 'coord_aug', dict(coord_aug=AUG)) for p in sorted(COORD_PRESETS)]
@@ -226,4 +232,6 @@ CASES += [(p, 'flexi', dict(flexi_patch_sizes=[2, 4, 8])) for p in sorted(COORD_
 
 @pytest.mark.parametrize('preset,option,kw', CASES, ids=[f'{p}-{o}' for p, o, _ in CASES])
 def test_few_training_steps(preset, option, kw):
-    _steps(tiny(preset, **kw), size=(16, 16) if option == 'flexi' else (16, 20))
+    # average pooling: with one block and class-token pooling, only the class token's row of the last attention
+    # reaches the loss, and encodings that leave prefix tokens unpositioned (PoPE, a PEG after the block) get none
+    _steps(tiny(preset, global_pool='avg', **kw), size=(16, 16) if option == 'flexi' else (16, 20))

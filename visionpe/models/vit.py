@@ -23,7 +23,7 @@ from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_tim
 from ..attention import Attention
 from ..grid import CoordAug, CoordDraw, Grid, GridCache, check_coord_mode
 from ..layers import norm_layer_by_name
-from ..pos import EncodingContext, build_encoding, registered_name
+from ..pos import EncodingContext, build_encoding, coord_aug_encodings, registered_name
 from ..pos.absolute import SINCOS_COORD_MODE, resample_table, sample_table_cape, sincos_2d, tile_table
 from ..pos.base import LayerPos, PosEncoding
 from ._base import TimmBackbone, maybe_checkpoint
@@ -270,7 +270,7 @@ class VisionTransformer(TimmBackbone):
             if support is None:
                 raise ValueError(
                     f"coord_aug does not apply to the encoding {name!r}: it reads no continuous token coordinates. "
-                    f"It applies to rope2d, comrope, pope2d, lookhere, lape and to absolute tables "
+                    f"It applies to {', '.join(coord_aug_encodings())} and to absolute tables "
                     f"(pos_embed='learn' via CAPE sampling, 'sincos'); remove coord_aug for this model")
             if getattr(self.pe, 'coord_mode', None) == 'polar':
                 raise ValueError(f"coord_aug (shift / jitter / rescale) is defined on Cartesian coordinates; "
