@@ -158,12 +158,55 @@ def test_every_consumer_sees_the_same_draw(monkeypatch):
     assert torch.allclose(sin[P:, 0], xy[:, 0].sin(), atol=1e-6) and torch.allclose(cos[P:, 0], xy[:, 0].cos(), atol=1e-6)
 
 
+@pytest.mark.parametrize('preset', sorted(p for p, s in COORD_PRESETS.items() if s == 'sample'))
+def test_a_per_sample_draw_equals_each_image_with_its_own_draw(preset):
+    """A per-sample draw over a batch gives, image by image, what that image gives alone under a per-batch draw
+    holding its values (the batch dimension of the encoding's state is the image's)."""
+    model = tiny(preset, coord_aug={**AUG, 'per_sample': True}).eval()
+    torch.manual_seed(2)
+    draw = CoordAug(**AUG, per_sample=True).draw(3)
+    x = torch.randn(3, 3, 16, 20)
+    with torch.no_grad():
+        model._coord_draw = lambda b: draw
+        batched = model.forward_features(x)
+        for i in range(3):
+            one = CoordDraw(draw.shift[i], draw.jitter[i], draw.rescale[i])
+            model._coord_draw = lambda b: one
+            assert (model.forward_features(x[i:i + 1])[0] - batched[i]).abs().max().item() < 1e-5, i
+    assert (batched[0] - batched[1]).abs().max() > 1e-3  # (the images differ anyway: a sanity bound only)
+
+
+@pytest.mark.parametrize('normalize', [False, True])
+@pytest.mark.parametrize('mode', ['index', 'normalized'])
+def test_pape_positions_under_a_draw(mode, normalize):
+    """PaPE's positions under a draw: the mode's patch coordinates moved by it, then patch_offset and normalize
+    (x / rows, y / columns) as without it; prefix tokens stay at (0, 0). A shift of (t, t) in index units equals
+    patch_offset + t."""
+    from visionpe.pos.pape import pape_positions
+    h, w, P = 3, 5, 2
+    torch.manual_seed(0)
+    draw = CoordAug(**AUG).draw()
+    pos = pape_positions(Grid(h, w, P, aug=draw), mode, patch_offset=1.0, normalize=normalize)
+    ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing='ij')
+    xy = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
+    if mode == 'normalized':
+        xy = (xy + 0.5) / torch.tensor([w, h])
+    want = (xy + draw.shift) * draw.jitter * draw.rescale + 1.0
+    if normalize:
+        want = want / torch.tensor([h, w]).float()
+    assert not pos[:P].any() and torch.allclose(pos[P:], want, atol=1e-6)
+    shifted = pape_positions(Grid(h, w, P, aug=CoordDraw(shift=torch.tensor([0.25, 0.25]))), patch_offset=1.0)
+    assert torch.allclose(shifted, pape_positions(Grid(h, w, P), patch_offset=1.25))
+
+
 @pytest.mark.parametrize('preset,kw,match', [
     ('cpvt', dict(coord_aug=AUG), 'does not apply'),
     ('irpe', dict(coord_aug=AUG), 'does not apply'),
     ('nope', dict(coord_aug=AUG), 'needs a consumer'),
     ('rope2d_polar', dict(coord_aug=AUG), 'polar'),
     ('comrope_ap', dict(coord_aug={**AUG, 'per_sample': True}), 'per_sample'),
+    ('alibi2d', dict(coord_aug={**AUG, 'per_sample': True}), 'per_sample'),
+    ('fire2d', dict(coord_aug={**AUG, 'per_sample': True}), 'per_sample'),
     ('ape', dict(flexi_patch_sizes=[4, 6]), 'do not divide'),
     ('ape', dict(flexi_patch_sizes=4), 'list of positive integers'),
 ])
