@@ -69,8 +69,9 @@ def pape_positions(grid: Grid, coord_mode: str = 'index', ref_hw: Optional[Tuple
 
 
 class PaPEState:
-    """One forward's positions ``(P + N, 2)`` (``(B, P + N, 2)`` under a per-sample coordinate draw) and the per-layer query coefficients that :meth:`attn_input`
-    hands to :meth:`rotate` (consumed there, so no layer keeps them)."""
+    """One forward's positions ``(P + N, 2)`` (``(B, P + N, 2)`` under a per-sample coordinate draw) and the
+    per-layer query coefficients that :meth:`attn_input` hands to :meth:`rotate` (consumed there, so no layer
+    keeps them)."""
     __slots__ = ('pos', 'coef')
 
     def __init__(self, pos: torch.Tensor):
