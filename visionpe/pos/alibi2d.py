@@ -82,11 +82,8 @@ class DistanceBias(PosEncoding):
     :meth:`table` ``(heads, h * w)`` (one value per distinct offset) for a layer; this class gathers it whole,
     by query rows or in the FlexAttention kernel. Pairs with a prefix token get :meth:`prefix_table` (0 by default)."""
     hooks = frozenset({'bias'})
-<<<<<<< HEAD
     test_knobs = (COORD_MODE,)  # e.g. --coord-modes index ref (distances in training-grid units)
-=======
     coord_aug_support = 'batch'
->>>>>>> h-robust2
 
     def __init__(self, ctx: EncodingContext, coord_mode: str = 'index', ref_hw: Optional[Tuple[int, int]] = None):
         super().__init__(ctx)
