@@ -382,8 +382,8 @@ def coverage(finished: Sequence[str], planned: Sequence[str] | None) -> str:
                     f'{sum(j.split("__")[1] == r for j in planned)}' for r in recipes)
     text = f'{len(done & set(planned))} of {len(planned)} jobs finished ({per}).'
     if todo:
-        text += (' **Partial study**: rows, intervals and verdicts cover the finished jobs only; pending: '
-                 + ', '.join(todo) + '.')
+        shown = ', '.join(todo) if len(todo) <= 12 else f'{len(todo)} jobs (`python -m visionpe.study list-jobs`)'
+        text += f' **Partial study**: rows, intervals and verdicts cover the finished jobs only; pending: {shown}.'
     return text
 
 
