@@ -11,7 +11,7 @@ setup:
 
 demo: setup
 	$(PY) -m visionpe.study run --config configs/study/fmnist_quick.yaml --workers 2
-	@echo "The full Fashion-MNIST study (every encoding, 3 seeds, full test set), when committed:"
+	@echo "The full Fashion-MNIST study (every encoding, 3 seeds, a fixed 2,000-image test subset), when committed:"
 	@echo "  benchmarks/results/fmnist_study/report/leaderboard.md"
 
 test: setup

@@ -459,7 +459,7 @@ def markdown(res: dict[str, Any]) -> str:
                   f"sizes {b['sizes']}, batch {b['batch']}; fp32 logits max|diff| <= {FP32_LOGITS_ABS}, gradients "
                   f"<= {FP32_GRAD_REL} x max|grad|; bf16 rel L2 <= {BF16_LOGITS_REL} (logits), "
                   f"{BF16_GRAD_REL} (gradients)", '',
-                  '| model | backend (runs) | dtype | size | bwd | logits | grad | ok |', '|---|---|---|---|---|---|---|---|']
+                  *_head('model', 'backend (runs)', 'dtype', 'size', 'bwd', 'logits', 'grad', 'ok')]
         for r in b['rows']:
             g = r.get('grad')
             lines.append(f"| {r['model']} | {r['backend']} ({r['effective']}{', compiled' if r['flex_compiled'] else ''})"
@@ -470,7 +470,7 @@ def markdown(res: dict[str, Any]) -> str:
     t = res.get('train')
     if t:
         lines += ['## bf16-mixed training', '', f"{t['steps']} steps, batch {t['batch']} at {t['size']} px, "
-                  f"{t['optimizer']}, {t['precision']}", '', '| model | first loss | last loss | ok |', '|---|---|---|---|']
+                  f"{t['optimizer']}, {t['precision']}", '', *_head('model', 'first loss', 'last loss', 'ok')]
         lines += [f"| {r['model']} | {r['losses'][0]:.4f} | {r['losses'][-1]:.4f} | {'ok' if r['ok'] else 'FAIL'} |"
                   for r in t['rows']]
         lines.append('')
@@ -482,16 +482,15 @@ def markdown(res: dict[str, Any]) -> str:
                   f"baseline (its '(again)' row is the noise line)", '']
         for baseline, rows in s['groups'].items():
             base = rows[baseline]
-            lines += [f'### vs {baseline}', '', '| model | ' + ' | '.join(cols) + ' | ' +
-                      ' | '.join(f'{c} / base' for c in cols) + ' |', '|---' * (1 + 2 * len(cols)) + '|']
+            lines += [f'### vs {baseline}', '', *_head('model', *cols, *(f'{c} / base' for c in cols))]
             for n, r in rows.items():
                 lines.append(f'| {n} | ' + ' | '.join(_fmt(r.get(c)) for c in cols) + ' | ' +
                              ' | '.join(_fmt(r[c] / base[c]) if r.get(c) and base.get(c) else 'n/a' for c in cols)
                              + ' |')
             lines.append('')
         if s['targets']:
-            lines += ['### GPU targets (issue 22)', '', '| model | fwd+bwd ratio | target | met | memory ratio | met |',
-                      '|---|---|---|---|---|---|']
+            lines += ['### GPU targets (issue 22)', '',
+                      *_head('model', 'fwd+bwd ratio', 'target', 'met', 'memory ratio', 'met')]
             lines += [f"| {r['model']} | {r['fwdbwd_ratio']:.2f} | {r['fwdbwd_target']} | {r['fwdbwd_met']} | "
                       f"{_fmt(r['mem_ratio'])} | {r['mem_met']} |" for r in s['targets']]
             lines.append('')
@@ -501,10 +500,15 @@ def markdown(res: dict[str, Any]) -> str:
                   f"{f['size']} px, batch 1, bf16 autocast; {f['baseline']} peaks at {f['baseline_mib']:.1f} MiB; "
                   f"flex compiled: {f['flex_compiled']}; bound {FLEX_MEMORY_RATIO}x "
                   f"{'checked' if f['checked'] else 'not checked: ' + f['note']}", '',
-                  '| model | peak MiB | ratio | ok | note |', '|---|---|---|---|---|']
+                  *_head('model', 'peak MiB', 'ratio', 'ok', 'note')]
         lines += [f"| {r['model']} | {_fmt(r.get('mib'))} | {_fmt(r.get('ratio'))} | {'ok' if r['ok'] else 'FAIL'} | "
                   f"{r.get('note') or r.get('error') or ''} |" for r in f['rows']]
     return '\n'.join(lines) + '\n'
+
+
+def _head(*names: str) -> list[str]:
+    """A markdown table's header and rule lines."""
+    return ['| ' + ' | '.join(names) + ' |', '|---' * len(names) + '|']
 
 
 def _fmt(v: Any) -> str:

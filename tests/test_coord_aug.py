@@ -19,7 +19,8 @@ TINY = dict(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_c
 # presets whose encoding reads token coordinates; per-sample draws where the encoding takes them
 COORD_PRESETS = {'ape': 'sample', 'sincos': 'sample', 'lape': 'sample', 'rope2d': 'sample',
                  'rope2d_mixed': 'sample', 'comrope_ap': 'batch', 'comrope_ld': 'batch', 'lookhere': 'batch',
-                 'pope2d': 'batch'}
+                 'pope2d': 'batch', 'pape': 'sample', 'pape_ri': 'sample', 'spiral': 'sample', 'alibi2d': 'batch',
+                 'fire2d': 'batch'}
 AUG = dict(shift=0.5, jitter=1.5, rescale=2.0)
 
 
@@ -29,6 +30,8 @@ def tiny(preset: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     if preset == 'pope2d':
         kw = {'delta_init': 'uniform', **kw}  # delta starts inside (-2 pi, 0), where its gradient is not clamped
+    if preset == 'alibi2d':
+        kw = {'slope_scale': 16.0, **kw}  # ALiBi's slopes for 2 heads (1/16, 1/256) would barely move the logits
     model = timm.create_model(f'vit_{preset}_tiny', **{**TINY, **kw})
     with torch.no_grad():
         for blk in model.blocks:
@@ -155,12 +158,55 @@ def test_every_consumer_sees_the_same_draw(monkeypatch):
     assert torch.allclose(sin[P:, 0], xy[:, 0].sin(), atol=1e-6) and torch.allclose(cos[P:, 0], xy[:, 0].cos(), atol=1e-6)
 
 
+@pytest.mark.parametrize('preset', sorted(p for p, s in COORD_PRESETS.items() if s == 'sample'))
+def test_a_per_sample_draw_equals_each_image_with_its_own_draw(preset):
+    """A per-sample draw over a batch gives, image by image, what that image gives alone under a per-batch draw
+    holding its values (the batch dimension of the encoding's state is the image's)."""
+    model = tiny(preset, coord_aug={**AUG, 'per_sample': True}).eval()
+    torch.manual_seed(2)
+    draw = CoordAug(**AUG, per_sample=True).draw(3)
+    x = torch.randn(3, 3, 16, 20)
+    with torch.no_grad():
+        model._coord_draw = lambda b: draw
+        batched = model.forward_features(x)
+        for i in range(3):
+            one = CoordDraw(draw.shift[i], draw.jitter[i], draw.rescale[i])
+            model._coord_draw = lambda b: one
+            assert (model.forward_features(x[i:i + 1])[0] - batched[i]).abs().max().item() < 1e-5, i
+    assert (batched[0] - batched[1]).abs().max() > 1e-3  # (the images differ anyway: a sanity bound only)
+
+
+@pytest.mark.parametrize('normalize', [False, True])
+@pytest.mark.parametrize('mode', ['index', 'normalized'])
+def test_pape_positions_under_a_draw(mode, normalize):
+    """PaPE's positions under a draw: the mode's patch coordinates moved by it, then patch_offset and normalize
+    (x / rows, y / columns) as without it; prefix tokens stay at (0, 0). A shift of (t, t) in index units equals
+    patch_offset + t."""
+    from visionpe.pos.pape import pape_positions
+    h, w, P = 3, 5, 2
+    torch.manual_seed(0)
+    draw = CoordAug(**AUG).draw()
+    pos = pape_positions(Grid(h, w, P, aug=draw), mode, patch_offset=1.0, normalize=normalize)
+    ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing='ij')
+    xy = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
+    if mode == 'normalized':
+        xy = (xy + 0.5) / torch.tensor([w, h])
+    want = (xy + draw.shift) * draw.jitter * draw.rescale + 1.0
+    if normalize:
+        want = want / torch.tensor([h, w]).float()
+    assert not pos[:P].any() and torch.allclose(pos[P:], want, atol=1e-6)
+    shifted = pape_positions(Grid(h, w, P, aug=CoordDraw(shift=torch.tensor([0.25, 0.25]))), patch_offset=1.0)
+    assert torch.allclose(shifted, pape_positions(Grid(h, w, P), patch_offset=1.25))
+
+
 @pytest.mark.parametrize('preset,kw,match', [
     ('cpvt', dict(coord_aug=AUG), 'does not apply'),
     ('irpe', dict(coord_aug=AUG), 'does not apply'),
     ('nope', dict(coord_aug=AUG), 'needs a consumer'),
     ('rope2d_polar', dict(coord_aug=AUG), 'polar'),
     ('comrope_ap', dict(coord_aug={**AUG, 'per_sample': True}), 'per_sample'),
+    ('alibi2d', dict(coord_aug={**AUG, 'per_sample': True}), 'per_sample'),
+    ('fire2d', dict(coord_aug={**AUG, 'per_sample': True}), 'per_sample'),
     ('ape', dict(flexi_patch_sizes=[4, 6]), 'do not divide'),
     ('ape', dict(flexi_patch_sizes=4), 'list of positive integers'),
 ])
@@ -206,6 +252,7 @@ def test_flexi_patch_size():
 def _steps(model: torch.nn.Module, n: int = 2, size=(16, 16)) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    reached = set()
     model.train()
     for i in range(n):
         torch.manual_seed(i)
@@ -213,9 +260,11 @@ def _steps(model: torch.nn.Module, n: int = 2, size=(16, 16)) -> None:
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
+        reached |= {k for k, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
         opt.step()
-    moved = {k for k, p in model.named_parameters() if not torch.equal(before[k], p)}
-    assert moved == set(before), set(before) - moved  # gradients reach every parameter
+    assert reached == set(before), set(before) - reached  # gradients reach every parameter (AdamW's weight
+    moved = {k for k, p in model.named_parameters() if not torch.equal(before[k], p)}  # decay alone moves them)
+    assert moved == set(before), set(before) - moved
 
 
 CASES = [(p, 'coord_aug', dict(coord_aug=AUG)) for p in sorted(COORD_PRESETS)]
@@ -226,4 +275,6 @@ CASES += [(p, 'flexi', dict(flexi_patch_sizes=[2, 4, 8])) for p in sorted(COORD_
 
 @pytest.mark.parametrize('preset,option,kw', CASES, ids=[f'{p}-{o}' for p, o, _ in CASES])
 def test_few_training_steps(preset, option, kw):
-    _steps(tiny(preset, **kw), size=(16, 16) if option == 'flexi' else (16, 20))
+    # average pooling: with one block and class-token pooling, only the class token's row of the last attention
+    # reaches the loss, and encodings that leave prefix tokens unpositioned (PoPE, a PEG after the block) get none
+    _steps(tiny(preset, global_pool='avg', **kw), size=(16, 16) if option == 'flexi' else (16, 20))

@@ -3,6 +3,7 @@ force and a hand computation, FIRE's properties, and the three ways of applying 
 FlexAttention score_mod) against each other."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -214,3 +215,61 @@ def test_row_blocks_cut_peak_memory(name, monkeypatch):
     with torch.no_grad(), peak_memory() as blocks:
         model(x)
     assert blocks.bytes < dense / 2, blocks.mib
+
+
+# ----------------------------------------------------------------------------------- coordinate augmentation
+def _hand_coords(h: int, w: int, mode: str, ref_hw=(6, 6)) -> torch.Tensor:
+    """Patch coordinates (x, y) written out per mode (not through visionpe.grid), row-major."""
+    y, x = (t.reshape(-1).double() for t in torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij'))
+    if mode == 'normalized':
+        x, y = (x + 0.5) / w, (y + 0.5) / h
+    elif mode == 'ref':
+        x, y = x * ref_hw[1] / w, y * ref_hw[0] / h
+    return torch.stack([x, y], -1)
+
+
+@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('mode', ['index', 'normalized', 'ref'])
+@pytest.mark.parametrize('hw', [(3, 5), (6, 6), (8, 4)])
+def test_bias_under_a_draw_is_that_of_the_augmented_coordinates(name, mode, hw):
+    """A coordinate draw (DINOv3's shift / per-axis jitter / global rescale, the CoordDraw the models put on the
+    grid) gives the bias of the explicitly augmented coordinate grid: pairwise Euclidean distances of
+    ``(xy + s) * j * r`` (and, for FIRE, its extent and distances from its centre); also by query rows."""
+    from visionpe.grid import CoordAug
+    from visionpe.pos.alibi2d import alibi_slopes
+    enc = _enc(name, coord_mode=mode)
+    torch.manual_seed(3)
+    draw = CoordAug(shift=0.7, jitter=1.6, rescale=2.0).draw(4)
+    grid = Grid(*hw, 1, aug=draw)
+    bias = enc.layer_bias(enc.prepare(grid), 1).double()
+    xy = (_hand_coords(*hw, mode) + draw.shift.double()) * draw.jitter.double() * draw.rescale.double()
+    d = torch.cdist(xy, xy)
+    if name == 'alibi2d':
+        m = torch.tensor(alibi_slopes(4), dtype=torch.float64)
+        want_patch = -m[:, None, None] * d
+        assert not bias[:, 0].any() and not bias[:, :, 0].any()
+    else:
+        c, L = enc.c[1].double().abs(), enc.threshold[1].double().abs()
+        norm = torch.log1p(c * torch.maximum(L, d.max()))
+        mlp = copy.deepcopy(enc.mlps[1]).double()
+
+        def f(dist):
+            return mlp((torch.log1p(c * dist) / norm)[..., None]).movedim(-1, 0)
+        want_patch = f(d)
+        to_centre = f((xy - xy.mean(0)).norm(dim=-1))  # (heads, N)
+        assert torch.allclose(bias[:, 0, 1:], to_centre, atol=1e-5) and torch.allclose(bias[:, 1:, 0], to_centre,
+                                                                                        atol=1e-5)
+        assert torch.allclose(bias[:, 0, 0], f(torch.zeros((), dtype=torch.float64)), atol=1e-5)
+    assert torch.allclose(bias[:, 1:, 1:], want_patch, atol=1e-5)
+    plain = enc.layer_bias(enc.prepare(Grid(*hw, 1)), 1)
+    assert (plain.double() - bias).abs().max() > 1e-2  # the draw did change the bias
+    rows = enc.layer_bias(enc.prepare(grid), 1, slice(2, 7))
+    assert torch.allclose(rows.double(), bias[:, 2:7], atol=1e-6)
+
+
+def test_distance_bias_refuses_a_per_sample_draw():
+    from visionpe.grid import CoordAug
+    for name in NAMES:
+        enc = _enc(name)
+        with pytest.raises(ValueError, match='per_sample=False'):
+            enc.prepare(Grid(6, 6, 1, aug=CoordAug(jitter=1.5, per_sample=True).draw(3)))

@@ -202,6 +202,51 @@ def test_backends_agree_and_inapplicable_knobs_collapse(folder, tmp_path):
     assert any('coord_mode' in n for n in notes)
 
 
+def test_patch_size_knob_equals_set_patch_size(folder, rope_file, capsys, tmp_path):
+    """--patch-sizes 4 8 (FlexiViT at test time, declared by the ViT): every row equals the model run directly after
+    set_patch_size(p) on the same images; labels and rows carry the size; the setting is undone after each size;
+    a size the patch does not divide, a bad value and --task coco are clear errors."""
+    from visionpe.eval.data import EvalImages, parse_data
+    src = ModelSource('vit_rope2d_tiny', str(rope_file), dict(TINY))
+    res = run_eval(cfg(folder, src, resolutions=[16, 32], knobs=KnobSpace(patch_size=[4, 8])))
+    assert {r['label'] for r in res.rows} == {'vit_rope2d_tiny [patch=4]', 'vit_rope2d_tiny [patch=8]'}
+    model, info = src.build(2)
+    images = EvalImages(parse_data(str(folder)), None, 4, workers=0)
+    for p in (4, 8):
+        rows = by(res.rows, patch_size=p)
+        for r in (16, 32):
+            model.set_patch_size(p)
+            logits, labels = [], []
+            with torch.no_grad():
+                for x, y in images.batches((r, r), info['mean'], info['std']):
+                    logits.append(model(x)), labels.append(y)
+            model.set_patch_size(None)
+            logits, labels = torch.cat(logits), torch.cat(labels)
+            top1 = 100.0 * float((logits.argmax(-1) == labels).float().mean())
+            loss = float(torch.nn.functional.cross_entropy(logits, labels))
+            assert rows[r]['top1'] == pytest.approx(top1) and rows[r]['loss'] == pytest.approx(loss, abs=1e-6), (p, r)
+    assert abs(by(res.rows, patch_size=8)[32]['loss'] - by(res.rows, patch_size=4)[32]['loss']) > CHANGED
+    # applied and undone around each size: the model's own patch size afterwards
+    undo = apply_knobs(model, Knobs(patch_size=8), (32, 32), (16, 16))
+    assert model.patch_size == (8, 8)
+    undo()
+    assert model.patch_size == (4, 4)
+    assert 'patch_size' in knob_support(model)
+
+    def err(*argv) -> str:
+        with pytest.raises(SystemExit) as e:
+            main(['--models', 'vit_rope2d_tiny', '--checkpoints', str(rope_file), '--model-kwargs', json.dumps(TINY),
+                  '--data', str(folder), '--no-progress', '--workers', '0', '--output', str(tmp_path / 'o'), *argv])
+        assert e.value.code == 2
+        return capsys.readouterr().err
+    msg = err('--resolutions', '16', '20', '--patch-sizes', '4', '8')
+    assert 'not a multiple of the patch size 8x8 of vit_rope2d_tiny [patch=8]' in msg and '20 -> 16 or 24' in msg
+    assert 'positive integer' in err('--resolutions', '16', '--patch-sizes', '0')
+    assert 'positive integer' in err('--resolutions', '16', '--patch-sizes', 'big')
+    with pytest.raises(ValueError, match='--patch-sizes'):
+        KnobSpace(patch_size=[2.5]).validate()
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 @needs_fmnist
 def test_lightning_checkpoint_on_fmnist_and_no_arg_default(tmp_path, monkeypatch, capsys):
@@ -272,7 +317,7 @@ def fake_detector(tmp_path, monkeypatch):
     return root, calls
 
 
-def test_coco_dispatch_with_a_fake_detector(tmp_path, fake_detector):
+def test_coco_dispatch_with_a_fake_detector(tmp_path, fake_detector, capsys):
     root, calls = fake_detector
     out = tmp_path / 'run'
     with pytest.raises(SystemExit):
@@ -295,6 +340,11 @@ def test_coco_dispatch_with_a_fake_detector(tmp_path, fake_detector):
     assert {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'images_per_s', 'peak_mem_mb'} <= set(header)
     md = (out / 'results.md').read_text()
     assert 'COCO AP' in md and '32 px (short side)' in md and (out / 'results.png').stat().st_size > 0
+    with pytest.raises(SystemExit):  # the feature pyramid is built for the trained patch stride
+        main(['--task', 'coco', '--models', 'vit_rope2d_tiny', '--checkpoints', str(tmp_path / 'det.ckpt'),
+              '--data', f'coco:{root}', '--resolutions', '32', '--no-progress', '--output', str(out),
+              '--patch-sizes', '8'])
+    assert '--patch-sizes does not apply to --task coco' in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
@@ -316,6 +366,30 @@ def test_coordinate_modes_stay_in_the_training_frame(folder):
     # at the training size a mode of the family gives the same logits as the training mode
     train = by(res.rows, model='vit_rope2d_tiny', coord_mode='index')[16]
     assert by(res.rows, model='vit_rope2d_tiny', coord_mode='ref')[16]['loss'] == pytest.approx(train['loss'], abs=1e-6)
+
+
+@pytest.mark.parametrize('model', ['vit_pape_tiny', 'vit_pape_ri_tiny', 'vit_spiral_tiny', 'vit_alibi2d_tiny',
+                                   'vit_fire2d_tiny'])
+def test_frontier_encodings_take_the_coordinate_knob(model):
+    """PaPE, PaPE-RI, Spiral RoPE, 2-D ALiBi and FIRE-2D read index coordinates, so position interpolation
+    (``--coord-modes ref``) is their test-time alternative: it is swept, and the rebuilt model gives the same
+    logits at the training size and other logits at twice that size."""
+    from visionpe.eval.models import expand_knobs, knob_support
+    import timm
+    kw = dict(TINY, dynamic_img_size=True)
+    settings, _ = expand_knobs(KnobSpace(coord_mode=['index', 'ref', 'normalized']),
+                               knob_support(timm.create_model(model, **kw)))
+    assert [s.label() for s in settings] == ['coord=index', 'coord=ref']
+    logits = {}
+    for mode in ('index', 'ref'):
+        torch.manual_seed(0)
+        m = timm.create_model(model, coord_mode=mode, **kw).eval()
+        with torch.no_grad():
+            for p in m.parameters():  # weights large enough that positions move the logits far above rounding
+                p.normal_(0, 0.5)
+            logits[mode] = [m(blobs(r)) for r in (16, 32)]
+    torch.testing.assert_close(logits['ref'][0], logits['index'][0], rtol=0, atol=1e-5)
+    assert (logits['ref'][1] - logits['index'][1]).abs().max() > 1e-3
 
 
 def test_resume_reuses_measured_rows(folder, rope_file, tmp_path, monkeypatch):

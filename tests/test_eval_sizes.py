@@ -133,6 +133,28 @@ def test_folder_sweep_with_a_non_square_size(folder, tmp_path):  # noqa: F811
     assert all(len(unpack_correct(r['correct'], 4)) == 4 for r in rows.values())
 
 
+def test_non_square_training_size(folder, tmp_path):  # noqa: F811
+    """--train-res takes HxW: rows carry the whole training size (a model trained at 16x24 is marked there),
+    and the knobs that need it (position interpolation by ref coordinates) get both axes."""
+    from test_eval import TINY, save_tiny
+    w = save_tiny(tmp_path / 'r.safetensors', 'vit_rope2d_tiny')
+    out = tmp_path / 'run'
+    assert main(['--models', 'vit_rope2d_tiny', '--checkpoints', str(w), '--model-kwargs', json.dumps(TINY),
+                 '--data', str(folder), '--resolutions', '16x24', '32x48', '--train-res', '16x24', '--workers', '0',
+                 '--batch-size', '4', '--no-progress', '--coord-modes', 'ref', '--output', str(out)]) == 0
+    rows = _rows(out)
+    assert {r['train_res'] for r in rows} == {'16x24'} and {r['size'] for r in rows} == {'16x24', '32x48'}
+    meta = json.loads((out / 'results.json').read_text())['meta']
+    assert meta['models'][0]['train_res'] == [16, 24]
+    assert '16x24' in (out / 'results.md').read_text()
+
+
+def test_train_res_must_be_a_size(capsys):
+    with pytest.raises(SystemExit):
+        main(['--models', 'vit_rope2d_tiny', '--resolutions', '16', '--train-res', '16by24'])
+    assert '--train-res' in capsys.readouterr().err
+
+
 def test_detection_rejects_non_square_sizes_and_per_image(tmp_path):
     root = tmp_path / 'coco'
     root.mkdir()

@@ -74,7 +74,7 @@ def test_a_toy_encodings_knob_is_swept_without_evaluator_changes(toy_model, fold
     assert 'toy_gain' in known_knobs()
     src = ModelSource(toy_model, 'random')
     model, _ = src.build(2)
-    assert list(knob_support(model)) == ['toy_gain', 'temperature', 'backend']
+    assert list(knob_support(model)) == ['patch_size', 'toy_gain', 'temperature', 'backend']  # + the ViT's patch size
     res = run_eval(cfg(folder, src, resolutions=[16, 32], knobs=KnobSpace(toy_gain=[None, 1.0, 0.0])))
     assert {r['label'] for r in res.rows} == {toy_model, f'{toy_model} [gain=1]', f'{toy_model} [gain=0]'}
     own, one, zero = (by(res.rows, toy_gain=g) for g in (None, 1.0, 0.0))
@@ -135,6 +135,7 @@ def test_knob_values_are_checked_where_they_are_declared():
         KnobSpace(backend=['fast']).validate()
     assert Knobs(coord_mode='ref', rope_scaling='pi', lookhere_slope=0.5, temperature=True,
                  backend='math').label() == 'coord=ref, rope=pi, slope=0.5, temp=logN, attn=math'
+    assert Knobs(patch_size=8, coord_mode='ref').label() == 'coord=ref, patch=8'
     assert Knobs().label() == '' and Knobs(temperature=False) == Knobs()
 
 

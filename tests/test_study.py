@@ -175,7 +175,8 @@ def test_report_on_synthetic_rows(tmp_path):
     board = leaderboard(rows, '32', 'fixed')
     line = {l.split('|')[1].strip(): l for l in board.splitlines() if l.startswith('| ') and 'encoding' not in l}
     # at 64 px rope2d and rope2d_mixed are 0.5 points apart (not separable), ape 15 points below
-    assert '≈' in line['rope2d'] + line['rope2d_mixed'] and '≈' not in line['ape'].split('|')[5]
+    assert '≈' in line['rope2d'] + line['rope2d_mixed'] and '≈' not in line['ape'].split('|')[6]
+    assert all(line[e].split('|')[4].strip() == '3' for e in truth)  # the seeds column
     checks = {c['claim']: c for c in anchor_checks(rows, '32', 'fixed')}
     assert checks['RoPE-Axial > learned APE above the training size']['verdict'] == 'agrees'
     assert checks['RoPE-Mixed > RoPE-Axial above the training size']['verdict'] == 'inconclusive'
@@ -194,6 +195,25 @@ def test_report_with_one_seed_uses_binomial_intervals(tmp_path):
     cells = build_cells(load_rows(study), '32')
     assert {c.acc.method for c in cells} == {'binomial'}
     assert 'binomial interval' in leaderboard(load_rows(study), '32', 'fixed')
+
+
+def test_partial_study_says_what_it_covers(tmp_path):
+    """A report over some of a study's jobs says so at the top of the leaderboard and the anchor checks, with the
+    count per recipe and the pending job ids; a row's seeds column counts only its own seeds."""
+    study = tmp_path / 'study'
+    _write_rows(study, {'ape': {'32x32': 0.8, '64x64': 0.5}}, seeds=(0, 1))
+    _write_rows(study, {'rope2d': {'32x32': 0.8, '64x64': 0.6}}, seeds=(0,))
+    planned = [f'{e}__{r}__s{s}' for r in ('fixed', 'multires') for e in ('ape', 'rope2d') for s in (0, 1)]
+    paths = write_report(study, '32', 'fixed', plots=False, planned=planned)
+    for key in ('leaderboard', 'anchors'):
+        text = paths[key].read_text()
+        assert '3 of 8 jobs finished (fixed 3/4, multires 0/4)' in text and '**Partial study**' in text
+        assert 'rope2d__fixed__s1, ape__multires__s0' in text
+    seeds = {l.split('|')[1].strip(): l.split('|')[4].strip() for l in paths['leaderboard'].read_text().splitlines()
+             if l.startswith('| ') and 'encoding' not in l}
+    assert seeds == {'ape': '2', 'rope2d': '1'}
+    full = write_report(study, '32', 'fixed', plots=False, planned=planned[:3])
+    assert 'Partial' not in full['leaderboard'].read_text() and '3 of 3 jobs' in full['leaderboard'].read_text()
 
 
 def test_aggregate_without_rows_says_so(tmp_path):
@@ -296,11 +316,13 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert files == ['ape__fixed__s0.jsonl', 'rope2d_mixed__fixed__s0.jsonl']
     for f in files:
         rows = [json.loads(ln) for ln in (rows_dir / f).read_text().splitlines()]
-        assert sorted(r['size'] for r in rows) == ['32x32', '32x64', '48x48']
+        settings = {r['setting'] for r in rows}  # RoPE-Mixed: index and ref coordinates; APE: its own
+        assert len(settings) == (2 if f.startswith('rope2d_mixed') else 1)
+        assert sorted(r['size'] for r in rows) == sorted(['32x32', '32x64', '48x48'] * len(settings))
         for r in rows:
             c = unpack_correct(r['correct'], r['n_images'])
             assert r['n_images'] == 128 and r['top1'] == pytest.approx(100 * c.mean())
-            assert len(r['checkpoint_sha256']) == 64 and r['versions']['torch']
+            assert len(r['checkpoint_sha256']) == 64 and r['versions']['torch'] and r['versions']['commit']
     board = (tmp_path / 'out' / 'report' / 'leaderboard.md').read_text()
     assert '| ape |' in board and '| rope2d_mixed |' in board and '32x64' in board
     for png in ('families', 'best', 'retention'):

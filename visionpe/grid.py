@@ -70,6 +70,17 @@ class CoordDraw:
     def per_sample(self) -> bool:
         return any(t is not None and t.dim() == 2 for t in (self.shift, self.jitter, self.rescale))
 
+    def axis_scale(self) -> torch.Tensor:
+        """``(2,)`` or ``(B, 2)``: the factor ``j * r`` by which the draw multiplies a step along x and along y
+        (the shift cancels in differences), so distances under the draw are those of these scaled steps."""
+        lead = next((t.shape[:-1] for t in (self.shift, self.jitter, self.rescale) if t is not None), ())
+        out = torch.ones(*lead, 2)
+        if self.jitter is not None:
+            out = out * self.jitter
+        if self.rescale is not None:
+            out = out * self.rescale
+        return out
+
     def apply(self, xy: torch.Tensor) -> torch.Tensor:
         """``(N, 2)`` coordinates -> ``(N, 2)`` (per batch) or ``(B, N, 2)`` (per sample); DINOv3's order."""
         def put(t: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .data import parse_size
 from .engine import row_key
 from .models import RANDOM, KnobSpace, ModelSource, known_knobs
 from .runner import ALL, MAX_BAD_FRACTION, TASKS, EvalConfig, EvalResult, run_eval
@@ -72,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='classification: add `correct` to every row, the top-1 correctness of each image in test-set '
                         'order (base64 of packed bits, visionpe.study.stats.unpack_correct), for paired comparisons; '
                         'every row of a run covers the same images (a fixed subset)')
-    p.add_argument('--train-res', type=int, default=None,
-                   help='training resolution (default: from the checkpoint or the model config)')
+    p.add_argument('--train-res', type=parse_size, default=None, metavar='N|HxW',
+                   help='training size, N or HxW (default: from the checkpoint or the model config)')
     p.add_argument('--max-bias-mb', type=float, default=1024.0,
                    help='attention bias budget in MiB (over VISIONPE_MAX_BIAS_MB): biases above it are built '
                         'by blocks of query rows; the 16 MiB library default makes batch-256 blocks a row or two')

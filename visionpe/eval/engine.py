@@ -115,9 +115,9 @@ def row_key(row: dict[str, Any]) -> tuple:
             'correct' in row)
 
 
-def _plan(task: Task, source: ModelSource, space: KnobSpace, train_res: int | None, label: str) -> Plan:
+def _plan(task: Task, source: ModelSource, space: KnobSpace, train_res: int | str | Size | None, label: str) -> Plan:
     model, info = task.build(source)
-    train = (train_res, train_res) if train_res else task.train_size(model, info)
+    train = parse_size(train_res) if train_res else task.train_size(model, info)
     support = knob_support(model)
     settings, notes = expand_knobs(space, support)
     for knobs in settings:
@@ -132,7 +132,7 @@ def _plan(task: Task, source: ModelSource, space: KnobSpace, train_res: int | No
 
 
 def sweep(task: Task, models: Sequence[ModelSource], resolutions: Sequence[int | str | Size], space: KnobSpace,
-          *, train_res: int | None = None, max_bias_mb: float = 1024.0, progress: bool = True,
+          *, train_res: int | str | Size | None = None, max_bias_mb: float = 1024.0, progress: bool = True,
           on_row: Callable[[dict[str, Any]], None] | None = None, reuse: Sequence[dict[str, Any]] = (),
           device: torch.device | None = None) -> EvalResult:
     """Measure every model x knob setting x size with ``task``; the rows and the run's metadata.
@@ -195,7 +195,7 @@ def sweep(task: Task, models: Sequence[ModelSource], resolutions: Sequence[int |
                         undo()
                 row = dict(label=case.label, model=src.name, checkpoint=src.checkpoint, checkpoint_sha256=digest,
                            **knobs.as_dict(), resolution=case.resolution, height=case.size[0], width=case.size[1],
-                           size=size_text(case.size), train_res=plan.train_size[0] if plan.train_size else None, **m)
+                           size=size_text(case.size), train_res=size_value(plan.train_size) if plan.train_size else None, **m)
                 rows.append(row)
                 if on_row:
                     on_row(row)

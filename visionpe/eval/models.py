@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ['ModelSource', 'Knobs', 'KnobSpace', 'known_knobs', 'knob_support', 'expand_knobs', 'build_overrides',
-           'apply_knobs', 'knob_contexts', 'train_resolution', 'patch_size_of', 'measure_tokens', 'RANDOM',
+           'apply_knobs', 'knob_contexts', 'train_resolution', 'patch_size_of', 'setting_patch_size',
+           'measure_tokens', 'RANDOM',
            'file_digest']
 
 log = logging.getLogger(__name__)
@@ -301,6 +302,15 @@ def expand_knobs(space: KnobSpace, support: dict[str, Any]) -> tuple[list[Knobs]
         axes[name] = ok or [own]
     combos = [Knobs(**dict(zip(axes, vals))) for vals in itertools.product(*axes.values())]
     return combos, notes
+
+
+def setting_patch_size(knobs: Knobs, support: dict[str, Any]) -> Size | None:
+    """The patch size a knob setting runs the model at (a knob with ``patch``, e.g. FlexiViT's), else None."""
+    for name, value in knobs.changed().items():
+        for k, _ in support.get(name, ()):
+            if k.patch is not None:
+                return tuple(k.patch(value))
+    return None
 
 
 def build_overrides(knobs: Knobs, support: dict[str, Any]) -> dict[str, Any]:

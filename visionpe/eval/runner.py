@@ -25,7 +25,7 @@ from ..benchmark import peak_memory
 from ..models._base import nearest_multiples
 from .data import FMNIST, DataSpec, EvalImages, Size, num_classes_of, parse_data, parse_size, size_text
 from .engine import Case, EvalResult, Plan, Task, sweep
-from .models import KnobSpace, ModelSource, patch_size_of, train_resolution
+from .models import KnobSpace, ModelSource, known_knobs, patch_size_of, setting_patch_size, train_resolution
 
 __all__ = ['EvalConfig', 'EvalResult', 'run_eval', 'evaluate_classifier', 'check_resolutions', 'TASKS',
            'CLS_METRICS', 'COCO_METRICS', 'CPU_FMNIST_SUBSET', 'ClassificationTask', 'DetectionTask',
@@ -50,7 +50,7 @@ class EvalConfig:
     max_images: int | str | None = None  # None: all (Fashion-MNIST on CPU: CPU_FMNIST_SUBSET); 'all': all, always
     device: str = 'auto'
     knobs: KnobSpace = field(default_factory=KnobSpace)
-    train_res: int | None = None        # overrides the training resolution found in the checkpoint
+    train_res: int | str | Size | None = None  # N or HxW: overrides the training size found in the checkpoint
     workers: int = 2
     progress: bool = True
     max_bias_mb: float = 1024.0            # attention bias budget (visionpe.attention.bias_budget)
@@ -210,7 +210,11 @@ class ClassificationTask(Task):
         return train_resolution(model, info)
 
     def check(self, plan: Plan) -> None:
-        check_resolutions(self.cfg.resolutions, patch_size_of(plan.model), plan.source.name)
+        """Every size against the patch size of every setting (its own, or one a knob sets)."""
+        for knobs in plan.settings:
+            patch = setting_patch_size(knobs, plan.support)
+            who = f'{plan.source.name} [{knobs.label()}]' if patch else plan.source.name
+            check_resolutions(self.cfg.resolutions, patch or patch_size_of(plan.model), who)
 
     def expected_images(self) -> int | None:
         return self.images.n_requested
@@ -258,6 +262,11 @@ class DetectionTask(Task):
                              'lengths per image); drop it')
         if cfg.crop_ratio not in (None, 1.0):
             raise ValueError('--crop-ratio does not apply to --task coco (images are resized by their shorter side)')
+        patch_knobs = [k.option for n, k in known_knobs().items()
+                       if k.patch is not None and any(v != k.default for v in cfg.knobs[n])]
+        if patch_knobs:
+            raise ValueError(f"{', '.join(patch_knobs)} does not apply to --task coco (the detector's feature pyramid "
+                             f"is built for the trained patch stride); drop it")
         rect = [size_text(hw) for hw in map(parse_size, cfg.resolutions) if hw[0] != hw[1]]
         if rect:
             raise ValueError(f'--task coco: sizes are the shorter side of each image (aspect kept, as COCO does), so '

@@ -23,9 +23,9 @@ from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_tim
 from ..attention import Attention
 from ..grid import CoordAug, CoordDraw, Grid, GridCache, check_coord_mode
 from ..layers import norm_layer_by_name
-from ..pos import EncodingContext, build_encoding, registered_name
+from ..pos import EncodingContext, build_encoding, coord_aug_encodings, registered_name
 from ..pos.absolute import SINCOS_COORD_MODE, resample_table, sample_table_cape, sincos_2d, tile_table
-from ..pos.base import LayerPos, PosEncoding
+from ..pos.base import Knob, KnobContext, LayerPos, PosEncoding, register_knob
 from ._base import TimmBackbone, maybe_checkpoint
 from ._registry import default_cfg, model_builder, register_presets
 
@@ -91,6 +91,33 @@ class MlpHead(nn.Module):
         return x if pre_logits else self.fc2(x)
 
 
+def _patch_size_value(p: Any) -> int:
+    if isinstance(p, bool) or not isinstance(p, int) or p <= 0:
+        raise ValueError(f'--patch-sizes takes positive integers (a square patch, in pixels), got {p!r}')
+    return p
+
+
+def _patch_size_word(word: str) -> int:
+    try:
+        return _patch_size_value(int(word))
+    except ValueError:
+        raise ValueError(f'--patch-sizes: {word!r} is not a positive integer (or "default")') from None
+
+
+def _set_patch_size(model: 'VisionTransformer', p: int, ctx: KnobContext) -> None:
+    model.set_patch_size(p)
+
+
+#: FlexiViT's test-time patch size (Beyer et al., CVPR 2023): the stored kernel resampled with timm's
+#: pseudo-inverse resize (:meth:`VisionTransformer.set_patch_size`), undone after; the test sizes must be
+#: multiples of it (checked before the sweep)
+PATCH_SIZE = Knob('patch_size', 'ViT patch sizes at test time (FlexiViT: the kernel resampled with the pseudo-inverse '
+                  'resize; numbers or default)', _patch_size_word, flag='--patch-sizes', check=_patch_size_value,
+                  label=lambda p: f'patch={p}', rank=5, attrs=('_patch_override',), set=_set_patch_size,
+                  patch=lambda p: (p, p))
+register_knob(PATCH_SIZE)
+
+
 class VisionTransformer(TimmBackbone):
     """ViT whose only position-dependent parts are ``pos_embed`` (absolute) and ``pe`` (any encoding).
 
@@ -125,7 +152,7 @@ class VisionTransformer(TimmBackbone):
     stem_pattern = r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre|pe\.'
     ABS_POS_MODES = ('interp', 'tile')
 
-    test_knobs = (SINCOS_COORD_MODE,)  # the sin-cos table's coordinate mode (pos_embed='sincos')
+    test_knobs = (SINCOS_COORD_MODE, PATCH_SIZE)  # the sin-cos table's coordinate mode (pos_embed='sincos')
 
     def __init__(
             self,
@@ -270,7 +297,7 @@ class VisionTransformer(TimmBackbone):
             if support is None:
                 raise ValueError(
                     f"coord_aug does not apply to the encoding {name!r}: it reads no continuous token coordinates. "
-                    f"It applies to rope2d, comrope, pope2d, lookhere, lape and to absolute tables "
+                    f"It applies to {', '.join(coord_aug_encodings())} and to absolute tables "
                     f"(pos_embed='learn' via CAPE sampling, 'sincos'); remove coord_aug for this model")
             if getattr(self.pe, 'coord_mode', None) == 'polar':
                 raise ValueError(f"coord_aug (shift / jitter / rescale) is defined on Cartesian coordinates; "

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Type
 from .base import EncodingContext, LayerPos, PosEncoding
 
 __all__ = ['EncodingContext', 'LayerPos', 'PosEncoding', 'register_encoding', 'build_encoding',
-           'list_encodings', 'encoding_options', 'registered_name']
+           'list_encodings', 'encoding_options', 'registered_name', 'coord_aug_encodings']
 
 _ENCODINGS: Dict[str, Type[PosEncoding]] = {}
 
@@ -30,6 +30,11 @@ def register_encoding(name: str) -> Callable[[Type[PosEncoding]], Type[PosEncodi
 def list_encodings() -> List[str]:
     _import_all()
     return sorted(_ENCODINGS)
+
+
+def coord_aug_encodings() -> List[str]:
+    """Registered encodings that take coordinate augmentation (``coord_aug_support`` set), sorted."""
+    return [name for name in list_encodings() if _ENCODINGS[name].coord_aug_support is not None]
 
 
 def registered_name(enc: PosEncoding | type) -> str:

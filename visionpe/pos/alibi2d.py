@@ -14,6 +14,12 @@ encoding gives one value per head for each of the ``h * w`` distinct offsets (it
 gathered from it, as Swin's relative position bias is, so nothing is ever computed per ``N x N`` pair. The bias is
 built whole (small grids, training), by blocks of query rows (SDPA at high resolution without autograd, like
 LookHere: no ``(heads, T, T)`` tensor), or inside the FlexAttention kernel (``score_mod``: a table lookup).
+
+Coordinate augmentation (``coord_aug``, :class:`visionpe.grid.CoordAug`, one draw per batch): the draw maps every
+coordinate as ``xy' = (xy + s) * j * r``; the shift cancels in every difference and the per-axis factor ``j * r``
+(:meth:`~visionpe.grid.CoordDraw.axis_scale`) multiplies the steps, so the distances are those of an ``h x w`` grid
+with steps ``(s_x j_x r, s_y j_y r)``: still one table per offset, shared by the batch (a per-sample draw would need
+one table per image and is refused).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import torch
 
 from ..grid import Grid, GridCache, check_coord_mode
 from . import register_encoding
-from .base import EncodingContext, PosEncoding
+from .base import COORD_MODE, EncodingContext, PosEncoding
 
 __all__ = ['ALiBi2D', 'DistanceBias', 'alibi_slopes', 'axis_steps', 'offset_distances', 'offset_index']
 
@@ -76,6 +82,8 @@ class DistanceBias(PosEncoding):
     :meth:`table` ``(heads, h * w)`` (one value per distinct offset) for a layer; this class gathers it whole,
     by query rows or in the FlexAttention kernel. Pairs with a prefix token get :meth:`prefix_table` (0 by default)."""
     hooks = frozenset({'bias'})
+    test_knobs = (COORD_MODE,)  # e.g. --coord-modes index ref (distances in training-grid units)
+    coord_aug_support = 'batch'
 
     def __init__(self, ctx: EncodingContext, coord_mode: str = 'index', ref_hw: Optional[Tuple[int, int]] = None):
         super().__init__(ctx)
@@ -88,11 +96,23 @@ class DistanceBias(PosEncoding):
         self._grid_cache = GridCache()
 
     # --- grid geometry -----------------------------------------------------------------------------
+    def steps(self, grid: Grid) -> Tuple[float, float]:
+        """``(s_x, s_y)``: one patch step along x and y in ``coord_mode`` units, times the per-axis factor of the
+        grid's coordinate draw (``grid.aug``; see module docstring)."""
+        sx, sy = axis_steps(grid.h, grid.w, self.coord_mode, self.ref_hw)
+        if grid.aug is None:
+            return sx, sy
+        if grid.aug.per_sample:
+            raise ValueError(f'{type(self).__name__} builds one distance table per batch; a per-sample coordinate '
+                             f'draw does not apply: use coord_aug with per_sample=False')
+        fx, fy = grid.aug.axis_scale().tolist()
+        return sx * fx, sy * fy
+
     def distances(self, grid: Grid) -> torch.Tensor:
-        """``(h * w,)`` distance of every distinct offset, in ``coord_mode`` units (cached per grid)."""
-        key = ('dist', grid.hw, self.coord_mode, self.ref_hw)
-        return self._grid_cache.get(key, self.device, lambda: offset_distances(
-            grid.h, grid.w, *axis_steps(grid.h, grid.w, self.coord_mode, self.ref_hw)))
+        """``(h * w,)`` distance of every distinct offset, in ``coord_mode`` units (cached per grid unless it
+        carries a coordinate draw)."""
+        key = ('dist', grid, self.coord_mode, self.ref_hw)
+        return self._grid_cache.get(key, self.device, lambda: offset_distances(grid.h, grid.w, *self.steps(grid)))
 
     def _index(self, grid: Grid) -> torch.Tensor:
         key = ('index', grid.hw)
@@ -186,7 +206,7 @@ class ALiBi2D(DistanceBias):
 
     def prepare(self, grid: Grid) -> Tuple[Grid, torch.Tensor]:
         """The grid and the ``(heads, h * w)`` table (the same in every layer), cached per grid and scale."""
-        key = ('table', grid.hw, self.coord_mode, self.ref_hw, self.slope_scale)
+        key = ('table', grid, self.coord_mode, self.ref_hw, self.slope_scale)
 
         def build():
             m = torch.tensor(self.slopes, dtype=torch.float32) * self.slope_scale

@@ -93,6 +93,8 @@ class Knob:
     applies: Callable[[nn.Module], bool] | None = None  # whether a module of a declaring class has it
     find: Callable[[nn.Module], list] | None = None    # a model's modules that have it (default: declarers)
     needs_train_size: Callable[[Any], bool] = _never   # the value needs the training size
+    patch: Callable[[Any], tuple[int, int]] | None = None  # the patch size (h, w) a value runs the model at
+    #                                                        (the evaluator checks every test size against it)
 
     def __post_init__(self):
         if sum(x is not None for x in (self.build, self.set, self.context)) != 1:

@@ -21,6 +21,14 @@ unbiased, as 2-D ALiBi does. The MLP runs on the ``h * w`` distinct offsets ``(|
 ``1 + h * w`` prefix distances) and the bias is gathered from that table
 (:class:`~visionpe.pos.alibi2d.DistanceBias`: whole, by query rows, or in the FlexAttention kernel), never
 computed per ``N x N`` pair.
+
+Coordinate augmentation (``coord_aug``, one draw per batch; :class:`~visionpe.pos.alibi2d.DistanceBias`): distances
+are those of the augmented coordinates, steps ``(s_x j_x r, s_y j_y r)``, the prefix distances those from the
+augmented grid's centre (a shift cancels in both). FIRE's progressive interpolation is read the natural way: ``D``
+is the largest distance of the grid the layer sees, i.e. of the augmented grid, and ``L`` is unchanged. So the
+augmentation is not a no-op after normalisation: while ``D < |L|`` the inputs scale with the draw (through the
+log), and once ``D >= |L|`` the largest distance maps to 1 and only the spread of the inputs (per-axis jitter, the
+log's curvature) changes.
 """
 from __future__ import annotations
 
@@ -83,9 +91,10 @@ class FIRE2D(DistanceBias):
     def centre_distances(self, grid: Grid) -> torch.Tensor:
         """``(1 + h * w,)``: 0 (two prefix tokens), then every patch's distance from the grid centre."""
         def build():
-            xy = grid_coords(grid.h, grid.w, self.coord_mode, ref_hw=self.ref_hw)
+            self.steps(grid)  # refuses a per-sample draw
+            xy = grid_coords(grid.h, grid.w, self.coord_mode, ref_hw=self.ref_hw, aug=grid.aug)
             return torch.cat([xy.new_zeros(1), (xy - xy.mean(0)).square().sum(-1).sqrt()])
-        key = ('centre', grid.hw, self.coord_mode, self.ref_hw)
+        key = ('centre', grid, self.coord_mode, self.ref_hw)
         return self._grid_cache.get(key, self.device, build)
 
     def inputs(self, grid: Grid, layer: int, prefix: bool = False) -> torch.Tensor:

@@ -30,6 +30,11 @@ Positions (upstream convention, the defaults): patch ``(row r, column c)`` sits 
 like any patch. ``normalize=True`` is upstream's ``normalize`` option with its axis quirk: x is divided by the
 number of ROWS and y by the number of COLUMNS. Other coordinate modes of :mod:`visionpe.grid` apply too
 (not ``polar``: a parabola in the angle would not wrap).
+
+Coordinate augmentation (``coord_aug``, :class:`visionpe.grid.CoordAug`, per batch or per sample): the draw moves
+the patch coordinates of the mode as in every encoding (``grid_coords(..., aug=grid.aug)``), then ``patch_offset``
+and ``normalize`` apply as without it; prefix tokens stay at ``(0, 0)``. A per-sample draw gives positions
+``(B, P + N, 2)`` and widened q~/k~ per image.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ import torch.nn.functional as F
 
 from ..grid import Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
-from .base import EncodingContext, PosEncoding
+from .base import COORD_MODE, EncodingContext, PosEncoding
 
 __all__ = ['PaPE', 'PaPERI', 'PaPEState', 'pape_positions', 'pad_width']
 
@@ -54,17 +59,19 @@ def pad_width(width: int, multiple: int) -> int:
 
 def pape_positions(grid: Grid, coord_mode: str = 'index', ref_hw: Optional[Tuple[int, int]] = None,
                    patch_offset: float = 1.0, normalize: bool = False) -> torch.Tensor:
-    """``(P + N, 2)`` positions ``(x, y)``: prefix tokens at ``(0, 0)``, patches at their coordinates plus
-    ``patch_offset``; ``normalize`` divides ``(x, y)`` by ``(rows, columns)`` (upstream's axis quirk)."""
-    xy = grid_coords(grid.h, grid.w, coord_mode, ref_hw=ref_hw) + patch_offset
+    """``(P + N, 2)`` positions ``(x, y)``: prefix tokens at ``(0, 0)``, patches at their coordinates (moved by
+    ``grid.aug`` when drawn) plus ``patch_offset``; ``normalize`` divides ``(x, y)`` by ``(rows, columns)``
+    (upstream's axis quirk). A per-sample draw gives ``(B, P + N, 2)``."""
+    xy = grid_coords(grid.h, grid.w, coord_mode, ref_hw=ref_hw, aug=grid.aug) + patch_offset
     if normalize:
         xy = xy / torch.tensor([float(grid.h), float(grid.w)])
-    return torch.cat([xy.new_zeros(grid.num_prefix, 2), xy], dim=0)
+    return torch.cat([xy.new_zeros(*xy.shape[:-2], grid.num_prefix, 2), xy], dim=-2)
 
 
 class PaPEState:
-    """One forward's positions ``(P + N, 2)`` and the per-layer query coefficients that :meth:`attn_input`
-    hands to :meth:`rotate` (consumed there, so no layer keeps them)."""
+    """One forward's positions ``(P + N, 2)`` (``(B, P + N, 2)`` under a per-sample coordinate draw) and the
+    per-layer query coefficients that :meth:`attn_input` hands to :meth:`rotate` (consumed there, so no layer
+    keeps them)."""
     __slots__ = ('pos', 'coef')
 
     def __init__(self, pos: torch.Tensor):
@@ -75,6 +82,8 @@ class PaPEState:
 class _ParabolicBase(PosEncoding):
     """Shared machinery: positions, the attention-input hook, the widening and padding."""
     hooks = frozenset({'tokens', 'rotate'})
+    test_knobs = (COORD_MODE,)  # e.g. --coord-modes index ref (position interpolation)
+    coord_aug_support = 'sample'
 
     def __init__(self, ctx: EncodingContext, coord_mode: str, ref_hw: Optional[Tuple[int, int]],
                  patch_offset: float, normalize: bool, pad_multiple: int):
@@ -93,7 +102,8 @@ class _ParabolicBase(PosEncoding):
         self._cache = GridCache()
 
     def positions(self, grid: Grid) -> torch.Tensor:
-        """The ``(P + N, 2)`` token positions of ``grid`` (float32, on the encoding's device)."""
+        """The ``(P + N, 2)`` token positions of ``grid`` (float32, on the encoding's device; cached unless the
+        grid carries a coordinate draw, :class:`~visionpe.grid.GridCache`)."""
         key = (grid, self.coord_mode, self.ref_hw, self.patch_offset, self.normalize)
         return self._cache.get(key, self.device, lambda: pape_positions(
             grid, self.coord_mode, self.ref_hw, self.patch_offset, self.normalize))
@@ -119,8 +129,8 @@ class _ParabolicBase(PosEncoding):
             raise RuntimeError(f'{type(self).__name__} takes its curvatures from the attention input, but layer '
                                f'{layer} never passed it through attn_input: this model does not call the '
                                f"encoding's 'tokens' hook before attention (use a visionpe ViT)")
-        if q.shape[2] != state.pos.shape[0]:
-            raise ValueError(f'{type(self).__name__} has positions for {state.pos.shape[0]} tokens but attention '
+        if q.shape[2] != state.pos.shape[-2]:
+            raise ValueError(f'{type(self).__name__} has positions for {state.pos.shape[-2]} tokens but attention '
                              f'got {q.shape[2]}')
         return self.widen(q, k, coef, state.pos, layer)
 
@@ -205,10 +215,11 @@ class PaPE(_ParabolicBase):
         return F.linear(x, w_a), F.linear(x, w_b.reshape(2 * H, -1))
 
     def projected(self, pos: torch.Tensor, layer: int) -> torch.Tensor:
-        """``P`` of shape ``(H, T, J)``: each head's J projections of the positions, float32."""
+        """``P`` of shape ``(H, T, J)`` (``(B, H, T, J)`` for per-sample positions ``(B, T, 2)``): each head's J
+        projections of the positions, float32."""
         H, J = self.ctx.num_heads, self.parabolas
         w = self.layers[layer].position.weight.float()
-        return (pos.float() @ w.t()).view(-1, H, J).transpose(0, 1)
+        return (pos.float() @ w.t()).unflatten(-1, (H, J)).transpose(-3, -2)
 
     def widen(self, q, k, coef, pos, layer):
         if self.layout == 'compact':
@@ -218,8 +229,9 @@ class PaPE(_ParabolicBase):
         with torch.autocast(device_type=q.device.type, enabled=False):
             u = coef.float().view(B, T, 2, H, J).permute(2, 0, 3, 1, 4)  # (2, B, H, T, J)
             a, beta = F.softplus(u[0]), u[1]
-            P = self.projected(pos, layer).unsqueeze(0)  # (1, H, T, J)
-            one = P.new_ones(1, H, T, 1)
+            P = self.projected(pos, layer)
+            P = P if P.dim() == 4 else P.unsqueeze(0)  # (1 or B, H, T, J)
+            one = P.new_ones(*P.shape[:-1], 1)
             q_parts = [q, (lambda: -(a * P * P).sum(-1, keepdim=True), 1), a, (lambda: 2 * a * P, J),
                        (lambda: (beta * P).sum(-1, keepdim=True), 1), beta]
             k_parts = [k, one, (lambda: -P * P, J), P, one, (lambda: -P, J)]
@@ -235,12 +247,12 @@ class PaPE(_ParabolicBase):
             a = F.softplus(u_a.float().view(B, T, H, J))
             m = torch.einsum('bthj,hjk->bhtk', a, outer)  # (B, H, T, 3): M_xx, M_xy, M_yy
             b = b.float().view(B, T, H, 2).transpose(1, 2)  # (B, H, T, 2)
-            p = pos.float()
-            x, y = p[:, 0, None], p[:, 1, None]  # (T, 1)
+            p = pos.float() if pos.dim() == 2 else pos.float()[:, None]  # (T, 2) or per sample (B, 1, T, 2)
+            x, y = p[..., 0, None], p[..., 1, None]  # (T, 1) or (B, 1, T, 1)
             mp = torch.cat([m[..., :1] * x + m[..., 1:2] * y, m[..., 1:2] * x + m[..., 2:] * y], -1)  # M p
             const = -(mp * p).sum(-1, keepdim=True) + (b * p).sum(-1, keepdim=True)
             q_pos = torch.cat([const, m[..., :1], 2 * m[..., 1:2], m[..., 2:], 2 * mp - b], -1)
-            k_pos = torch.cat([torch.ones_like(x), -x * x, -x * y, -y * y, x, y], -1)  # (T, 6)
+            k_pos = torch.cat([torch.ones_like(x), -x * x, -x * y, -y * y, x, y], -1)  # ([B, 1,] T, 6)
             return self._assemble(q, [q, q_pos], [k, k_pos])
 
     def extra_repr(self) -> str:
@@ -282,7 +294,8 @@ class PaPERI(_ParabolicBase):
     def widen(self, q, k, coef, pos, layer):
         with torch.autocast(device_type=q.device.type, enabled=False):
             a = F.softplus(coef.float()).transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
-            P = self.layers[layer].position_scales.float() * pos.float()  # (1, H, T, 2)
+            p = pos.float() if pos.dim() == 2 else pos.float()[:, None]  # (T, 2) or per sample (B, 1, T, 2)
+            P = self.layers[layer].position_scales.float() * p  # (1 or B, H, T, 2)
             P2 = P * P
             q_parts = [q, -a * P2.sum(-1, keepdim=True), a.expand(-1, -1, -1, 2), 2 * a * P]
             k_parts = [k, P.new_ones(*P.shape[:-1], 1), -P2, P]

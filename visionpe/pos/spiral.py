@@ -21,6 +21,11 @@ border_clamp=True`` (the default) is upstream at its training size and its evalu
 size: integer positions), and ``coord_mode='ref', border_clamp=True`` is an upstream model run at another size
 (the grid squeezed into the training extent). Upstream runs only square grids; here ``H != W`` works in every mode.
 Without the clamp the encoding is a pure relative one (translation invariant).
+
+Coordinate augmentation (``coord_aug``, :class:`visionpe.grid.CoordAug`, per batch or per sample): the draw moves
+the coordinates of the mode (``grid_coords(..., aug=grid.aug)``) before they are turned, so the centre and the
+clamp's extent are those of the augmented grid (a shift then only moves every channel's coordinate by a constant,
+a per-axis jitter stretches the plane before the directions are measured). ``pos_scale`` applies after it.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import torch
 
 from ..grid import Grid, GridCache, check_coord_mode, grid_coords
 from . import register_encoding
-from .base import EncodingContext, PosEncoding
+from .base import COORD_MODE, EncodingContext, PosEncoding
 from .rope import apply_rope, rope_tables
 
 __all__ = ['SpiralRoPE', 'spiral_frequencies', 'spiral_angles']
@@ -64,19 +69,21 @@ def _channel_layout(head_dim: int, rotate: int, freqs: torch.Tensor, same_theta:
 
 def spiral_angles(xy: torch.Tensor, freqs: torch.Tensor, axis: torch.Tensor, phi: torch.Tensor,
                   border_clamp: bool) -> torch.Tensor:
-    """Pair angles ``(N, d/2)`` for coordinates ``xy`` ``(N, 2)`` of a grid (see module docstring)."""
-    lo, hi = xy.min(0).values, xy.max(0).values
+    """Pair angles ``(N, d/2)`` for coordinates ``xy`` ``(N, 2)`` of a grid (see module docstring); per-sample
+    coordinates ``(B, N, 2)`` give ``(B, N, d/2)``."""
+    lo, hi = xy.min(-2, keepdim=True).values, xy.max(-2, keepdim=True).values  # (..., 1, 2)
     centre = (lo + hi) / 2
-    u, v = (xy[:, 0] - centre[0])[:, None], (xy[:, 1] - centre[1])[:, None]  # (N, 1)
-    s, c = torch.sin(phi)[None], torch.cos(phi)[None]
-    row = centre[1] + s * u + c * v
-    col = centre[0] + c * u - s * v
+    u, v = xy[..., 0:1] - centre[..., 0:1], xy[..., 1:2] - centre[..., 1:2]  # (..., N, 1)
+    s, c = torch.sin(phi), torch.cos(phi)
+    row = centre[..., 1:2] + s * u + c * v
+    col = centre[..., 0:1] + c * u - s * v
     if border_clamp:
-        row, col = row.clamp(lo[1], hi[1]), col.clamp(lo[0], hi[0])
+        row = torch.minimum(torch.maximum(row, lo[..., 1:2]), hi[..., 1:2])
+        col = torch.minimum(torch.maximum(col, lo[..., 0:1]), hi[..., 0:1])
     # phi = 0 is the plain axis: take the coordinate itself (no rounding from the turn)
-    row = torch.where(phi[None] == 0, xy[:, 1:2].expand_as(row), row)
-    col = torch.where(phi[None] == 0, xy[:, 0:1].expand_as(col), col)
-    return freqs[None] * torch.where(axis[None] == 0, row, col)
+    row = torch.where(phi == 0, xy[..., 1:2].expand_as(row), row)
+    col = torch.where(phi == 0, xy[..., 0:1].expand_as(col), col)
+    return freqs * torch.where(axis == 0, row, col)
 
 
 @register_encoding('spiral')
@@ -92,6 +99,8 @@ class SpiralRoPE(PosEncoding):
         pos_scale: multiplies the coordinates (test-time position interpolation).
     """
     hooks = frozenset({'rotate'})
+    test_knobs = (COORD_MODE,)  # e.g. --coord-modes index ref (position interpolation)
+    coord_aug_support = 'sample'
 
     def __init__(
             self,
@@ -130,20 +139,24 @@ class SpiralRoPE(PosEncoding):
         self._cache = GridCache()
 
     def angles(self, grid: Grid) -> torch.Tensor:
-        """``(N, d/2)`` pair angles of the patch tokens of ``grid``, float32."""
-        xy = grid_coords(grid.h, grid.w, self.coord_mode, ref_hw=self.ref_hw).to(self.freqs.device)
+        """``(N, d/2)`` pair angles of the patch tokens of ``grid`` (``(B, N, d/2)`` under a per-sample
+        coordinate draw), float32."""
+        xy = grid_coords(grid.h, grid.w, self.coord_mode, ref_hw=self.ref_hw, aug=grid.aug).to(self.freqs.device)
         if self.pos_scale != 1.0:
             xy = xy * self.pos_scale
         f, axis, phi = _channel_layout(self.ctx.head_dim, self.rotations, self.freqs.float(), self.same_theta)
         return spiral_angles(xy, f, axis.to(xy.device), phi.to(xy.device), self.border_clamp)
 
     def prepare(self, grid: Grid) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(sin, cos)`` tables ``(P + N, d)`` (identity rows for prefix tokens), cached per grid."""
+        """``(sin, cos)`` tables ``(P + N, d)`` (identity rows for prefix tokens; ``(B, P + N, d)`` under a
+        per-sample coordinate draw), cached per grid unless it carries a draw."""
         key = (grid, self.coord_mode, self.ref_hw, self.border_clamp, self.pos_scale, self.freqs._version)
         return self._cache.get(key, self.device, lambda: rope_tables(self.angles(grid), grid.num_prefix))
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, layer: int, state) -> Tuple[torch.Tensor, torch.Tensor]:
         sin, cos = state
+        if sin.dim() == 3:  # per-sample coordinates: (B, T, d) -> (B, 1, T, d)
+            sin, cos = sin.unsqueeze(1), cos.unsqueeze(1)
         return apply_rope(q, sin, cos), apply_rope(k, sin, cos)
 
     def extra_repr(self) -> str:

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         failed = run_local(spec, args.workers, todo, rerun=args.rerun, progress=not args.no_progress)
         if failed:
             print(json.dumps(failed, indent=1), file=sys.stderr)
-    paths = write_report(spec.out_dir, spec.train_size, reference, plots=not args.no_plots)
+    paths = write_report(spec.out_dir, spec.train_size, reference, plots=not args.no_plots,
+                         planned=[j.id for j in spec.jobs()])
     print(paths['leaderboard'].read_text())
     print(paths['anchors'].read_text())
     print('report:', ', '.join(str(p) for p in paths.values()))

@@ -88,7 +88,7 @@ def train_command(spec: StudySpec, job: Job, resume: Path | None = None) -> list
 def eval_command(spec: StudySpec, job: Job, checkpoint: Path, out: Path) -> list[str]:
     """The ``eval_resolution.py`` sweep of ``job``'s checkpoint: every size and knob, per-image results."""
     cmd = [sys.executable, _script('eval_resolution.py'), '--checkpoints', str(checkpoint), '--data', spec.data,
-           '--resolutions', *spec.sizes, '--train-res', str(parse_size(spec.train_size)[0]),
+           '--resolutions', *spec.sizes, '--train-res', size_text(parse_size(spec.train_size)),
            '--output', str(out), '--device', spec.device, '--batch-size', str(spec.eval_batch_size),
            '--per-image', '--no-progress']
     cmd += ['--max-images', 'all' if spec.eval_images is None else str(spec.eval_images)]  # all: the full set
@@ -115,7 +115,20 @@ def _versions() -> dict[str, str]:
     import torch
     import visionpe
     return dict(visionpe=visionpe.__version__, torch=torch.__version__, timm=timm.__version__,
-                python=platform.python_version())
+                python=platform.python_version(), commit=_source_commit())
+
+
+def _source_commit() -> str:
+    """The source checkout's git commit (``+dirty`` with uncommitted changes), or ``unknown`` outside git."""
+    try:
+        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return 'unknown'
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ('+dirty' if dirty else '')
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
 
 
 def _device_name(device: str) -> str:

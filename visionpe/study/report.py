@@ -18,7 +18,7 @@ import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -168,8 +168,8 @@ def leaderboard(rows: list[dict[str, Any]], train_size: str, reference_recipe: s
         have = [k for k, _ in chosen if s in grouped[k]]
         col_best[s] = max(have, key=lambda k: np.mean([float(r['top1']) for r in grouped[k][s].values()]))
     seeds = sorted({int(r['seed']) for r in rows})
-    head = ['encoding', 'recipe', 'knobs'] + [f'{s}{" (train)" if s == train else ""}' for s in sizes]
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * 3 + '---:|' * len(sizes)]
+    head = ['encoding', 'recipe', 'knobs', 'seeds'] + [f'{s}{" (train)" if s == train else ""}' for s in sizes]
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * 3 + '---:|' * (len(sizes) + 1)]
     for key, kind in chosen:
         enc, recipe, setting = key
         cells = []
@@ -188,10 +188,11 @@ def leaderboard(rows: list[dict[str, Any]], train_size: str, reference_recipe: s
                     text += ' ≈'
             cells.append(text)
         name = enc if kind == 'best' else f'{enc} (reference)'
-        lines.append('| ' + ' | '.join([name, recipe, setting, *cells]) + ' |')
+        n_seeds = len({x for by_seed in grouped[key].values() for x in by_seed})
+        lines.append('| ' + ' | '.join([name, recipe, setting, str(n_seeds), *cells]) + ' |')
     n_img = {r.get('n_images') for r in rows}
     notes = [
-        f'Top-1 (%) mean ± half-width of the 95% interval over {len(seeds)} seed(s) {seeds} '
+        f'Top-1 (%) mean ± half-width of the 95% interval over the seeds of each row (all: {seeds}) '
         f'(t interval over seeds; with one seed a binomial interval over the {sorted(x for x in n_img if x)} test '
         f'images, which covers test-set sampling only). Bold: the best of the column; ≈: not significantly below it '
         '(paired bootstrap over the same test images and seeds, 95%). Each encoding is shown at the recipe and knob '
@@ -371,8 +372,25 @@ def _plots(cells: list[Cell], rows, train: str, reference_recipe: str, out: Path
     return paths
 
 
-def write_report(study_dir: Path, train_size: str, reference_recipe: str, plots: bool = True) -> dict[str, Path]:
-    """Aggregate ``study_dir/rows/*.jsonl`` into ``study_dir/report/``; returns the written paths."""
+def coverage(finished: Sequence[str], planned: Sequence[str] | None) -> str:
+    """One paragraph: how many of the study's jobs the report covers, per recipe, and which are pending."""
+    if not planned:
+        return f'{len(finished)} finished jobs.'
+    done, todo = set(finished), [j for j in planned if j not in set(finished)]
+    recipes = list(dict.fromkeys(j.split('__')[1] for j in planned))
+    per = ', '.join(f'{r} {sum(j in done for j in planned if j.split("__")[1] == r)}/'
+                    f'{sum(j.split("__")[1] == r for j in planned)}' for r in recipes)
+    text = f'{len(done & set(planned))} of {len(planned)} jobs finished ({per}).'
+    if todo:
+        text += (' **Partial study**: rows, intervals and verdicts cover the finished jobs only; pending: '
+                 + ', '.join(todo) + '.')
+    return text
+
+
+def write_report(study_dir: Path, train_size: str, reference_recipe: str, plots: bool = True,
+                 planned: Sequence[str] | None = None) -> dict[str, Path]:
+    """Aggregate ``study_dir/rows/*.jsonl`` into ``study_dir/report/``; returns the written paths.
+    ``planned``: the study's job ids, to state coverage (a partial study says so at the top)."""
     study_dir = Path(study_dir)
     rows = load_rows(study_dir)
     if not rows:
@@ -392,12 +410,14 @@ def write_report(study_dir: Path, train_size: str, reference_recipe: str, plots:
         w.writerows(table)
     checks = anchor_checks(rows, train, reference_recipe)
     jobs = sorted({r['job'] for r in rows})
-    meta = dict(jobs=jobs, devices=sorted({r.get('device', '?') for r in rows}),
+    meta = dict(jobs=jobs, planned=list(planned or []), devices=sorted({r.get('device', '?') for r in rows}),
                 versions=sorted({json.dumps(r.get('versions', {}), sort_keys=True) for r in rows}))
     paths['cells_json'].write_text(json.dumps(dict(meta=meta, cells=table, anchors=checks), indent=1, default=float))
-    paths['leaderboard'].write_text(f'# Leaderboard: {len(jobs)} jobs, training size {train}\n\n'
+    cover = coverage(jobs, planned) + '\n\n'
+    paths['leaderboard'].write_text(f'# Leaderboard: {len(jobs)} jobs, training size {train}\n\n' + cover
                                     + leaderboard(rows, train, reference_recipe))
-    paths['anchors'].write_text('# Anchor checks: published claims tested by this study\n\n' + _anchors_md(checks))
+    paths['anchors'].write_text('# Anchor checks: published claims tested by this study\n\n' + cover
+                                + _anchors_md(checks))
     if plots:
         for p in _plots(cells, rows, train, reference_recipe, out):
             paths[p.stem] = p
