@@ -264,7 +264,8 @@ def test_inference_q_term_equals_the_autograd_path(method):
         assert got.shape == ref.shape and (got - ref).abs().max().item() < 1e-6
 
 
-@pytest.mark.parametrize('kw,hw,prefix', [(dict(rpe_on='qk'), (5, 7), 1), (dict(rpe_on='k', shared_head=False), (6, 4), 1),
+@pytest.mark.parametrize('kw,hw,prefix', [(dict(rpe_on='qk'), (5, 7), 1),
+                                          (dict(rpe_on='k', shared_head=False), (6, 4), 1),
                                           (dict(rpe_on='qkv', coord_mode='ref'), (9, 9), 0),
                                           (dict(rpe_on='q', prefix_bucket=False), (4, 11), 2)])
 def test_product_bias_by_rows_and_columns_equals_the_gather(kw, hw, prefix):

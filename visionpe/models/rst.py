@@ -84,7 +84,8 @@ class StripAttention(nn.Module):
         else:
             nW, L, mask = group.num_windows, group.max_len, group.mask
         if self.rel_pos is not None:
-            return self.rel_pos(lay, None if group is None else group.pair_of(lay)).reshape(1, self.num_heads * nW, L, L)
+            pair = None if group is None else group.pair_of(lay)
+            return self.rel_pos(lay, pair).reshape(1, self.num_heads * nW, L, L)
         if mask is not None:
             return mask[None].expand(self.num_heads, nW, L, L).reshape(1, self.num_heads * nW, L, L)
         return None

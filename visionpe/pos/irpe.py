@@ -302,8 +302,9 @@ class IRPE(PosEncoding):
     def prepare(self, grid: Grid) -> Dict[str, Any]:
         state = dict(grid=grid, ids=self.bucket_ids(grid))
         if self.method == 'product' and self.mode == 'ctx' and grid.h * grid.w > 1:
+            C = irpe_num_buckets('cross', self.ratio)  # 2B + 1 row (column) buckets
             state['sep'] = self._cache.get(('separable',) + self._ids_key(grid), self.device,
-                                           lambda: _separable_index(state['ids'][0], grid, irpe_num_buckets('cross', self.ratio)))
+                                           lambda: _separable_index(state['ids'][0], grid, C))
         return state
 
     def _tables(self, table: IRPETable, state: Dict[str, Any]) -> List[torch.Tensor]:
@@ -364,7 +365,7 @@ class IRPE(PosEncoding):
         """Query rows ``rows`` of the bias: the k-side term of those queries, plus the q-side term
         ``(s k_j) . r_q[ids[j, i]]`` (computed for every key ``j``, kept for the rows ``i``)."""
         lay = self.layers[layer]
-        if self.factorized and 'sep' in state and rows == slice(None) and (lay.rpe_k is not None or lay.rpe_q is not None):
+        if self.factorized and 'sep' in state and rows == slice(None) and self.row_bias(layer):
             return self._product_bias(q, k, scale, layer, state)
         out = None
         if lay.rpe_k is not None:
