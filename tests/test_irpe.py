@@ -274,7 +274,7 @@ def test_product_bias_by_rows_and_columns_equals_the_gather(kw, hw, prefix):
     model = _randomize(create_tiny('vit_irpe_tiny', **kw))
     pe, grid = model.pe, Grid(*hw, prefix)
     state = pe.prepare(grid)
-    assert 'sep' in state
+    assert pe._separable(state) is not None
     q, k = (t.requires_grad_() for t in torch.randn(2, 2, 4, grid.num_tokens, 16).unbind(0))
     lay = pe.layers[1]
     ref = 0.
@@ -292,3 +292,18 @@ def test_product_bias_by_rows_and_columns_equals_the_gather(kw, hw, prefix):
         assert (a is None) == (b is None) and (a is None or (a - b).abs().max().item() < 1e-5)
     with torch.no_grad():
         assert (pe.bias(q, k, 0.25, 1, state) - ref).abs().max().item() < 1e-6
+
+
+def test_row_blocks_never_build_the_product_factors(monkeypatch):
+    """Large grids without autograd go by query-row blocks (reference gathers per block); the factors of
+    the whole-bias path (O(N^2) to check) must not be built there: at 1024 px they cost ~450 MiB."""
+    import visionpe.pos.irpe as irpe
+    from visionpe.attention import bias_budget
+    model = _randomize(create_tiny('vit_irpe_qkv_tiny', dynamic_img_size=True)).eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        ref = model(x)  # whole bias: the factorized path
+    monkeypatch.setattr(irpe, '_separable_index', lambda *a: pytest.fail('product factors built for row blocks'))
+    model.pe._cache.clear()
+    with torch.no_grad(), bias_budget(0.01):
+        assert torch.allclose(model(x), ref, atol=1e-5)

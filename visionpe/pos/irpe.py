@@ -137,12 +137,14 @@ def _separable_index(ids: torch.Tensor, grid: Grid, C: int) -> Dict[str, torch.T
 
     Raises if ``ids`` do not have that structure (they always do for the product method)."""
     P, h, w = grid.num_prefix, grid.h, grid.w
-    patch = ids[P:, P:].long()
+    patch = ids[P:, P:]
     rows, cols = torch.arange(h) * w, torch.arange(w)
-    A, K = patch[rows][:, rows] // C, patch[cols][:, cols] % C
+    A, K = patch[rows][:, rows].long() // C, patch[cols][:, cols].long() % C
     r, c = torch.arange(h * w) // w, torch.arange(h * w) % w
-    if not torch.equal(patch, A[r][:, r] * C + K[c][:, c]):
-        raise AssertionError('iRPE product bucket ids are not a row bucket x column bucket table')
+    for r0 in range(0, h * w, 256):  # checked by blocks of query rows: no (n, n) int64 tensor
+        blk = slice(r0, r0 + 256)
+        if not torch.equal(patch[blk].long(), A[r[blk]][:, r] * C + K[c[blk]][:, c]):
+            raise AssertionError('iRPE product bucket ids are not a row bucket x column bucket table')
     a = torch.arange(C)
     return dict(
         col_k=(a[None, :, None] * C + K[c][:, None, :]).reshape(h * w, C * w),
@@ -300,12 +302,18 @@ class IRPE(PosEncoding):
         return grid, self.method, self.ratio, self.coord_mode, self.ref_hw
 
     def prepare(self, grid: Grid) -> Dict[str, Any]:
-        state = dict(grid=grid, ids=self.bucket_ids(grid))
-        if self.method == 'product' and self.mode == 'ctx' and grid.h * grid.w > 1:
-            C = irpe_num_buckets('cross', self.ratio)  # 2B + 1 row (column) buckets
-            state['sep'] = self._cache.get(('separable',) + self._ids_key(grid), self.device,
-                                           lambda: _separable_index(state['ids'][0], grid, C))
-        return state
+        return dict(grid=grid, ids=self.bucket_ids(grid))
+
+    def _separable(self, state: Dict[str, Any]) -> Optional[Dict[str, torch.Tensor]]:
+        """:func:`_separable_index` of the state's grid (cached per grid), or None where the bias is not
+        built by rows and columns (other methods, bias mode, :attr:`factorized` off). Built on first use
+        only: row blocks (large grids without autograd) never need it."""
+        grid = state['grid']
+        if not (self.factorized and self.method == 'product' and self.mode == 'ctx' and grid.h * grid.w > 1):
+            return None
+        C = irpe_num_buckets('cross', self.ratio)  # 2B + 1 row (column) buckets
+        return self._cache.get(('separable',) + self._ids_key(grid), self.device,
+                               lambda: _separable_index(state['ids'][0], grid, C))
 
     def _tables(self, table: IRPETable, state: Dict[str, Any]) -> List[torch.Tensor]:
         """The table(s), with a zero prefix bucket appended where the grid has prefix tokens the
@@ -365,8 +373,10 @@ class IRPE(PosEncoding):
         """Query rows ``rows`` of the bias: the k-side term of those queries, plus the q-side term
         ``(s k_j) . r_q[ids[j, i]]`` (computed for every key ``j``, kept for the rows ``i``)."""
         lay = self.layers[layer]
-        if self.factorized and 'sep' in state and rows == slice(None) and self.row_bias(layer):
-            return self._product_bias(q, k, scale, layer, state)
+        if rows == slice(None) and self.row_bias(layer):
+            sep = self._separable(state)
+            if sep is not None:
+                return self._product_bias(q, k, scale, layer, state, sep)
         out = None
         if lay.rpe_k is not None:
             out = self.term_qk('k', q[:, :, rows] * scale, layer, _rows_of(state, rows))
@@ -379,15 +389,15 @@ class IRPE(PosEncoding):
                 out = term if out is None else out + term
         return out
 
-    def _product_bias(self, q: torch.Tensor, k: torch.Tensor, scale: float, layer: int, state: Dict[str, Any]
-                      ) -> torch.Tensor:
+    def _product_bias(self, q: torch.Tensor, k: torch.Tensor, scale: float, layer: int, state: Dict[str, Any],
+                      sep: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The contextual bias of the product method (every query row), through its row x column structure
         (:func:`_separable_index`) instead of one gather per (query, key) pair: per query, the (2B+1)^2
         products are spread over the key columns (a gather of (2B+1) x w per query), then whole key rows
         of w values are copied (``index_select``); the q-side term is built the same way per key,
         directly in the logits' layout. Pairs with a prefix token take the prefix bucket. Equal to
         :meth:`term_qk` (k) + :meth:`term_qk` (q) transposed; 1.5x faster at 448 px (ViT-S, 785 tokens)."""
-        lay, sep, grid = self.layers[layer], state['sep'], state['grid']
+        lay, grid = self.layers[layer], state['grid']
         P, h, w = grid.num_prefix, grid.h, grid.w
         n, T = h * w, P + h * w
         B, H = q.shape[:2]
