@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --models 'vit_rope2d*_small' --sizes 224 --no-memory
     python benchmarks/throughput.py --device cuda --batch 64 --out runs/bench
     python benchmarks/throughput.py --memory-only --mem-size 1024  # peak memory alone (exact anywhere)
+    python benchmarks/throughput.py --models rst_tiny --sizes 448 --batch 1 --no-backward --no-memory
 
 ViT rows are compared with timm's ``vit_small_patch16_224`` (plain ViT-S/16, learned APE); rows
 that have a timm twin (``vit_rope2d_small`` vs ``vit_small_patch16_rope_224``, ...) also show the
@@ -82,7 +83,7 @@ def measure_group(names: List[str], args, device: torch.device,
             secs = time_interleaved({n: (lambda m=m: m(x)) for n, m in models.items()},
                                     repeats=args.repeats, device=device, stat=args.stat)
         report(rows, f'fwd_{size}', {n: images_per_second(s, batch) for n, s in secs.items()}, on_column)
-    if not args.memory_only:
+    if not (args.memory_only or args.no_backward):
         size = args.sizes[0]
         x = torch.randn(args.batch, 3, size, size, device=device)
 
@@ -146,6 +147,7 @@ def main(argv=None) -> int:
                     help='per-call time: median of the repeats, or their minimum (a CPU that stalls)')
     ap.add_argument('--mem-size', type=int, default=1024)
     ap.add_argument('--no-memory', action='store_true')
+    ap.add_argument('--no-backward', action='store_true', help='skip the forward+backward column (forward only)')
     ap.add_argument('--memory-only', action='store_true',
                     help='only the peak memory (exact on any machine; timing needs an idle one)')
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -159,7 +161,8 @@ def main(argv=None) -> int:
     hier = [n for n in ours if not n.startswith('vit_')]
     if args.memory_only and args.no_memory:
         ap.error('--memory-only and --no-memory leave nothing to measure')
-    cols = ([] if args.memory_only else [f'fwd_{s}' for s in args.sizes] + [f'fwdbwd_{args.sizes[0]}']) + \
+    cols = ([] if args.memory_only else [f'fwd_{s}' for s in args.sizes]
+            + ([] if args.no_backward else [f'fwdbwd_{args.sizes[0]}'])) + \
         ([] if args.no_memory else [f'mem_{args.mem_size}_mib'])
     print(f'# visionpe throughput on {device} ({platform.processor() or platform.machine()}, '
           f'{torch.get_num_threads()} threads), torch {torch.__version__}, timm {timm.__version__}, '

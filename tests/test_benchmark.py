@@ -66,3 +66,13 @@ def test_throughput_timing_row_per_model(tmp_path, capsys):
     assert all(r['fwd_32'] > 0 and r['fwdbwd_32'] > 0 and 'mem_1024_mib' not in r for r in rows.values())
     out = capsys.readouterr().out
     assert '| vit_small_patch16_224 (again) |' in out and '(deit3_small_patch16_224)' in out
+
+
+def test_throughput_no_backward(tmp_path, capsys):
+    """--no-backward: the forward columns only (quick checks at large sizes)."""
+    bench = _throughput_script()
+    assert bench.main(['--models', 'vit_ape_small', '--sizes', '32', '48', '--batch', '1', '--repeats', '1',
+                       '--no-memory', '--no-backward', '--out', str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / 'results.json').read_text())['rows']
+    assert all(r['fwd_32'] > 0 and r['fwd_48'] > 0 and 'fwdbwd_32' not in r for r in rows.values())
+    assert 'fwdbwd' not in capsys.readouterr().out

@@ -262,3 +262,48 @@ def test_inference_q_term_equals_the_autograd_path(method):
         with torch.no_grad():
             got = pe.bias_rows(q, k, 0.25, 1, state, rows)
         assert got.shape == ref.shape and (got - ref).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize('kw,hw,prefix', [(dict(rpe_on='qk'), (5, 7), 1),
+                                          (dict(rpe_on='k', shared_head=False), (6, 4), 1),
+                                          (dict(rpe_on='qkv', coord_mode='ref'), (9, 9), 0),
+                                          (dict(rpe_on='q', prefix_bucket=False), (4, 11), 2)])
+def test_product_bias_by_rows_and_columns_equals_the_gather(kw, hw, prefix):
+    """The product method's bias built through its row x column structure (``_product_bias``) equals the
+    per-pair gathers of the reference terms (``term_qk``), with and without autograd, gradients included."""
+    model = _randomize(create_tiny('vit_irpe_tiny', **kw))
+    pe, grid = model.pe, Grid(*hw, prefix)
+    state = pe.prepare(grid)
+    assert pe._separable(state) is not None
+    q, k = (t.requires_grad_() for t in torch.randn(2, 2, 4, grid.num_tokens, 16).unbind(0))
+    lay = pe.layers[1]
+    ref = 0.
+    if lay.rpe_k is not None:
+        ref = ref + pe.term_qk('k', q * 0.25, 1, state)
+    if lay.rpe_q is not None:
+        ref = ref + pe.term_qk('q', k * 0.25, 1, state).transpose(-1, -2)
+    got = pe.bias(q, k, 0.25, 1, state)
+    assert got.shape == ref.shape and (got - ref).abs().max().item() < 1e-6
+    w = torch.randn_like(ref)
+    params = [q, k] + [p for p in lay.parameters()]
+    g_ref = torch.autograd.grad((ref * w).sum(), params, allow_unused=True)
+    g_got = torch.autograd.grad((got * w).sum(), params, allow_unused=True)
+    for a, b in zip(g_ref, g_got):
+        assert (a is None) == (b is None) and (a is None or (a - b).abs().max().item() < 1e-5)
+    with torch.no_grad():
+        assert (pe.bias(q, k, 0.25, 1, state) - ref).abs().max().item() < 1e-6
+
+
+def test_row_blocks_never_build_the_product_factors(monkeypatch):
+    """Large grids without autograd go by query-row blocks (reference gathers per block); the factors of
+    the whole-bias path (O(N^2) to check) must not be built there: at 1024 px they cost ~450 MiB."""
+    import visionpe.pos.irpe as irpe
+    from visionpe.attention import bias_budget
+    model = _randomize(create_tiny('vit_irpe_qkv_tiny', dynamic_img_size=True)).eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        ref = model(x)  # whole bias: the factorized path
+    monkeypatch.setattr(irpe, '_separable_index', lambda *a: pytest.fail('product factors built for row blocks'))
+    model.pe._cache.clear()
+    with torch.no_grad(), bias_budget(0.01):
+        assert torch.allclose(model(x), ref, atol=1e-5)

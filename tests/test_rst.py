@@ -204,7 +204,7 @@ def test_length_buckets_equal_one_padded_batch(monkeypatch):
     x = torch.randn(2, 23, 19, 16, requires_grad=True)
     lay = attn.layout(23, 19, x.device)
     groups, inverse = rst.length_buckets(attn._layouts, lay)
-    assert all(g.layout is not None for g in groups)  # small: each group keeps its bias inputs
+    assert all(g.pair is not None for g in groups)  # small: each group keeps its offset-pair index
     assert len(groups) > 1 and sum(g.num_windows for g in groups) == lay.num_windows
     valid = [torch.arange(g.max_len)[None, :] < torch.tensor(lay.lengths)[g.windows][:, None] for g in groups]
     tokens = torch.cat([g.index.view(g.num_windows, g.max_len)[ok] for g, ok in zip(groups, valid)])

@@ -59,9 +59,15 @@ def irpe(gs: GoldenSet):
         x = gs.tensors[f'input_{s}']
         grid = Grid(H // p, W // p, model.num_prefix_tokens)
         rec = {}
-        _record(model.pe, rec)
-        # the reference computes explicit logits; with autograd on, the q-side term goes through term_qk
-        # (which records the reference module's output) instead of the inference-only transposed gather
+        if (H, W) == (train, train):
+            # the reference modules' inputs and outputs: through term_qk (not the factorized product bias),
+            # with autograd on so that the q-side term is term_qk's output transposed
+            _record(model.pe, rec)
+            model.pe.factorized = False
+            with use_backend('math'), torch.enable_grad():
+                model(x)
+            model.pe.factorized = True
+            del model.pe.term_qk, model.pe.term_v  # back to the class methods
         with use_backend('math'), torch.enable_grad():
             final, inter = model.forward_intermediates(x, output_fmt='NLC', return_prefix_tokens=True)
         for i, (patches, prefix) in enumerate(inter):
@@ -73,5 +79,4 @@ def irpe(gs: GoldenSet):
             out[f'pos_embed_{s}'] = model._abs_pos(grid, x.device)
         else:
             out.update({f'{k}_{s}': v for k, v in rec.items()})
-        del model.pe.term_qk, model.pe.term_v  # back to the class methods
     return out

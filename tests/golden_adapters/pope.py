@@ -40,8 +40,9 @@ def pope2d(gs: GoldenSet) -> Dict[str, torch.Tensor]:
                 out[case['pope_pos_emb_indices']] = torch.arange(prefix, prefix + grid.num_patches)
         out[case['freqs']] = phases
         q_t, k_t = enc.rotate(q, k, 0, state)  # widened when the sequence has unpositioned tokens
-        if 'q_rot' in case:
-            out[case['q_rot']], out[case['k_rot']] = q_t, k_t
+        if 'q_rot' in case:  # the reference interleaves (cos, sin) per channel; ours: cosine half, sine half
+            interleave = lambda t: t.unflatten(-1, (2, d)).transpose(-1, -2).flatten(-2)  # noqa: E731
+            out[case['q_rot']], out[case['k_rot']] = interleave(q_t), interleave(k_t)
         out[case['logits']] = q_t @ k_t.transpose(-1, -2)
         out[case['out']] = attend(q_t, k_t, v, d ** -0.5, backend='math')[0]
     return out

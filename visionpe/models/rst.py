@@ -76,13 +76,18 @@ class StripAttention(nn.Module):
     def layout(self, h: int, w: int, device: torch.device, shifted: bool = False) -> StripLayout:
         return get_layout(self._layouts, self.spec, h, w, device, shifted)
 
-    def bias(self, lay: StripLayout) -> Optional[torch.Tensor]:
-        """(1, heads * windows, L, L) additive logits (position bias and padding mask) or None."""
-        L, nW = lay.max_len, lay.num_windows
+    def bias(self, lay: StripLayout, group: Optional[StripGroup] = None) -> Optional[torch.Tensor]:
+        """(1, heads * windows, L, L) additive logits (position bias and padding mask) or None, of the
+        whole layout or of one of its length groups."""
+        if group is None:
+            nW, L, mask = lay.num_windows, lay.max_len, lay.mask
+        else:
+            nW, L, mask = group.num_windows, group.max_len, group.mask
         if self.rel_pos is not None:
-            return self.rel_pos(lay).reshape(1, self.num_heads * nW, L, L)
-        if lay.mask is not None:
-            return lay.mask[None].expand(self.num_heads, nW, L, L).reshape(1, self.num_heads * nW, L, L)
+            pair = None if group is None else group.pair_of(lay)
+            return self.rel_pos(lay, pair).reshape(1, self.num_heads * nW, L, L)
+        if mask is not None:
+            return mask[None].expand(self.num_heads, nW, L, L).reshape(1, self.num_heads * nW, L, L)
         return None
 
     def forward(self, x: torch.Tensor, layout: Optional[StripLayout] = None, pos: Optional[LayerPos] = None
@@ -108,21 +113,12 @@ class StripAttention(nn.Module):
         axis, (B, heads * nW_g, L_g, d), one kernel call per group; the outputs are put back in token order."""
         B, heads, d = q.shape[0], self.num_heads, self.head_dim
         groups, inverse = length_buckets(self._layouts, lay)
-        bias = None
-        if any(g.layout is None for g in groups):  # cut the groups' biases from the whole one
-            bias = self.bias(lay)
-            if bias is not None:
-                bias = bias.view(heads, lay.num_windows, lay.max_len, lay.max_len)
         outs = []
         for g in groups:
             nW, L = g.num_windows, g.max_len
             shape = (B, heads * nW, L, d)
             qw, kw, vw = (t.index_select(2, g.index).reshape(shape) for t in (q, k, v))
-            if g.layout is not None:
-                gb = self.bias(g.layout)
-            else:
-                gb = None if bias is None else bias[:, :, :L, :L].index_select(1, g.windows).reshape(1, heads * nW, L, L)
-            out, _ = run_backend(backend, qw, kw, vw, self.scale, gb, None,
+            out, _ = run_backend(backend, qw, kw, vw, self.scale, self.bias(lay, g), None,
                                  dropout_p=self.attn_drop, training=self.training)
             outs.append(out.reshape(B, heads, nW * L, d))
         return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).index_select(2, inverse)
@@ -148,41 +144,46 @@ class StripAttention(nn.Module):
 
 #: a strip joins the current length group while its length is at least this fraction of the group's longest
 BUCKET_FILL = 0.75
-#: per layout, the groups keep their own copies of the bias inputs (offsets, angles) up to this many MiB;
-#: above it (e.g. rst_tiny at 1024 px, where those copies added 1.6 GiB) each group's bias is cut from
-#: the layout's whole bias at every call instead
+#: per layout, the groups keep their own cut of the offset-pair index up to this many MiB; above it
+#: (e.g. rst_tiny at 1024 px) each group cuts it from the layout's index at every call instead
 GROUP_COPY_MB = 256.
 
 
 @dataclass(frozen=True)
 class StripGroup:
-    """Strips of similar length: their window ids, their longest length and their tokens' slots
-    (``(num_windows * max_len,)``, padded slots repeat the strip's first token as in the layout), and
-    the group's own layout (bias inputs cut to its strips) when it fits ``GROUP_COPY_MB``."""
+    """Strips of similar length: their window ids, their longest length, their tokens' slots
+    (``(num_windows * max_len,)``, padded slots repeat the strip's first token as in the layout), their
+    key mask (None without padding) and their offset-pair index (``StripLayout.pair`` cut to them,
+    ``(num_windows, max_len, max_len)``) when it fits ``GROUP_COPY_MB``."""
     windows: torch.Tensor
     max_len: int
     index: torch.Tensor
-    layout: Optional[StripLayout] = None
+    mask: Optional[torch.Tensor] = None
+    pair: Optional[torch.Tensor] = None
 
     @property
     def num_windows(self) -> int:
         return self.windows.numel()
 
+    def pair_of(self, lay: StripLayout) -> torch.Tensor:
+        """The group's rows of ``lay.pair``: kept, or cut now."""
+        if self.pair is not None:
+            return self.pair
+        return lay.pair.index_select(0, self.windows)[:, :self.max_len, :self.max_len]
+
 
 def length_buckets(cache: GridCache, lay: StripLayout) -> Tuple[List[StripGroup], torch.Tensor]:
     """``lay``'s strips in groups of similar length (longest first; a new group starts below
     ``BUCKET_FILL`` of the current group's longest), and the slot of every token in the groups'
-    padded slots put one after the other. Only indices are kept (the bias is cut per group from the
-    layout's whole bias above ``GROUP_COPY_MB``, so that the cache then adds only token-sized tensors).
+    padded slots put one after the other. Cached with the layout.
 
     Padding all strips to the longest one computed about twice the needed attention at 448 px
-    (rst_tiny: 46-57% of the slots were real tokens); in groups, 80-95%. Cached with the layout."""
+    (rst_tiny: 46-57% of the slots were real tokens); in groups, 80-95%."""
     def build() -> Dict[str, Any]:
         lengths = torch.tensor(lay.lengths)
         order = torch.argsort(lengths, descending=True, stable=True)
         index = lay.index.view(lay.num_windows, lay.max_len).cpu()
         slot_of_token = torch.empty(sum(lay.lengths), dtype=torch.long)
-        pair_bytes = sum(getattr(lay, f).element_size() for f in _BIAS_FIELDS)
         groups, start, offset, copied = [], 0, 0, 0
         while start < len(order):
             end = start + int((lengths[order[start:]] >= BUCKET_FILL * lengths[order[start]]).sum())
@@ -191,30 +192,17 @@ def length_buckets(cache: GridCache, lay: StripLayout) -> Tuple[List[StripGroup]
             idx = index[wins, :L]
             valid = torch.arange(L)[None, :] < lengths[wins][:, None]
             slot_of_token[idx[valid]] = offset + torch.arange(wins.numel() * L).view(-1, L)[valid]
-            groups.append(StripGroup(wins.to(lay.index.device), L, idx.reshape(-1).to(lay.index.device)))
+            dev = lay.index.device
+            mask = None if bool(valid.all()) else lay.mask[wins.to(dev), :, :L]
+            groups.append(StripGroup(wins.to(dev), L, idx.reshape(-1).to(dev), mask))
             start, offset = end, offset + wins.numel() * L
-            copied += wins.numel() * L * L * pair_bytes
+            copied += wins.numel() * L * L * lay.pair.element_size()
         if copied <= GROUP_COPY_MB * 2 ** 20:
-            groups = [dataclasses.replace(g, layout=_group_layout(lay, g)) for g in groups]
+            groups = [dataclasses.replace(g, pair=g.pair_of(lay)) for g in groups]
         return dict(groups=groups, inverse=slot_of_token, of=lay.index)
     # keyed by the layout's index tensor, which the entry holds ('of'): no other tensor can take its id
     got = cache.get(('buckets', id(lay.index), BUCKET_FILL), lay.index.device, build)
     return got['groups'], got['inverse']
-
-
-_BIAS_FIELDS = ('az_offset', 'rad_offset', 'az_cos', 'az_sin', 'rad_cos', 'rad_sin')
-
-
-def _group_layout(lay: StripLayout, g: StripGroup) -> StripLayout:
-    """``lay`` restricted to the strips of ``g``, padded to ``g.max_len`` (what the bias needs)."""
-    L, wins = g.max_len, g.windows
-    valid = torch.arange(L, device=wins.device)[None, :] < torch.tensor(lay.lengths, device=wins.device)[wins][:, None]
-    padded = not bool(valid.all())
-    return dataclasses.replace(
-        lay, num_windows=wins.numel(), max_len=L, index=g.index, valid=valid if padded else None,
-        mask=lay.mask[wins, :, :L] if padded and lay.mask is not None else None,
-        lengths=tuple(lay.lengths[i] for i in wins.tolist()),
-        **{f: getattr(lay, f)[wins][:, :L, :L] for f in _BIAS_FIELDS})
 
 
 def get_layout(cache: GridCache, spec: StripSpec, h: int, w: int, device: torch.device,

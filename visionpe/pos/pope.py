@@ -11,8 +11,10 @@ and channel), clamped to ``[-2 pi, 0]``:
 
     logit(s, t) = sum_c softplus(q_sc) softplus(k_tc) cos(phi_sc - phi_tc - delta_c)
 
-which is the dot product of the real ``2d``-channel vectors (interleaved, as the reference)
-``q~ = [mu_q cos phi, mu_q sin phi]`` and ``k~ = [mu_k cos(phi + delta), mu_k sin(phi + delta)]``. The
+which is the dot product of the real ``2d``-channel vectors ``q~ = [mu_q cos phi | mu_q sin phi]`` and
+``k~ = [mu_k cos(phi + delta) | mu_k sin(phi + delta)]`` (the d cosine channels, then the d sine channels;
+the reference interleaves them, which changes no logit: these contiguous halves make the products 3-4x
+faster than writing pairs). The
 ``rotate`` hook returns these (real cos/sin only, no complex dtypes), so every attention backend computes
 the logits; the softmax scale stays ``d^-0.5`` of the ORIGINAL head dim (the Attention module computes
 its scale from ``head_dim`` before any hook runs).
@@ -55,6 +57,11 @@ from .base import COORD_MODE, EncodingContext, PosEncoding
 __all__ = ['PoPE2D', 'pope_frequencies', 'pope_phases', 'widen_for_prefix', 'clamp_projected']
 
 PoPEState = Tuple[torch.Tensor, int]  # (cos, sin) of the phases stacked last (N, d, 2); number of prefix tokens
+
+
+def _halves(cs: torch.Tensor) -> torch.Tensor:
+    """(..., d, 2) interleaved (cos, sin) -> (..., 2, d): the cosines, then the sines (a contiguous copy)."""
+    return cs.transpose(-1, -2).contiguous()
 
 
 class _ProjectedClamp(torch.autograd.Function):
@@ -189,7 +196,7 @@ class PoPE2D(PosEncoding):
 
     def polar_qk(self, q: torch.Tensor, k: torch.Tensor, layer: int, state: PoPEState,
                  out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``q~, k~`` (B, H, N, 2d) of the positioned tokens ``q, k`` (B, H, N, d), interleaved (cos, sin);
+        """``q~, k~`` (B, H, N, 2d) of the positioned tokens ``q, k`` (B, H, N, d), cosine half then sine half;
         written into ``out`` (two (B, H, N, 2d) views, e.g. of the widened tensors) when given."""
         cs, _ = state
         with torch.autocast(device_type=self.device.type, enabled=False):
@@ -201,7 +208,7 @@ class PoPE2D(PosEncoding):
         if out is None:
             out = (q.new_empty(*q.shape[:-1], 2 * q.shape[-1]), k.new_empty(*k.shape[:-1], 2 * k.shape[-1]))
         for x, c, o in ((q, cs, out[0]), (k, cs_k, out[1])):
-            _mul_into(o.unflatten(-1, (-1, 2)), F.softplus(x).unsqueeze(-1), c.to(dt))
+            _mul_into(o.unflatten(-1, (2, -1)), F.softplus(x).unsqueeze(-2), _halves(c.to(dt)))
         return out
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, layer: int, state: PoPEState
