@@ -231,7 +231,7 @@ def test_math_logits_into_a_fresh_bias():
     out, probs = _math(q, k, v, 0.3, bias, 0., False, into_bias=True)
     assert probs.data_ptr() == bias.data_ptr()  # the bias buffer became the probabilities
     assert (out - ref).abs().max().item() < 1e-6 and (probs - ref_p).abs().max().item() < 1e-6
-    for other in (full[:1].clone(), full.transpose(-1, -2).clone().transpose(-1, -2)):
+    for other in (full[:1].clone(), full.transpose(-1, -2).contiguous().transpose(-1, -2)):
         kept = other.clone()
         out, probs = _math(q, k, v, 0.3, other, 0., False, into_bias=True)
         assert torch.equal(other, kept) and probs.data_ptr() != other.data_ptr()
