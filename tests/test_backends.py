@@ -218,3 +218,27 @@ def test_bias_budget_context_overrides_the_environment(monkeypatch):
     with pytest.raises(ValueError, match='positive'):
         with bias_budget(0):
             pass
+
+
+def test_math_logits_into_a_fresh_bias():
+    """``into_bias``: the logits are accumulated into the caller's fresh bias (same result as a separate
+    add); a broadcast or strided bias, or autograd, takes the separate add and leaves the bias unchanged."""
+    from visionpe.attention import _math
+    q, k, v = torch.randn(3, 2, 3, 7, 8).unbind(0)
+    full = torch.randn(2, 3, 7, 7)
+    ref, ref_p = _math(q, k, v, 0.3, full, 0., False)
+    bias = full.clone()
+    out, probs = _math(q, k, v, 0.3, bias, 0., False, into_bias=True)
+    assert probs.data_ptr() == bias.data_ptr()  # the bias buffer became the probabilities
+    assert (out - ref).abs().max().item() < 1e-6 and (probs - ref_p).abs().max().item() < 1e-6
+    for other in (full[:1].clone(), full.transpose(-1, -2).contiguous().transpose(-1, -2)):
+        kept = other.clone()
+        out, probs = _math(q, k, v, 0.3, other, 0., False, into_bias=True)
+        assert torch.equal(other, kept) and probs.data_ptr() != other.data_ptr()
+        assert (out - _math(q, k, v, 0.3, other, 0., False)[0]).abs().max().item() < 1e-6
+    qg = q.clone().requires_grad_()
+    bias = full.clone()
+    out, _ = _math(qg, k, v, 0.3, bias, 0., False, into_bias=True)
+    assert torch.equal(bias, full) and (out - ref).abs().max().item() < 1e-6
+    out.sum().backward()
+    assert qg.grad is not None

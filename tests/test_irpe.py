@@ -294,6 +294,41 @@ def test_product_bias_by_rows_and_columns_equals_the_gather(kw, hw, prefix):
         assert (pe.bias(q, k, 0.25, 1, state) - ref).abs().max().item() < 1e-6
 
 
+def _pair_bias(pe, q, k, layer, state):
+    """The reference's per-pair terms: k-side plus q-side transposed."""
+    lay, ref = pe.layers[layer], 0.
+    if lay.rpe_k is not None:
+        ref = ref + pe.term_qk('k', q * 0.25, layer, state)
+    if lay.rpe_q is not None:
+        ref = ref + pe.term_qk('q', k * 0.25, layer, state).transpose(-1, -2)
+    return ref
+
+
+@pytest.mark.parametrize('kw,hw,prefix', [(dict(rpe_on='qkv'), (5, 7), 1),
+                                          (dict(rpe_on='k', shared_head=False), (6, 4), 2),
+                                          (dict(rpe_on='q', prefix_bucket=False), (4, 5), 0)])
+def test_row_blocks_through_the_product_factors_equal_the_gather(kw, hw, prefix):
+    """Without autograd, blocks of query rows (prefix rows, a block across the prefix, the last short
+    block) go through the row x column factors built once per layer; each block equals the rows of the
+    per-pair gathers, and a new layer or new q/k rebuilds the factors."""
+    model = _randomize(create_tiny('vit_irpe_tiny', **kw))
+    pe, grid = model.pe, Grid(*hw, prefix)
+    T = grid.num_tokens
+    q, k = torch.randn(2, 2, 4, T, 16).unbind(0)
+    state = pe.prepare(grid)
+    for layer in (1, 0):
+        ref = _pair_bias(pe, q, k, layer, state)
+        with torch.no_grad():
+            for r0 in range(0, T, 3):
+                got = pe.bias_rows(q, k, 0.25, layer, state, slice(r0, r0 + 3))
+                assert state['_product_terms'][0] == layer  # the factors path was taken
+                assert (got - ref[:, :, r0:r0 + 3]).abs().max().item() < 1e-6
+    with torch.no_grad():
+        q2 = q.flip(-2)
+        got = pe.bias_rows(q2, k, 0.25, 0, state, slice(0, 4))
+        assert (got - _pair_bias(pe, q2, k, 0, state)[:, :, :4]).abs().max().item() < 1e-6
+
+
 def test_row_blocks_never_build_the_product_factors(monkeypatch):
     """Large grids without autograd go by query-row blocks (reference gathers per block); the factors of
     the whole-bias path (O(N^2) to check) must not be built there: at 1024 px they cost ~450 MiB."""

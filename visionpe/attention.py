@@ -150,8 +150,17 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
-def _math(q, k, v, scale, bias, dropout_p, training):
-    attn = (q * scale) @ k.transpose(-2, -1)
+def _math(q, k, v, scale, bias, dropout_p, training, into_bias=False):
+    """``into_bias``: ``bias`` is a fresh tensor of the caller's (no autograd), so the logits may be
+    accumulated into it (``baddbmm_``) when it is contiguous and has their shape: one (B, H, N, M)
+    buffer and one pass over it fewer."""
+    if (into_bias and bias is not None and bias.is_contiguous() and bias.shape == (*q.shape[:-1], k.shape[-2])
+            and not _records_grad(q, k, v, bias)):
+        attn = bias.view(-1, *bias.shape[-2:]).baddbmm_(
+            (q * scale).reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]).transpose(-2, -1)).view(bias.shape)
+        bias = None
+    else:
+        attn = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
         attn = attn.add_(bias) if attn.shape == torch.broadcast_shapes(attn.shape, bias.shape) else attn + bias
     if _records_grad(q, k, v, bias):
@@ -345,12 +354,14 @@ def attend_by_row_blocks(backend: str, q: torch.Tensor, k: torch.Tensor, v: torc
     whole). ``backend``: ``'sdpa'``, or ``'math'`` for encodings that need the probabilities, whose
     value term is then added per block (:meth:`PosEncoding.value_rows`)."""
     N = q.shape[-2]
+    if backend == 'math':  # once here, not once per block (a batched matmul copies strided operands)
+        k, v = k.contiguous(), v.contiguous()
     out = []
     for r0 in range(0, N, rows):
         block = slice(r0, min(N, r0 + rows))
         bias = pos.bias_rows(q, k, scale, block)
-        if backend == 'math':
-            o, probs = _math(q[:, :, block], k, v, scale, bias, 0., False)
+        if backend == 'math':  # a per-sample bias is built fresh for each block: the logits go into it
+            o, probs = _math(q[:, :, block], k, v, scale, bias, 0., False, into_bias=pos.row_bias == 'per_sample')
             out.append(pos.value_rows(o, v, probs, block) if pos.needs_probs else o)
         else:
             out.append(_sdpa(q[:, :, block], k, v, scale, bias, 0., False))

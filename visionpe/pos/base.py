@@ -259,7 +259,8 @@ class PosEncoding(nn.Module):
 
     def row_bias(self, layer: int) -> Optional[str]:
         """Whether :meth:`bias_rows` can build ``layer``'s bias by query rows: ``None`` (no),
-        ``'shared'`` (one bias for the whole batch) or ``'per_sample'`` (it depends on q or k)."""
+        ``'shared'`` (one bias for the whole batch) or ``'per_sample'`` (it depends on q or k; without
+        autograd, each call returns a new tensor that the attention may overwrite)."""
         return None
 
     def bias_rows(self, q: torch.Tensor, k: torch.Tensor, scale: float, layer: int, state: Any,

@@ -373,10 +373,10 @@ class IRPE(PosEncoding):
         """Query rows ``rows`` of the bias: the k-side term of those queries, plus the q-side term
         ``(s k_j) . r_q[ids[j, i]]`` (computed for every key ``j``, kept for the rows ``i``)."""
         lay = self.layers[layer]
-        if rows == slice(None) and self.row_bias(layer):
+        if self.row_bias(layer) and (rows == slice(None) or self._factors_fit(q, state)):
             sep = self._separable(state)
             if sep is not None:
-                return self._product_bias(q, k, scale, layer, state, sep)
+                return self._product_bias(q, k, scale, layer, state, sep, rows)
         out = None
         if lay.rpe_k is not None:
             out = self.term_qk('k', q[:, :, rows] * scale, layer, _rows_of(state, rows))
@@ -389,30 +389,68 @@ class IRPE(PosEncoding):
                 out = term if out is None else out + term
         return out
 
-    def _product_bias(self, q: torch.Tensor, k: torch.Tensor, scale: float, layer: int, state: Dict[str, Any],
-                      sep: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """The contextual bias of the product method (every query row), through its row x column structure
-        (:func:`_separable_index`) instead of one gather per (query, key) pair: per query, the (2B+1)^2
-        products are spread over the key columns (a gather of (2B+1) x w per query), then whole key rows
-        of w values are copied (``index_select``); the q-side term is built the same way per key,
-        directly in the logits' layout. Pairs with a prefix token take the prefix bucket. Equal to
-        :meth:`term_qk` (k) + :meth:`term_qk` (q) transposed; 1.5x faster at 448 px (ViT-S, 785 tokens)."""
+    def _factors_fit(self, q: torch.Tensor, state: Dict[str, Any]) -> bool:
+        """Whether row blocks may go through :meth:`_product_bias`: its per-layer q-side factor
+        (B, H, n (2B+1) w) fits the bias budget (at 448 px, batch 2: 7 MiB; at 1024 px, batch 1: 44 MiB,
+        where the per-pair gathers are used instead, and the factors are never built)."""
+        from ..attention import max_bias_bytes
+        grid = state['grid']
+        C = irpe_num_buckets('cross', self.ratio)
+        return q.shape[:2].numel() * grid.h * grid.w * C * grid.w * 4 <= max_bias_bytes()
+
+    def _product_terms(self, q: torch.Tensor, k: torch.Tensor, scale: float, layer: int, state: Dict[str, Any],
+                       sep: Dict[str, torch.Tensor]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, for every block of query rows: ``'k'``: the products ``s q @ r_k`` (B, H, T, buckets)
+        and, per query, those spread over the key columns (B, H, n (2B+1), w); ``'q'``: ``s k @ r_q`` and,
+        per key row, bucket row and query column, the values over the key columns (B, H, h (2B+1) w, w).
+        Without autograd, kept in ``state`` for the next block of the same layer (one layer at a time)."""
+        memo = state.get('_product_terms')
+        if memo is not None and memo[0] == layer and memo[1] is q and memo[2] is k and memo[3] == scale:
+            return memo[4]
         lay, grid = self.layers[layer], state['grid']
         P, h, w = grid.num_prefix, grid.h, grid.w
-        n, T = h * w, P + h * w
+        n = h * w
         B, H = q.shape[:2]
-        patches, prefix = [], []  # the (n, n) patch-to-patch terms; f(rows, cols): the pairs with a prefix token
+        terms = {}
         if lay.rpe_k is not None:
             qr = self._products(lay.rpe_k, q * scale, state)  # (B, H, T, buckets)
             x = torch.gather(qr[:, :, P:], -1, sep['col_k'].expand(B, H, n, -1))  # (B, H, n, C * w)
-            patches.append(x.view(B, H, -1, w).index_select(2, sep['row_k']).view(B, H, n, n))
-            prefix.append(lambda rows, cols: qr[..., rows, self.num_buckets, None])  # the query's products
+            terms['k'] = qr, x.view(B, H, -1, w)
         if lay.rpe_q is not None:
             kr = self._products(lay.rpe_q, k * scale, state)
             C = sep['col_q'].shape[-1] // w
             z = torch.gather(kr[:, :, P:].view(B, H, h, w, -1), -1, sep['col_q'].expand(B, H, h, w, -1))
-            z = z.view(B, H, h, w, C, w).permute(0, 1, 2, 4, 5, 3).reshape(B, H, h * C * w, w)
-            patches.append(z.index_select(2, sep['row_q']).view(B, H, n, n))
+            terms['q'] = kr, z.view(B, H, h, w, C, w).permute(0, 1, 2, 4, 5, 3).reshape(B, H, h * C * w, w)
+        if not torch.is_grad_enabled():
+            state['_product_terms'] = (layer, q, k, scale, terms)
+        return terms
+
+    def _product_bias(self, q: torch.Tensor, k: torch.Tensor, scale: float, layer: int, state: Dict[str, Any],
+                      sep: Dict[str, torch.Tensor], rows: slice = slice(None)) -> torch.Tensor:
+        """The contextual bias of the product method (query rows ``rows``), through its row x column structure
+        (:func:`_separable_index`) instead of one gather per (query, key) pair: per query, the (2B+1)^2
+        products are spread over the key columns (a gather of (2B+1) x w per query), then whole key rows
+        of w values are copied (``index_select``); the q-side term is built the same way per key,
+        directly in the logits' layout. Pairs with a prefix token take the prefix bucket. Equal to
+        :meth:`term_qk` (k) + :meth:`term_qk` (q) transposed; 1.5x faster at 448 px (ViT-S, 785 tokens).
+        By row blocks (no autograd) the per-layer factors are built once (:meth:`_product_terms`)."""
+        grid = state['grid']
+        P, h, w = grid.num_prefix, grid.h, grid.w
+        n, T = h * w, P + h * w
+        r0, r1, _ = rows.indices(T)
+        p0, p1 = max(r0, P) - P, max(r1, P) - P  # the block's patch queries
+        B, H = q.shape[:2]
+        terms = self._product_terms(q, k, scale, layer, state, sep)
+        patches, prefix = [], []  # the patch-to-patch terms; f(rows, cols): the pairs with a prefix token
+        if 'k' in terms:
+            qr, x = terms['k']
+            idx = sep['row_k'] if (p0, p1) == (0, n) else sep['row_k'].view(n, h)[p0:p1].reshape(-1)
+            patches.append(x.index_select(2, idx).view(B, H, p1 - p0, n))
+            prefix.append(lambda rows, cols: qr[..., rows, self.num_buckets, None])  # the query's products
+        if 'q' in terms:
+            kr, z = terms['q']
+            idx = sep['row_q'] if (p0, p1) == (0, n) else sep['row_q'].view(n, h)[p0:p1].reshape(-1)
+            patches.append(z.index_select(2, idx).view(B, H, p1 - p0, n))
             prefix.append(lambda rows, cols: kr[..., None, cols, self.num_buckets])  # the key's products
         if not P:
             return patches[0] if len(patches) == 1 else patches[0].add_(patches[1])
@@ -420,16 +458,17 @@ class IRPE(PosEncoding):
         def border(rows: slice, cols: slice) -> torch.Tensor:
             t = prefix[0](rows, cols) if len(prefix) == 1 else prefix[0](rows, cols) + prefix[1](rows, cols)
             return t.expand(B, H, len(range(T)[rows]), len(range(T)[cols]))
-        left, top = border(slice(None), slice(0, P)), border(slice(0, P), slice(P, None))
+        left, top = border(slice(r0, r1), slice(0, P)), border(slice(r0, min(r1, P)), slice(P, None))
         if torch.is_grad_enabled():
             patch = patches[0] if len(patches) == 1 else patches[0].add_(patches[1])
             return torch.cat([left, torch.cat([top, patch], -2)], -1)
-        out = patches[0].new_empty(B, H, T, T)
-        out[..., :P], out[..., :P, P:] = left, top
+        out = patches[0].new_empty(B, H, r1 - r0, T)
+        top_rows = top.shape[-2]
+        out[..., :P], out[..., :top_rows, P:] = left, top
         if len(patches) == 2:
-            torch.add(*patches, out=out[..., P:, P:])
+            torch.add(*patches, out=out[..., top_rows:, P:])
         else:
-            out[..., P:, P:] = patches[0]
+            out[..., top_rows:, P:] = patches[0]
         return out
 
     def _products(self, table: IRPETable, x: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
