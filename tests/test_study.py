@@ -216,6 +216,27 @@ def test_partial_study_says_what_it_covers(tmp_path):
     assert 'Partial' not in full['leaderboard'].read_text() and '3 of 3 jobs' in full['leaderboard'].read_text()
 
 
+def test_encodings_with_knobs_have_their_native_reference(tmp_path):
+    """Rows of a RoPE carry a setting label (``coord_mode=index``), not ``default``: its native setting is the
+    reference row of the leaderboard (shown beside a better knob) and what the anchor checks compare."""
+    study = tmp_path / 'study'
+    _write_rows(study, {'ape': {'32x32': 0.85, '64x64': 0.60}})
+    for setting, truth in (('coord_mode=index', {'32x32': 0.85, '64x64': 0.20}),
+                           ('coord_mode=ref', {'32x32': 0.85, '64x64': 0.70})):
+        sub = tmp_path / setting.replace('=', '_')
+        _write_rows(sub, {'rope2d': truth})
+        for f in (sub / 'rows').glob('*.jsonl'):
+            rows = [dict(json.loads(ln), setting=setting) for ln in f.read_text().splitlines()]
+            with open(study / 'rows' / f.name, 'a') as out:
+                out.write(''.join(json.dumps(r) + '\n' for r in rows))
+    rows = load_rows(study)
+    board = leaderboard(rows, '32', 'fixed')
+    assert '| rope2d | fixed | coord_mode=ref |' in board and '| rope2d (reference) | fixed | coord_mode=index |' in board
+    checks = {c['claim']: c for c in anchor_checks(rows, '32', 'fixed')}
+    axial_vs_ape = checks['RoPE-Axial > learned APE above the training size']
+    assert axial_vs_ape['verdict'] == 'contradicts' and axial_vs_ape['difference'] < -30  # index coordinates
+
+
 def test_aggregate_without_rows_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match='run the study first'):
         write_report(tmp_path, '32', 'fixed')

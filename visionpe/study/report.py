@@ -81,6 +81,22 @@ class Cell:
 Key = tuple[str, str, str]  # (encoding, recipe, setting)
 
 
+def is_native(setting: str) -> bool:
+    """Whether a setting label (``'coord_mode=index, rope_scaling=ntk'``) is the model's own: no knob changed
+    except the coordinate mode named as the one it was trained with (a mode not ending in ``ref``: position
+    interpolation is the test-time alternative)."""
+    if setting == 'default':
+        return True
+    pairs = [p.split('=', 1) for p in setting.split(', ')]
+    return all(k == 'coord_mode' and not v.endswith('ref') for k, v in pairs)
+
+
+def _reference(grouped, enc: str, recipe: str) -> Key | None:
+    """The reference key of ``enc`` under ``recipe``: its native knob setting (:func:`is_native`)."""
+    keys = [k for k in grouped if k[0] == enc and k[1] == recipe and is_native(k[2])]
+    return keys[0] if keys else None
+
+
 def _by_setting(rows: list[dict[str, Any]]) -> dict[Key, dict[str, dict[int, dict[str, Any]]]]:
     """``{(encoding, recipe, setting): {size: {seed: row}}}``; a later row of the same cell and seed wins."""
     out: dict[Key, dict[str, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
@@ -141,8 +157,8 @@ def _best_settings(grouped, train: str, reference_recipe: str) -> list[tuple[Key
         keys = [k for k in grouped if k[0] == enc]
         best = max(keys, key=lambda k: _mean_above(grouped[k], train))
         out.append((best, 'best'))
-        ref = (enc, reference_recipe, 'default')
-        if ref in grouped and ref != best:
+        ref = _reference(grouped, enc, reference_recipe)
+        if ref is not None and ref != best:
             out.append((ref, 'reference'))
     return out
 
@@ -252,7 +268,7 @@ def anchor_checks(rows: list[dict[str, Any]], train_size: str, reference_recipe:
     th, tw = parse_size(train_size)
     train = f'{th}x{tw}'
     grouped = _by_setting(rows)
-    encs = sorted({k[0] for k in grouped if k[1] == reference_recipe and k[2] == 'default'})
+    encs = sorted({k[0] for k in grouped if k[1] == reference_recipe and is_native(k[2])})
     all_sizes = sorted({s for v in grouped.values() for s in v}, key=_size_key)
     above = [s for s in all_sizes if _size_key(s) > _size_key(train)]
     out = []
@@ -264,8 +280,8 @@ def anchor_checks(rows: list[dict[str, Any]], train_size: str, reference_recipe:
         if not a or not b or not sizes:
             out.append({**rec, 'difference': None, 'lo': None, 'hi': None, 'verdict': 'not in study'})
             continue
-        pa = {e: _pooled(grouped, (e, reference_recipe, 'default'), sizes) for e in a}
-        pb = {e: _pooled(grouped, (e, reference_recipe, 'default'), sizes) for e in b}
+        pa = {e: _pooled(grouped, _reference(grouped, e, reference_recipe), sizes) for e in a}
+        pb = {e: _pooled(grouped, _reference(grouped, e, reference_recipe), sizes) for e in b}
 
         def mean(p):
             return np.mean([r['top1'] for r in p.values()]) if p else float('-inf')
