@@ -93,7 +93,10 @@ def test_interrupted_resume_keeps_the_rows(folder, two_class_ckpt, tmp_path):
     assert main(argv_for(folder, two_class_ckpt, out, '--resolutions', '16', '24')) == 0
     before = rows_of(out)
     many = [str(r) for r in range(16, 200, 4)]  # far more than can finish before the interrupt
-    code = f'import sys; from visionpe.eval.cli import main; sys.exit(main({argv_for(folder, two_class_ckpt, out)!r} ' \
+    # a child of a pytest-xdist worker may inherit SIGINT as ignored (then Python installs no KeyboardInterrupt
+    # handler and the run ignores the interrupt): give it a terminal's default, as a user's shell would
+    code = 'import signal; signal.signal(signal.SIGINT, signal.default_int_handler); ' \
+           f'import sys; from visionpe.eval.cli import main; sys.exit(main({argv_for(folder, two_class_ckpt, out)!r} ' \
            f'+ ["--resume", "--resolutions", *{many!r}]))'
     env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
     proc = subprocess.Popen([sys.executable, '-c', code], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
