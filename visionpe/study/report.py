@@ -392,7 +392,8 @@ def coverage(finished: Sequence[str], planned: Sequence[str] | None) -> str:
     """One paragraph: how many of the study's jobs the report covers, per recipe, and which are pending."""
     if not planned:
         return f'{len(finished)} finished jobs.'
-    done, todo = set(finished), [j for j in planned if j not in set(finished)]
+    done = set(finished)
+    todo = [j for j in planned if j not in done]
     recipes = list(dict.fromkeys(j.split('__')[1] for j in planned))
     per = ', '.join(f'{r} {sum(j in done for j in planned if j.split("__")[1] == r)}/'
                     f'{sum(j.split("__")[1] == r for j in planned)}' for r in recipes)
