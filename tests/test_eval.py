@@ -155,6 +155,19 @@ def test_knobs_change_what_they_should(folder, rope_file):
         assert abs(other[32]['loss'] - base[32]['loss']) > CHANGED, knob              # elsewhere: a change
 
 
+
+@pytest.mark.parametrize('own', ['index', 'ref'])
+def test_rows_mark_the_native_setting(folder, rope_file, own):
+    """Each row says whether its knob setting is the model's own (``native``): the setting it was trained with
+    (a model built with ``ref`` coordinates has ``coord=ref`` as its native row, ``coord=index`` as the
+    alternative), every other knob at its default. The study's reference rows are read from it."""
+    src = ModelSource('vit_rope2d_tiny', str(rope_file), dict(TINY, coord_mode=own))
+    space = KnobSpace(coord_mode=['index', 'ref'], rope_scaling=['none', 'ntk'])
+    rows = run_eval(cfg(folder, src, knobs=space, resolutions=[16])).rows
+    native = {(r['coord_mode'], r['rope_scaling']): r['native'] for r in rows}
+    assert native == {(own, 'none'): True, ({'index': 'ref', 'ref': 'index'}[own], 'none'): False,
+                      ('index', 'ntk'): False, ('ref', 'ntk'): False}
+
 def test_temperature_rope_scaling_and_slope_on_logits(rope_file, tmp_path):
     model, info = ModelSource('vit_rope2d_tiny', str(rope_file), dict(TINY)).build(2)
     x16, x32 = blobs(16), blobs(32)

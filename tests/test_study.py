@@ -237,6 +237,27 @@ def test_encodings_with_knobs_have_their_native_reference(tmp_path):
     assert axial_vs_ape['verdict'] == 'contradicts' and axial_vs_ape['difference'] < -30  # index coordinates
 
 
+
+def test_reference_is_the_row_marked_native(tmp_path):
+    """Rows that carry ``native`` (written by the evaluator) decide the reference, not the label: a RoPE trained
+    with ``ref`` coordinates has ``coord_mode=ref`` as its reference row (the label alone would say ``index``)."""
+    study = tmp_path / 'study'
+    _write_rows(study, {'ape': {'32x32': 0.85, '64x64': 0.60}})
+    for setting, native, truth in (('coord_mode=index', False, {'32x32': 0.85, '64x64': 0.20}),
+                                   ('coord_mode=ref', True, {'32x32': 0.85, '64x64': 0.70})):
+        sub = tmp_path / setting.replace('=', '_')
+        _write_rows(sub, {'rope2d': truth})
+        for f in (sub / 'rows').glob('*.jsonl'):
+            rows = [dict(json.loads(ln), setting=setting, native=native) for ln in f.read_text().splitlines()]
+            with open(study / 'rows' / f.name, 'a') as out:
+                out.write(''.join(json.dumps(r) + '\n' for r in rows))
+    rows = load_rows(study)
+    board = leaderboard(rows, '32', 'fixed')
+    assert '| rope2d | fixed | coord_mode=ref |' in board and '(reference)' not in board  # best = reference
+    checks = {c['claim']: c for c in anchor_checks(rows, '32', 'fixed')}
+    axial_vs_ape = checks['RoPE-Axial > learned APE above the training size']
+    assert axial_vs_ape['verdict'] == 'agrees' and axial_vs_ape['difference'] > 5  # the native ref coordinates
+
 def test_aggregate_without_rows_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match='run the study first'):
         write_report(tmp_path, '32', 'fixed')
@@ -294,7 +315,9 @@ def test_evaluator_rows_become_study_rows():
     assert a['knobs'] == b['knobs'] == {'rope_scaling': 'ntk'} and a['setting'] == b['setting'] == 'rope_scaling=ntk'
     assert (a['size'], b['size']) == ('32x32', '32x64') and b['correct'] == 'AA=='
     old = _row_fields({**base, 'resolution': 48})  # an evaluator row from before HxW sizes
-    assert old['size'] == '48x48' and old['knobs'] == {'rope_scaling': 'ntk'}
+    assert old['size'] == '48x48' and old['knobs'] == {'rope_scaling': 'ntk'} and 'native' not in old
+    marked = _row_fields({**base, 'resolution': 32, 'native': False})  # the evaluator's mark is kept, not a knob
+    assert marked['native'] is False and marked['knobs'] == {'rope_scaling': 'ntk'}
 
 
 def test_make_demo_runs_the_quick_study():

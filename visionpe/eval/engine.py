@@ -20,8 +20,8 @@ import torch.nn as nn
 
 from ..attention import bias_budget
 from .data import parse_size, size_text, size_value
-from .models import (KnobSpace, Knobs, ModelSource, apply_knobs, build_overrides, expand_knobs, knob_contexts,
-                     knob_support)
+from .models import (KnobSpace, Knobs, ModelSource, apply_knobs, build_overrides, expand_knobs, is_native_setting,
+                     knob_contexts, knob_support)
 
 __all__ = ['Plan', 'Case', 'Task', 'EvalResult', 'sweep', 'row_key']
 
@@ -194,7 +194,7 @@ def sweep(task: Task, models: Sequence[ModelSource], resolutions: Sequence[int |
                     finally:
                         undo()
                 row = dict(label=case.label, model=src.name, checkpoint=src.checkpoint, checkpoint_sha256=digest,
-                           **knobs.as_dict(), resolution=case.resolution, height=case.size[0], width=case.size[1],
+                           **knobs.as_dict(), native=is_native_setting(knobs, plan.support), resolution=case.resolution, height=case.size[0], width=case.size[1],
                            size=size_text(case.size), train_res=size_value(plan.train_size) if plan.train_size else None, **m)
                 rows.append(row)
                 if on_row:

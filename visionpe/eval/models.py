@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ['ModelSource', 'Knobs', 'KnobSpace', 'known_knobs', 'knob_support', 'expand_knobs', 'build_overrides',
-           'apply_knobs', 'knob_contexts', 'train_resolution', 'patch_size_of', 'setting_patch_size',
+           'apply_knobs', 'knob_contexts', 'train_resolution', 'patch_size_of', 'setting_patch_size', 'is_native_setting',
            'measure_tokens', 'RANDOM',
            'file_digest']
 
@@ -302,6 +302,16 @@ def expand_knobs(space: KnobSpace, support: dict[str, Any]) -> tuple[list[Knobs]
         axes[name] = ok or [own]
     combos = [Knobs(**dict(zip(axes, vals))) for vals in itertools.product(*axes.values())]
     return combos, notes
+
+
+def is_native_setting(knobs: Knobs, support: dict[str, Any]) -> bool:
+    """Whether ``knobs`` is the model's own setting: every knob at its default or at the value the model was
+    built with (its ``own``, e.g. the coordinate mode it was trained with)."""
+    for name, value in knobs.changed().items():
+        owns = [k.own(m) for k, m in support.get(name, ()) if k.own is not None]
+        if not owns or any(o != value for o in owns):
+            return False
+    return True
 
 
 def setting_patch_size(knobs: Knobs, support: dict[str, Any]) -> Size | None:

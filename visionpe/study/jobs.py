@@ -176,7 +176,7 @@ def run_job(spec: StudySpec, job: Job, threads: int | None = 1, dry_run: bool = 
     return out
 
 
-_ROW_KEYS = ('label', 'resolution', 'size', 'knobs', 'top1', 'top5', 'loss', 'n_images', 'correct', 'images_per_s')
+_ROW_KEYS = ('label', 'resolution', 'size', 'knobs', 'native', 'top1', 'top5', 'loss', 'n_images', 'correct', 'images_per_s')
 
 
 def _row_fields(row: dict[str, Any]) -> dict[str, Any]:
@@ -184,8 +184,8 @@ def _row_fields(row: dict[str, Any]) -> dict[str, Any]:
     out['size'] = size_text(parse_size(out.get('size', row.get('resolution'))))  # 'HxW', square sizes included
     knobs = out.get('knobs')
     if knobs is None:  # evaluator rows carry each knob as a column
-        skip = {'label', 'model', 'checkpoint', 'checkpoint_sha256', 'resolution', 'height', 'width', 'train_res',
-                'size', 'top1', 'top5', 'loss', 'images_per_s', 'peak_mem_mb', 'n_images', 'n_unreadable',
+        skip = {'label', 'model', 'checkpoint', 'checkpoint_sha256', 'native', 'resolution', 'height', 'width',
+                'train_res', 'size', 'top1', 'top5', 'loss', 'images_per_s', 'peak_mem_mb', 'n_images', 'n_unreadable',
                 'correct', 'bad_images'}
         knobs = {k: v for k, v in row.items() if k not in skip}
     out['knobs'] = knobs

@@ -82,18 +82,26 @@ Key = tuple[str, str, str]  # (encoding, recipe, setting)
 
 
 def is_native(setting: str) -> bool:
-    """Whether a setting label (``'coord_mode=index, rope_scaling=ntk'``) is the model's own: no knob changed
-    except the coordinate mode named as the one it was trained with (a mode not ending in ``ref``: position
-    interpolation is the test-time alternative)."""
+    """Whether a setting label (``'coord_mode=index, rope_scaling=ntk'``) is the model's own, read from the
+    label alone (rows written before the evaluator marked ``native``): no knob changed except the coordinate
+    mode named as the one it was trained with (a mode not ending in ``ref``: position interpolation is the
+    test-time alternative)."""
     if setting == 'default':
         return True
     pairs = [p.split('=', 1) for p in setting.split(', ')]
     return all(k == 'coord_mode' and not v.endswith('ref') for k, v in pairs)
 
 
+def _is_native_key(grouped, key: Key) -> bool:
+    """Whether ``key``'s rows are the model's own setting: the evaluator's ``native`` mark where the rows carry
+    it (the value the model was built with), else the label (:func:`is_native`)."""
+    marks = [r['native'] for seeds in grouped[key].values() for r in seeds.values() if 'native' in r]
+    return all(marks) if marks else is_native(key[2])
+
+
 def _reference(grouped, enc: str, recipe: str) -> Key | None:
-    """The reference key of ``enc`` under ``recipe``: its native knob setting (:func:`is_native`)."""
-    keys = [k for k in grouped if k[0] == enc and k[1] == recipe and is_native(k[2])]
+    """The reference key of ``enc`` under ``recipe``: its native knob setting (:func:`_is_native_key`)."""
+    keys = [k for k in grouped if k[0] == enc and k[1] == recipe and _is_native_key(grouped, k)]
     return keys[0] if keys else None
 
 
@@ -268,7 +276,7 @@ def anchor_checks(rows: list[dict[str, Any]], train_size: str, reference_recipe:
     th, tw = parse_size(train_size)
     train = f'{th}x{tw}'
     grouped = _by_setting(rows)
-    encs = sorted({k[0] for k in grouped if k[1] == reference_recipe and is_native(k[2])})
+    encs = sorted({k[0] for k in grouped if k[1] == reference_recipe and _is_native_key(grouped, k)})
     all_sizes = sorted({s for v in grouped.values() for s in v}, key=_size_key)
     above = [s for s in all_sizes if _size_key(s) > _size_key(train)]
     out = []
