@@ -221,14 +221,15 @@ def leaderboard(rows: list[dict[str, Any]], train_size: str, reference_recipe: s
         f'images, which covers test-set sampling only). Bold: the best of the column; ≈: not significantly below it '
         '(paired bootstrap over the same test images and seeds, 95%). Each encoding is shown at the recipe and knob '
         'setting with the best mean above the training size, chosen on these test images (optimistic), and at its '
-        f'reference setting ({reference_recipe} recipe, default knobs) when that differs.']
+        f'reference setting ({reference_recipe} recipe, its own knob setting) when that differs.']
     return '\n'.join(lines) + '\n\n' + notes[0] + '\n'
 
 
 @dataclass(frozen=True)
 class Claim:
     """A published claim the study can test: group ``a`` beats group ``b`` at ``where`` ('above': mean over sizes
-    above the training size; 'far': the largest size), under the reference recipe and default knobs."""
+    above the training size; 'far': the largest size), under the reference recipe and each model's own knob
+    setting."""
     text: str
     source: str
     a: tuple[str, ...]
