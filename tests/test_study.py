@@ -296,6 +296,34 @@ def test_job_resumes_an_unfinished_training_and_reuses_a_finished_one(tmp_path, 
     assert len(calls) == 1 and 'fit' not in calls[0]
 
 
+
+def test_a_cut_off_sweep_resumes_and_a_rerun_measures_anew(tmp_path, monkeypatch):
+    """The sweep runs with ``--resume``: the rows a killed sweep measured (``eval/rows.partial.jsonl``, keyed by the
+    checkpoint's digest) are reused, and the job's rows say the sweep was resumed; ``run --rerun`` deletes the
+    job's sweep folder so that nothing earlier is reused."""
+    import visionpe.study.jobs as jobs
+    spec = _spec(tmp_path)
+    job = spec.jobs()[0]
+    run = jobs.job_dir(spec, job)
+    assert '--resume' in jobs.run_job(spec, job, dry_run=True)[1]
+    last = run / 'checkpoints' / 'last.ckpt'
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b'weights')
+    (run / 'train_done.json').write_text(json.dumps(dict(seconds=1.0)))
+    (run / 'eval').mkdir()
+    (run / 'eval' / 'rows.partial.jsonl').write_text('{"label": "m"}\n')  # a sweep killed after one row
+
+    def fake_run(cmd, log_file, threads):
+        out = Path(cmd[cmd.index('--output') + 1])
+        rows = [dict(label='m', model='m', checkpoint=str(last), resolution=32, top1=50.0, n_images=8)]
+        (out / 'results.json').write_text(json.dumps(dict(rows=rows)))
+    monkeypatch.setattr(jobs, '_run', fake_run)
+    row = json.loads(jobs.run_job(spec, job).read_text().splitlines()[0])
+    assert row['sweep_resumed'] is True
+    monkeypatch.setattr(jobs, 'run_job', lambda spec, j, threads=1: None)
+    jobs.run_local(spec, jobs=[job], rerun=True, progress=False)
+    assert not (run / 'eval').exists() and not jobs.rows_path(spec, job).exists()
+
 def test_train_args_reach_every_training_command(tmp_path):
     spec = _spec(tmp_path, train_args=['--trainer.max_steps', '4'])
     for job in spec.jobs():

@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from ..eval.cli import PARTIAL_ROWS
 from ..eval.data import size_text
 from .spec import Job, StudySpec, parse_size
 
@@ -86,11 +88,12 @@ def train_command(spec: StudySpec, job: Job, resume: Path | None = None) -> list
 
 
 def eval_command(spec: StudySpec, job: Job, checkpoint: Path, out: Path) -> list[str]:
-    """The ``eval_resolution.py`` sweep of ``job``'s checkpoint: every size and knob, per-image results."""
+    """The ``eval_resolution.py`` sweep of ``job``'s checkpoint: every size and knob, per-image results;
+    ``--resume`` reuses the rows a cut-off sweep of the same checkpoint (by content digest) already measured."""
     cmd = [sys.executable, _script('eval_resolution.py'), '--checkpoints', str(checkpoint), '--data', spec.data,
            '--resolutions', *spec.sizes, '--train-res', size_text(parse_size(spec.train_size)),
            '--output', str(out), '--device', spec.device, '--batch-size', str(spec.eval_batch_size),
-           '--per-image', '--no-progress']
+           '--per-image', '--no-progress', '--resume']
     cmd += ['--max-images', 'all' if spec.eval_images is None else str(spec.eval_images)]  # all: the full set
     for flag, values in spec.knobs.items():
         cmd += [f'--{flag}', *[str(v) for v in values]]
@@ -160,11 +163,12 @@ def run_job(spec: StudySpec, job: Job, threads: int | None = 1, dry_run: bool = 
     else:
         train_s = json.loads(done.read_text()).get('seconds')
     t1 = time.perf_counter()
+    resumed = (sweep / PARTIAL_ROWS).is_file()  # a sweep of this job was cut off: its rows are reused
     _run(eval_command(spec, job, last, sweep), run / 'eval.log', threads)
     result = json.loads((sweep / 'results.json').read_text())
     base = dict(study=spec.name, job=job.id, encoding=job.encoding, model=job.model, recipe=job.recipe.name,
                 seed=job.seed, train_size=spec.train_size, checkpoint_sha256=file_sha256(last),
-                train_s=train_s, eval_s=time.perf_counter() - t1, versions=_versions(),
+                train_s=train_s, eval_s=time.perf_counter() - t1, sweep_resumed=resumed, versions=_versions(),
                 device=_device_name(spec.device), host=platform.node(), finished=time.strftime('%Y-%m-%dT%H:%M:%S'))
     out = rows_path(spec, job)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +210,7 @@ def run_local(spec: StudySpec, workers: int = 1, jobs: list[Job] | None = None, 
     if rerun:
         for j in todo:
             rows_path(spec, j).unlink(missing_ok=True)
+            shutil.rmtree(job_dir(spec, j) / 'eval', ignore_errors=True)  # measure anew, reuse no earlier sweep
     failed: dict[str, str] = {}
     bar = None
     if progress:
