@@ -258,6 +258,36 @@ def test_reference_is_the_row_marked_native(tmp_path):
     axial_vs_ape = checks['RoPE-Axial > learned APE above the training size']
     assert axial_vs_ape['verdict'] == 'agrees' and axial_vs_ape['difference'] > 5  # the native ref coordinates
 
+
+def test_recipe_effects_compare_each_recipe_with_the_reference(tmp_path):
+    """``recipes.md``: each robust recipe against the reference recipe, same encoding and knob setting, paired on
+    the same images and seeds: the difference at the training size, pooled above it and at the largest size,
+    and a verdict (helps / hurts / inconclusive) above the training size."""
+    from visionpe.study.report import recipe_effects
+    study = tmp_path / 'study'
+    rng = np.random.default_rng(0)
+    truth = {'fixed': {'32x32': 0.86, '64x64': 0.60, '128x128': 0.50},
+             'multires': {'32x32': 0.80, '64x64': 0.75, '128x128': 0.65},
+             'coordaug': {'32x32': 0.86, '64x64': 0.60, '128x128': 0.50}}
+    (study / 'rows').mkdir(parents=True)
+    base = rng.random((3, 1000))  # one uniform per (size, image): a recipe's result moves with its accuracy only
+    for recipe, by_size in truth.items():
+        rows = [dict(job=f'ape__{recipe}__s0', encoding='ape', recipe=recipe, seed=0, size=size, setting='default',
+                     top1=100.0 * (base[i] < p).mean(), n_images=1000, correct=pack_correct(base[i] < p),
+                     train_size='32x32') for i, (size, p) in enumerate(by_size.items())]
+        (study / 'rows' / f'ape__{recipe}__s0.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    effects = {e['recipe']: e for e in recipe_effects(load_rows(study), '32', 'fixed')}
+    assert set(effects) == {'multires', 'coordaug'}
+    m = effects['multires']
+    assert m['encoding'] == 'ape' and m['setting'] == 'default' and m['verdict'] == 'helps'
+    assert m['train']['difference'] == pytest.approx(-6.0, abs=1.5) and m['train']['hi'] < 0
+    assert m['above']['difference'] == pytest.approx(15.0, abs=1.5) and m['far']['difference'] > 10
+    c = effects['coordaug']
+    assert c['verdict'] == 'inconclusive' and c['above']['difference'] == 0
+    paths = write_report(study, '32', 'fixed', plots=False)
+    text = paths['recipes'].read_text()
+    assert '| ape | multires | default (own) |' in text and 'helps' in text and 'inconclusive' in text
+
 def test_aggregate_without_rows_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match='run the study first'):
         write_report(tmp_path, '32', 'fixed')

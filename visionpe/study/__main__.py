@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                          planned=[j.id for j in spec.jobs()])
     print(paths['leaderboard'].read_text())
     print(paths['anchors'].read_text())
+    print(paths['recipes'].read_text())
     print('report:', ', '.join(str(p) for p in paths.values()))
     return 1 if args.command == 'run' and failed else 0
 

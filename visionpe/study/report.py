@@ -317,6 +317,51 @@ def _anchors_md(checks: list[dict[str, Any]]) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def recipe_effects(rows: list[dict[str, Any]], train_size: str, reference_recipe: str) -> list[dict[str, Any]]:
+    """Each recipe against ``reference_recipe`` for the same encoding and knob setting (``acc(recipe) -
+    acc(reference)``, paired on the same images and seeds: :func:`compare`): at the training size (``train``),
+    pooled over the sizes above it (``above``) and at the largest size (``far``); the verdict reads ``above``:
+    helps (interval above 0), hurts (below 0) or inconclusive."""
+    th, tw = parse_size(train_size)
+    train = f'{th}x{tw}'
+    grouped = _by_setting(rows)
+    out = []
+    for key in sorted(grouped, key=lambda k: (family_of(k[0]), k[0], k[1], not _is_native_key(grouped, k), k[2])):
+        enc, recipe, setting = key
+        ref = (enc, reference_recipe, setting)
+        if recipe == reference_recipe or ref not in grouped:
+            continue
+        shared = sorted(set(grouped[key]) & set(grouped[ref]), key=_size_key)
+        above = [s for s in shared if _size_key(s) > _size_key(train)]
+        parts: dict[str, Any] = {}
+        for name, sizes in (('train', [train] if train in shared else []), ('above', above), ('far', above[-1:])):
+            iv = compare(_pooled(grouped, key, sizes), _pooled(grouped, ref, sizes)) if sizes else None
+            parts[name] = None if iv is None else dict(sizes=sizes, difference=iv.mean, lo=iv.lo, hi=iv.hi,
+                                                       interval=iv.method)
+        a = parts['above']
+        verdict = 'no shared sizes' if a is None else 'helps' if a['lo'] > 0 else 'hurts' if a['hi'] < 0 \
+            else 'inconclusive'
+        out.append(dict(encoding=enc, recipe=recipe, reference=reference_recipe, setting=setting,
+                        native=_is_native_key(grouped, key), verdict=verdict, **parts))
+    return out
+
+
+def _recipes_md(effects: list[dict[str, Any]], reference_recipe: str) -> str:
+    def diff(p):
+        return '–' if p is None else f"{p['difference']:+.1f} [{p['lo']:+.1f}, {p['hi']:+.1f}]"
+    far = next((e['far']['sizes'][0] for e in effects if e['far']), 'largest size')
+    lines = [f'| encoding | recipe | knobs | at the training size | above it (pooled) | at {far} | verdict above |',
+             '|---|---|---|---|---|---|---|']
+    for e in effects:
+        knobs = e['setting'] + (' (own)' if e['native'] else '')
+        lines.append(f"| {e['encoding']} | {e['recipe']} | {knobs} | {diff(e['train'])} | {diff(e['above'])} | "
+                     f"{diff(e['far'])} | {e['verdict']} |")
+    return ('\n'.join(lines) + '\n\n' + f'Top-1 difference in points, recipe minus the {reference_recipe} recipe at the '
+            'same knob setting, with its 95% interval (paired bootstrap over the same test images and seeds; with '
+            'one seed it covers test-set sampling only, not training noise). "above it": every size above the '
+            'training size pooled. Verdict: helps / hurts when the pooled interval excludes 0.\n')
+
+
 def _plots(cells: list[Cell], rows, train: str, reference_recipe: str, out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use('Agg')
@@ -428,22 +473,26 @@ def write_report(study_dir: Path, train_size: str, reference_recipe: str, plots:
     out.mkdir(parents=True, exist_ok=True)
     table = [c.as_row() for c in cells]
     paths = {'cells_csv': out / 'cells.csv', 'cells_json': out / 'cells.json', 'leaderboard': out / 'leaderboard.md',
-             'anchors': out / 'anchors.md'}
+             'anchors': out / 'anchors.md', 'recipes': out / 'recipes.md'}
     with open(paths['cells_csv'], 'w', newline='') as f:
         keys = list(dict.fromkeys(k for r in table for k in r))
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(table)
     checks = anchor_checks(rows, train, reference_recipe)
+    effects = recipe_effects(rows, train, reference_recipe)
     jobs = sorted({r['job'] for r in rows})
     meta = dict(jobs=jobs, planned=list(planned or []), devices=sorted({r.get('device', '?') for r in rows}),
                 versions=sorted({json.dumps(r.get('versions', {}), sort_keys=True) for r in rows}))
-    paths['cells_json'].write_text(json.dumps(dict(meta=meta, cells=table, anchors=checks), indent=1, default=float))
+    paths['cells_json'].write_text(json.dumps(dict(meta=meta, cells=table, anchors=checks, recipes=effects),
+                                              indent=1, default=float))
     cover = coverage(jobs, planned) + '\n\n'
     paths['leaderboard'].write_text(f'# Leaderboard: {len(jobs)} jobs, training size {train}\n\n' + cover
                                     + leaderboard(rows, train, reference_recipe))
     paths['anchors'].write_text('# Anchor checks: published claims tested by this study\n\n' + cover
                                 + _anchors_md(checks))
+    paths['recipes'].write_text(f'# Training recipes against the {reference_recipe} recipe\n\n' + cover
+                                + _recipes_md(effects, reference_recipe))
     if plots:
         for p in _plots(cells, rows, train, reference_recipe, out):
             paths[p.stem] = p
