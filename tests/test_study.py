@@ -287,6 +287,10 @@ def test_recipe_effects_compare_each_recipe_with_the_reference(tmp_path):
     paths = write_report(study, '32', 'fixed', plots=False)
     text = paths['recipes'].read_text()
     assert '| ape | multires | default (own) |' in text and 'helps' in text and 'inconclusive' in text
+    for recipe in ('multires', 'coordaug'):
+        (study / 'rows' / f'ape__{recipe}__s0.jsonl').unlink()
+    text = write_report(study, '32', 'fixed', plots=False)['recipes'].read_text()
+    assert 'No recipe besides fixed has rows yet' in text and '|' not in text
 
 def test_aggregate_without_rows_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match='run the study first'):

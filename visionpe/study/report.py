@@ -349,6 +349,8 @@ def recipe_effects(rows: list[dict[str, Any]], train_size: str, reference_recipe
 def _recipes_md(effects: list[dict[str, Any]], reference_recipe: str) -> str:
     def diff(p):
         return '–' if p is None else f"{p['difference']:+.1f} [{p['lo']:+.1f}, {p['hi']:+.1f}]"
+    if not effects:
+        return f'No recipe besides {reference_recipe} has rows yet: nothing to compare.\n'
     far = next((e['far']['sizes'][0] for e in effects if e['far']), 'largest size')
     lines = [f'| encoding | recipe | knobs | at the training size | above it (pooled) | at {far} | verdict above |',
              '|---|---|---|---|---|---|---|']
