@@ -11,8 +11,9 @@ setup:
 
 demo: setup
 	$(PY) -m visionpe.study run --config configs/study/fmnist_quick.yaml --workers 2
-	@echo "The full Fashion-MNIST study (every encoding, 3 seeds, a fixed 2,000-image test subset), when committed:"
-	@echo "  benchmarks/results/fmnist_study/report/leaderboard.md"
+	@echo "The full Fashion-MNIST study (every encoding, 3 seeds, a fixed 2,000-image test subset; its first line says"
+	@echo "how many of its jobs have finished): benchmarks/results/fmnist_study/report/leaderboard.md,"
+	@echo "  anchors.md (published claims) and recipes.md (which training recipe helps which encoding)"
 
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=25 tests
