@@ -278,3 +278,78 @@ def test_few_training_steps(preset, option, kw):
     # average pooling: with one block and class-token pooling, only the class token's row of the last attention
     # reaches the loss, and encodings that leave prefix tokens unpositioned (PoPE, a PEG after the block) get none
     _steps(tiny(preset, global_pool='avg', **kw), size=(16, 16) if option == 'flexi' else (16, 20))
+
+
+# ----------------------------------------------------------------------------------- Swin: window-local coordinates
+SWIN_TINY = dict(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                 num_classes=3, dynamic_img_size=True)
+
+
+def tiny_swin(preset: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(preset, **{**SWIN_TINY, **kw})
+    with torch.no_grad():
+        for stage in model.layers:
+            for blk in stage.blocks:
+                blk.attn.qkv.weight.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize('preset', ['swin_rope2d_tiny', 'swin_rope2d_mixed_tiny'])
+def test_swin_eval_is_unchanged_and_training_moves_window_coordinates(preset):
+    plain, aug = tiny_swin(preset), tiny_swin(preset, coord_aug=AUG)
+    aug.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 40)
+    plain.eval(), aug.eval()
+    with torch.no_grad():
+        ref = plain.forward_features(x)
+        assert torch.equal(aug.forward_features(x), ref)
+        aug.train()
+        torch.manual_seed(1)
+        a = aug.forward_features(x)
+        torch.manual_seed(1)
+        b = aug.forward_features(x)
+        c = aug.forward_features(x)
+    assert torch.equal(a, b)
+    for other in (c, ref):
+        assert (a - other).abs().max() > 1e-4 * a.abs().max()
+
+
+def test_swin_rope_mixed_draw_equals_scaled_frequencies(monkeypatch):
+    """On window-local coordinates a draw ((x, y) + s) * j * r rotates q and k by (x j_x r) F_x + (y j_y r) F_y
+    plus a constant that cancels in q . k: the model equals one without the option whose RoPE-Mixed
+    frequencies are scaled by (j_x r, j_y r), in every window and stage."""
+    draw = CoordDraw(torch.tensor([0.3, -0.7]), torch.tensor([1.3, 0.8]), torch.tensor([1.7]))
+    aug = tiny_swin('swin_rope2d_mixed_tiny', coord_aug=AUG)
+    monkeypatch.setattr(CoordAug, 'draw', lambda self, batch_size=1: draw)  # a frozen dataclass: patch the class
+    ref = tiny_swin('swin_rope2d_mixed_tiny')
+    ref.load_state_dict(aug.state_dict())
+    with torch.no_grad():
+        for stage in ref.layers:
+            stage.pe.freqs[0] *= 1.3 * 1.7
+            stage.pe.freqs[1] *= 0.8 * 1.7
+    x = torch.randn(2, 3, 32, 40)
+    aug.train(), ref.train()  # no dropout or drop path in these models: train mode is deterministic
+    with torch.no_grad():
+        out, expected = aug(x), ref(x)
+    assert (out - expected).abs().max() < 1e-5
+    aug.eval()
+    assert (aug(x) - expected).abs().max() > 1e-4  # eval: coordinates unmoved, so the scaled model differs
+
+
+@pytest.mark.parametrize('preset', ['swin_rope2d_tiny', 'swin_rope2d_mixed_tiny'])
+def test_swin_few_training_steps_with_coord_aug(preset):
+    _steps(tiny_swin(preset, coord_aug=AUG), size=(32, 40))
+
+
+@pytest.mark.parametrize('preset,kw,match', [
+    ('swin_tiny', dict(coord_aug=AUG), 'needs a rotary encoding'),
+    ('swin_cpb_tiny', dict(coord_aug=AUG), 'needs a rotary encoding'),
+    ('swin_rope2d_tiny', dict(coord_aug={**AUG, 'per_sample': True}), 'per_sample'),
+    ('swin_rope2d_tiny', dict(coord_aug=dict(scale=2)), 'unknown key'),
+    ('cswin_tiny', dict(coord_aug=AUG), 'does not apply to CSWin'),
+    ('rst_tiny', dict(coord_aug=AUG), 'does not apply to RadialStrip'),
+])
+def test_hierarchical_coord_aug_errors(preset, kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        tiny_swin(preset, **kw) if preset.startswith('swin') else timm.create_model(preset, **kw)

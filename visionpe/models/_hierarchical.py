@@ -112,8 +112,14 @@ class HierarchicalBase(ClassifierHeadMixin, TimmBackbone):
             norm_eps: float = 1e-5,
             dynamic_img_size: bool = False,
             attn_backend: str = 'auto',
+            coord_aug: None = None,
     ) -> None:
         super().__init__()
+        if coord_aug is not None:
+            raise ValueError(f"coord_aug does not apply to {type(self).__name__}: its position encoding (convolutions "
+                             f"and strip bias tables indexed by integer offsets) reads no continuous token coordinates; "
+                             f"remove coord_aug (it applies to ViTs and to Swin with a rotary pe, e.g. "
+                             f"swin_rope2d_mixed_tiny)")
         if global_pool not in self.POOL_TYPES:
             raise ValueError(f"global_pool must be one of {', '.join(map(repr, self.POOL_TYPES))}; got {global_pool!r}")
         self.num_classes = num_classes

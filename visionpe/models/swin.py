@@ -13,7 +13,9 @@ load one to one. What changes:
   "Swin"), SwinV2's continuous log-spaced bias (``'cpb'``), and/or a rotary encoding from
   :mod:`visionpe.pos` on window-local coordinates (``pe='rope2d'``: RoPE-ViT's Swin, same
   section; one encoding per stage, RoPE-Mixed frequencies ``layers.{i}.pe.freqs`` of shape
-  ``(2, depth_i, heads_i, d_i / 2)``, no weight decay);
+  ``(2, depth_i, heads_i, d_i / 2)``, no weight decay); ``coord_aug`` moves those window-local
+  coordinates in training (DINOv3's shift / jitter / rescale, one draw per batch shared by every
+  window and stage; the shift cancels in a relative rotation, jitter and rescale change the steps);
 * any input size, two ways (per-call with ``dynamic_img_size=True``, chosen by ``window_policy``):
   ``'keep'`` keeps every window and pads the map to a window multiple; with ``pad_mask=True``
   (default) padded keys get exactly zero attention weight, with ``pad_mask=False`` the padded
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import re
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -39,8 +41,8 @@ from timm.models.swin_transformer import (PatchMerging, calc_stage_window_sizes,
 from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..attention import check_backend, resolve_backend, run_backend
-from ..grid import Grid, GridCache
-from ..pos import EncodingContext, build_encoding
+from ..grid import CoordAug, CoordDraw, Grid, GridCache
+from ..pos import EncodingContext, build_encoding, check_coord_aug
 from ..pos.base import LayerPos, PosEncoding
 from ._base import TimmBackbone, maybe_checkpoint
 from ._hierarchical import ClassifierHeadMixin
@@ -392,8 +394,10 @@ class SwinTransformerStage(nn.Module):
         return self._masks.get(key, attn.qkv.weight.device,
                                lambda: _fold_mask(window_attention_mask(size, window, shift, block.pad_mask), attn))
 
-    def forward(self, x: torch.Tensor, window: Optional[Window] = None) -> torch.Tensor:
-        """x: ``(B, H, W, C)``; ``window``: this call's target window (None: the stored ones)."""
+    def forward(self, x: torch.Tensor, window: Optional[Window] = None,
+                aug: Optional[CoordDraw] = None) -> torch.Tensor:
+        """x: ``(B, H, W, C)``; ``window``: this call's target window (None: the stored ones); ``aug``: the
+        coordinate draw of this call (training with ``coord_aug``), applied to the window-local coordinates."""
         x = self.downsample(x)
         size = (x.shape[1], x.shape[2])
         states: Dict[Window, Any] = {}
@@ -403,7 +407,7 @@ class SwinTransformerStage(nn.Module):
             pos = None
             if self.pe is not None:
                 if win not in states:
-                    states[win] = self.pe.prepare(Grid(win[0], win[1], 0))
+                    states[win] = self.pe.prepare(Grid(win[0], win[1], 0, aug=aug))
                 pos = LayerPos(self.pe, j, states[win])
             x = maybe_checkpoint(self.grad_checkpointing, blk, x, win, shift, mask, pos)
         return x
@@ -422,6 +426,8 @@ class SwinTransformer(ClassifierHeadMixin, TimmBackbone):
         pad_mask: padded keys get zero attention weight (True) or are attended like timm (False).
         pe: a rotary encoding from :mod:`visionpe.pos` applied on window-local coordinates (one per
             stage, built on the window grid); every remaining keyword is an option of it.
+        coord_aug: coordinate augmentation of ``pe``'s window-local coordinates in training,
+            ``dict(shift=, jitter=, rescale=)`` (:class:`visionpe.grid.CoordAug`); one draw per batch.
         attn_backend: ``auto | math | sdpa | xformers | flex`` (see :mod:`visionpe.attention`).
     """
 
@@ -454,6 +460,7 @@ class SwinTransformer(ClassifierHeadMixin, TimmBackbone):
             pad_mask: bool = True,
             attn_backend: str = 'auto',
             pe: Optional[str] = None,
+            coord_aug: Optional[Union[Dict[str, Any], CoordAug]] = None,
             **pe_options: Any,
     ) -> None:
         super().__init__()
@@ -508,6 +515,7 @@ class SwinTransformer(ClassifierHeadMixin, TimmBackbone):
                 scale *= 2
             self.feature_info.append(dict(num_chs=embed_dim[i], reduction=patch_size * scale, module=f'layers.{i}'))
         self.layers = nn.ModuleList(layers)
+        self.coord_aug = self._check_coord_aug(CoordAug.from_option(coord_aug))
         self.norm = norm_layer(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                    input_fmt='NHWC')
@@ -559,6 +567,17 @@ class SwinTransformer(ClassifierHeadMixin, TimmBackbone):
         update_model_input_size(self, self.patch_embed.img_size, patch_size=patch_size, window_size=windows,
                                 always_partition=always_partition)
 
+    def _check_coord_aug(self, aug: Optional[CoordAug]) -> Optional[CoordAug]:
+        if aug is None or not aug.active:
+            return None
+        if self.layers[0].pe is None:
+            raise ValueError("coord_aug needs a rotary encoding in the windows (pe='rope2d', ...): a relative "
+                             "position bias table (rel_pos_bias='table' / 'cpb') reads no token coordinates; "
+                             "remove coord_aug or use a swin_rope2d* preset")
+        check_coord_aug(self.layers[0].pe, aug.per_sample, per_sample_ok=False,
+                        where=" (in Swin: as pe= of the windows)")
+        return aug
+
     # ------------------------------------------------------------------ forward (timm contract: TimmBackbone)
     def _call_windows(self, grid: Tuple[int, int]) -> List[Optional[Tuple[Window, ...]]]:
         """Per-stage target window of this call: None keeps the stored windows."""
@@ -566,15 +585,22 @@ class SwinTransformer(ClassifierHeadMixin, TimmBackbone):
             return [None] * len(self.layers)
         return list(calc_stage_window_sizes(grid, self._ref_window_sizes, self._ref_grid_size))
 
-    def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[Optional[Tuple[Window, ...]]]]:
+    def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, '_SwinCall']:
         x = self.patch_embed(x)
-        return x, self._call_windows((x.shape[1], x.shape[2]))
+        aug = self.coord_aug.draw() if self.training and self.coord_aug is not None else None
+        return x, _SwinCall(self._call_windows((x.shape[1], x.shape[2])), aug)
 
-    def _unit(self, i: int, x: torch.Tensor, windows: List[Optional[Tuple[Window, ...]]]) -> torch.Tensor:
-        return self.layers[i](x, windows[i])
+    def _unit(self, i: int, x: torch.Tensor, call: '_SwinCall') -> torch.Tensor:
+        return self.layers[i](x, call.windows[i], call.aug)
 
     def _pruned(self, max_index: int) -> None:
         self._ref_window_sizes = self._ref_window_sizes[:max_index + 1]
+
+
+class _SwinCall(NamedTuple):
+    """What every stage needs from one forward call: target windows and the coordinate draw."""
+    windows: List[Optional[Window]]
+    aug: Optional[CoordDraw]
 
 
 # ---------------------------------------------------------------------------------------------

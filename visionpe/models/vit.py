@@ -23,7 +23,7 @@ from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_tim
 from ..attention import Attention
 from ..grid import CoordAug, CoordDraw, Grid, GridCache, check_coord_mode
 from ..layers import norm_layer_by_name
-from ..pos import EncodingContext, build_encoding, coord_aug_encodings, registered_name
+from ..pos import EncodingContext, build_encoding, check_coord_aug
 from ..pos.absolute import SINCOS_COORD_MODE, resample_table, sample_table_cape, sincos_2d, tile_table
 from ..pos.base import Knob, KnobContext, LayerPos, PosEncoding, register_knob
 from ._base import TimmBackbone, maybe_checkpoint
@@ -292,19 +292,8 @@ class VisionTransformer(TimmBackbone):
                                  "(pos_embed_coord_mode='polar')")
             consumers.append(f'pos_embed={self.pos_embed_type!r}')
         if self.pe is not None:
-            name = registered_name(self.pe)
-            support = self.pe.coord_aug_support
-            if support is None:
-                raise ValueError(
-                    f"coord_aug does not apply to the encoding {name!r}: it reads no continuous token coordinates. "
-                    f"It applies to {', '.join(coord_aug_encodings())} and to absolute tables "
-                    f"(pos_embed='learn' via CAPE sampling, 'sincos'); remove coord_aug for this model")
-            if getattr(self.pe, 'coord_mode', None) == 'polar':
-                raise ValueError(f"coord_aug (shift / jitter / rescale) is defined on Cartesian coordinates; "
-                                 f"the encoding {name!r} uses coord_mode='polar'")
-            if aug.per_sample and support != 'sample':
-                raise ValueError(f"coord_aug per_sample=True is not supported by the encoding {name!r} (its "
-                                 f"tables are shared by the batch): use per_sample=False (one draw per batch)")
+            name = check_coord_aug(self.pe, aug.per_sample,
+                                   where=" and to absolute tables (pos_embed='learn' via CAPE sampling, 'sincos')")
             consumers.append(f'pe={name!r}')
         if not consumers:
             raise ValueError("coord_aug needs a consumer of token coordinates, but this model has "

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Type
 from .base import EncodingContext, LayerPos, PosEncoding
 
 __all__ = ['EncodingContext', 'LayerPos', 'PosEncoding', 'register_encoding', 'build_encoding',
-           'list_encodings', 'encoding_options', 'registered_name', 'coord_aug_encodings']
+           'list_encodings', 'encoding_options', 'registered_name', 'coord_aug_encodings', 'check_coord_aug']
 
 _ENCODINGS: Dict[str, Type[PosEncoding]] = {}
 
@@ -35,6 +35,30 @@ def list_encodings() -> List[str]:
 def coord_aug_encodings() -> List[str]:
     """Registered encodings that take coordinate augmentation (``coord_aug_support`` set), sorted."""
     return [name for name in list_encodings() if _ENCODINGS[name].coord_aug_support is not None]
+
+
+def check_coord_aug(pe: PosEncoding, per_sample: bool, per_sample_ok: bool = True, where: str = '') -> str:
+    """Check that encoding ``pe`` takes coordinate augmentation (``coord_aug``); return its registry name.
+
+    Raises a ValueError naming the encoding and the fix when it reads no continuous coordinates, uses
+    polar coordinates, or cannot take a per-image draw (``per_sample``; ``per_sample_ok=False``: the
+    model itself shares one draw across the batch, e.g. Swin's windows).
+    """
+    name = registered_name(pe)
+    if pe.coord_aug_support is None:
+        raise ValueError(f"coord_aug does not apply to the encoding {name!r}: it reads no continuous token "
+                         f"coordinates. It applies to {', '.join(coord_aug_encodings())}{where}; remove coord_aug "
+                         f"for this model")
+    if getattr(pe, 'coord_mode', None) == 'polar':
+        raise ValueError(f"coord_aug (shift / jitter / rescale) is defined on Cartesian coordinates; "
+                         f"the encoding {name!r} uses coord_mode='polar'")
+    if per_sample and not per_sample_ok:
+        raise ValueError(f"coord_aug per_sample=True is not supported here: every window of the batch shares one "
+                         f"coordinate table; use per_sample=False (one draw per batch)")
+    if per_sample and pe.coord_aug_support != 'sample':
+        raise ValueError(f"coord_aug per_sample=True is not supported by the encoding {name!r} (its "
+                         f"tables are shared by the batch): use per_sample=False (one draw per batch)")
+    return name
 
 
 def registered_name(enc: PosEncoding | type) -> str:
