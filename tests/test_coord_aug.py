@@ -122,22 +122,28 @@ def test_cape_sampling():
 @pytest.mark.parametrize('preset', sorted(COORD_PRESETS))
 def test_eval_is_deterministic_and_unchanged(preset):
     plain, aug = tiny(preset), tiny(preset, coord_aug={**AUG, 'per_sample': COORD_PRESETS[preset] == 'sample'})
+    _check_eval_unchanged_and_train_draws(plain, aug, torch.randn(2, 3, 16, 20))
+
+
+def _check_eval_unchanged_and_train_draws(plain: torch.nn.Module, aug: torch.nn.Module, x: torch.Tensor) -> None:
+    """``aug`` (``plain``'s weights plus coord_aug): eval logits and features equal ``plain``'s on every call; in
+    training a draw is a function of the torch seed and moves the features well above float32 noise (~1e-7)."""
     aug.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 16, 20)
     plain.eval(), aug.eval()
     with torch.no_grad():
         ref = plain(x)
         assert torch.equal(aug(x), ref) and torch.equal(aug(x), ref)
         ref = plain.forward_features(x)
+        assert torch.equal(aug.forward_features(x), ref)
         aug.train()
         torch.manual_seed(1)
         a = aug.forward_features(x)
         torch.manual_seed(1)
         b = aug.forward_features(x)
         c = aug.forward_features(x)
-    assert torch.equal(a, b)  # a draw is a function of the torch seed
-    for other in (c, ref):  # and training does move the coordinates
-        assert (a - other).abs().max() > 1e-5 * a.abs().max()  # well above float32 noise (~1e-7)
+    assert torch.equal(a, b)
+    for other in (c, ref):
+        assert (a - other).abs().max() > 1e-5 * a.abs().max()
 
 
 def test_every_consumer_sees_the_same_draw(monkeypatch):
@@ -297,22 +303,7 @@ def tiny_swin(preset: str, **kw) -> torch.nn.Module:
 
 @pytest.mark.parametrize('preset', ['swin_rope2d_tiny', 'swin_rope2d_mixed_tiny'])
 def test_swin_eval_is_unchanged_and_training_moves_window_coordinates(preset):
-    plain, aug = tiny_swin(preset), tiny_swin(preset, coord_aug=AUG)
-    aug.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 32, 40)
-    plain.eval(), aug.eval()
-    with torch.no_grad():
-        ref = plain.forward_features(x)
-        assert torch.equal(aug.forward_features(x), ref)
-        aug.train()
-        torch.manual_seed(1)
-        a = aug.forward_features(x)
-        torch.manual_seed(1)
-        b = aug.forward_features(x)
-        c = aug.forward_features(x)
-    assert torch.equal(a, b)
-    for other in (c, ref):
-        assert (a - other).abs().max() > 1e-4 * a.abs().max()
+    _check_eval_unchanged_and_train_draws(tiny_swin(preset), tiny_swin(preset, coord_aug=AUG), torch.randn(2, 3, 32, 40))
 
 
 def test_swin_rope_mixed_draw_equals_scaled_frequencies(monkeypatch):
