@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from visionpe.study.jobs import emit_slurm, rows_path, run_job
-from visionpe.study.report import Claim, anchor_checks, build_cells, leaderboard, load_rows, write_report
+from visionpe.study.report import (Claim, anchor_checks, build_cells, leaderboard, line_style, load_rows,
+                                   write_report)
 from visionpe.study.spec import Recipe, StudySpec, load_study, parse_size
 from visionpe.study.stats import (pack_correct, paired_bootstrap, t_interval, t_quantile, unpack_correct,
                                   wilson_interval)
@@ -187,6 +188,19 @@ def test_report_on_synthetic_rows(tmp_path):
     for key in ('leaderboard', 'anchors', 'cells_csv', 'families', 'best', 'retention'):
         assert paths[key].is_file() and paths[key].stat().st_size > 0
     assert '(train)' in paths['leaderboard'].read_text()
+
+
+def test_plots_keep_many_encodings_apart(tmp_path):
+    """27 encodings: the summary plot's lines differ in colour, dash or marker (tab10 alone repeats after 10),
+    and the plots are drawn with the legend beside the axes."""
+    styles = [tuple(sorted(line_style(i).items())) for i in range(40)]
+    assert len(set(styles)) == 40
+    study = tmp_path / 'study'
+    _write_rows(study, {f'enc{i:02d}': {'32x32': 0.8, '64x64': 0.3 + 0.01 * i} for i in range(27)}, seeds=(0,), n=200)
+    paths = write_report(study, '32', 'fixed')
+    import matplotlib.image as mpimg
+    best = mpimg.imread(paths['best'])
+    assert best.shape[1] >= 1300  # the wide layout (12 inches at 110 dpi): room for the legend beside the axes
 
 
 def test_report_with_one_seed_uses_binomial_intervals(tmp_path):

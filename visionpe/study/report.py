@@ -364,6 +364,18 @@ def _recipes_md(effects: list[dict[str, Any]], reference_recipe: str) -> str:
             'training size pooled. Verdict: helps / hurts when the pooled interval excludes 0.\n')
 
 
+_COLORS = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22',
+           '#17becf')  # matplotlib's tab10
+_DASHES = ('-', '--', '-.', ':')
+_MARKERS = ('o', 's', '^', 'D')
+
+
+def line_style(i: int) -> dict[str, str]:
+    """Colour, dash and marker of the i-th line of a plot: distinct for 40 lines (tab10 alone repeats after 10)."""
+    k = (i // len(_COLORS)) % len(_DASHES)
+    return dict(color=_COLORS[i % len(_COLORS)], ls=_DASHES[k], marker=_MARKERS[k])
+
+
 def _plots(cells: list[Cell], rows, train: str, reference_recipe: str, out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use('Agg')
@@ -385,7 +397,7 @@ def _plots(cells: list[Cell], rows, train: str, reference_recipe: str, out: Path
             x = [xs[c.size] for c in cs]
             label = key[0] + ('' if key[1] == reference_recipe else f' / {key[1]}') + \
                 ('' if key[2] == 'default' else f' / {key[2]}')
-            line, = ax.plot(x, [c.acc.mean for c in cs], marker='o', ms=3, label=label)
+            line, = ax.plot(x, [c.acc.mean for c in cs], ms=3, label=label, **line_style(len(ax.lines)))
             ax.fill_between(x, [c.acc.lo for c in cs], [c.acc.hi for c in cs], color=line.get_color(), alpha=0.15)
         ax.set_title(fam)
         ax.set_xticks(range(len(sizes)), sizes, rotation=45, fontsize=7)
@@ -403,18 +415,23 @@ def _plots(cells: list[Cell], rows, train: str, reference_recipe: str, out: Path
 
     grouped = _by_setting(rows)
     best = [k for k, kind in _best_settings(grouped, train, reference_recipe) if kind == 'best']
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for key in best:
+    many = len(best) > 12  # then the legend goes beside the axes, where it hides no line
+    fig, ax = plt.subplots(figsize=(12 if many else 8, 5 + 0.1 * max(len(best) - 12, 0)))
+    for i, key in enumerate(best):
         cs = sorted(by_line[key], key=lambda c: xs[c.size])
         x = [xs[c.size] for c in cs]
-        line, = ax.plot(x, [c.acc.mean for c in cs], marker='o', ms=3, label=f'{key[0]} ({key[1]}, {key[2]})')
-        ax.fill_between(x, [c.acc.lo for c in cs], [c.acc.hi for c in cs], color=line.get_color(), alpha=0.12)
+        line, = ax.plot(x, [c.acc.mean for c in cs], ms=3, label=f'{key[0]} ({key[1]}, {key[2]})', **line_style(i))
+        ax.fill_between(x, [c.acc.lo for c in cs], [c.acc.hi for c in cs], color=line.get_color(),
+                        alpha=0.05 if many else 0.12)
     ax.set_xticks(range(len(sizes)), sizes, rotation=45)
     if train in xs:
         ax.axvline(xs[train], color='grey', ls=':', lw=1)
     ax.set_ylabel('top-1 (%)')
     ax.set_title('each encoding at its best recipe and knob setting (95% intervals)')
-    ax.legend(fontsize=6, ncol=2)
+    if many:
+        ax.legend(fontsize=6, loc='upper left', bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(out / 'best.png')
