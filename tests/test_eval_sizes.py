@@ -178,8 +178,11 @@ def test_study_and_benchmark_delegate_to_the_study_runner(monkeypatch, tmp_path,
     assert seen[-1][3:] == ['--output', str(tmp_path)]
     assert main(['--study', 'configs/study/fmnist.yaml', '--emit-slurm', str(tmp_path / 's')]) == 0
     assert seen[-1][0] == 'emit-slurm' and seen[-1][3:5] == ['--slurm-dir', str(tmp_path / 's')]
+    assert main(['--benchmark', 'fmnist', '--print_config']) == 0
+    assert seen[-1][3:] == ['--print_config']
     n = len(seen)
     for argv, msg in ((['--study', 'x.yaml', '--resolutions', '32'], 'takes its models, sizes'),
+                      (['--print_config'], 'need --study'),
                       (['--study', 'x.yaml', '--coord-modes', 'ref'], 'takes its models, sizes'),
                       (['--benchmark', 'fmnist', '--study', 'x.yaml'], 'give one of them'),
                       (['--aggregate'], 'need --study')):
@@ -187,6 +190,13 @@ def test_study_and_benchmark_delegate_to_the_study_runner(monkeypatch, tmp_path,
             main(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err
     assert len(seen) == n
+
+
+def test_study_print_config_through_the_evaluator(capsys):
+    """``eval_resolution.py --study F --print_config`` prints the parsed study, every field, as the runner does."""
+    assert main(['--study', 'configs/study/fmnist_quick.yaml', '--print_config']) == 0
+    out = capsys.readouterr().out
+    assert 'encodings:' in out and 'seeds:' in out and 'eval_images:' in out
 
 
 def test_max_images_all_means_the_full_set_even_on_a_cpu(tmp_path):

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument('--benchmark', choices=tuple(BENCHMARKS), help='shortcut: --benchmark fmnist is --study '
                    f'{BENCHMARKS["fmnist"]} (the Fashion-MNIST study)')
     b.add_argument('--aggregate', action='store_true', help='with --study: only build the report from finished rows')
+    b.add_argument('--print_config', action='store_true', help='with --study: print the parsed study file (every '
+                   'field, defaults included) and exit')
     b.add_argument('--emit-slurm', metavar='DIR', help='with --study: write a SLURM array script (one task per '
                    'pending job) into DIR instead of running')
     return p
@@ -143,12 +145,14 @@ def study_argv(args: argparse.Namespace) -> list[str]:
                          f'drop them or edit the file (python -m visionpe.study --config {study} --print_config)')
     cmd = 'aggregate' if args.aggregate else 'emit-slurm' if args.emit_slurm else 'run'
     argv = [cmd, '--config', study]
-    if args.emit_slurm:
-        argv += ['--slurm-dir', args.emit_slurm]
     if args.output:
         argv += ['--output', args.output]
     if args.device != 'auto':
         argv += ['--device', args.device]
+    if args.print_config:
+        return argv + ['--print_config']
+    if args.emit_slurm:
+        argv += ['--slurm-dir', args.emit_slurm]
     if cmd == 'run':
         argv += ['--workers', str(args.workers or 1)]
         if args.no_progress:
@@ -267,8 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as e:
             parser.exit(2, f'{parser.prog}: error: {e}\n')
         return study_main(sargv)
-    if args.aggregate or args.emit_slurm:
-        parser.exit(2, f'{parser.prog}: error: --aggregate / --emit-slurm need --study FILE (or --benchmark fmnist)\n')
+    if args.aggregate or args.emit_slurm or args.print_config:
+        parser.exit(2, f'{parser.prog}: error: --aggregate / --emit-slurm / --print_config need --study FILE (or '
+                       f'--benchmark fmnist)\n')
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     from ..train.ckpt_io import trusting
     try:
