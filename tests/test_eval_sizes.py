@@ -155,6 +155,108 @@ def test_train_res_must_be_a_size(capsys):
     assert '--train-res' in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------- aspect-preserving image folders
+#: (width, height) of the images of the aspect folder, and their (h, w) at shorter side 16, longer side to 4
+ASPECT_IMAGES = {(40, 20): (16, 32), (20, 40): (32, 16), (30, 30): (16, 16), (50, 24): (16, 32), (24, 36): (24, 16),
+                 (26, 20): (16, 20)}
+
+
+@pytest.fixture(scope='module')
+def aspect_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp('aspect')
+    rng = np.random.default_rng(1)
+    for c, name in enumerate(('a', 'b')):
+        (root / name).mkdir()
+        for i, (w, h) in enumerate(ASPECT_IMAGES):
+            img = rng.integers(0, 120, size=(h, w, 3), dtype=np.uint8) + np.uint8(100 * c)
+            Image.fromarray(img).save(root / name / f'{i}.png')
+    return root
+
+
+def test_short_side_shape():
+    from visionpe.eval.data import short_side_shape
+    for (w, h), hw in ASPECT_IMAGES.items():
+        assert short_side_shape(w, h, 16, 4) == hw
+    assert short_side_shape(1000, 10, 16, 16) == (16, 1600) and short_side_shape(10, 11, 32, 16) == (32, 32)
+    with pytest.raises(ValueError, match='not a multiple of 16'):
+        short_side_shape(30, 20, 24, 16)
+
+
+def test_keep_aspect_batches_by_shape_without_cropping(aspect_folder):
+    """Every image at its own shape (shorter side 16, nothing cropped: the direct resize of the whole image),
+    batches of one shape, every image once."""
+    from torchvision.transforms import functional as TF
+    from visionpe.eval.data import EvalImages
+    images = EvalImages(parse_data(str(aspect_folder)), None, batch_size=2, keep_aspect=True)
+    images.multiple = 4
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    seen = []
+    for x, y in images.batches((16, 16), mean, std, 'bilinear'):
+        seen += [(x[j], int(y[j])) for j in range(x.shape[0])]
+    assert sorted(images.order) == images.indices and len(seen) == 12
+    for (x, label), index in zip(seen, images.order):
+        path, true_label = images.folder.samples[index]
+        img = Image.open(path).convert('RGB')
+        hw = ASPECT_IMAGES[img.size]
+        ref = TF.normalize(TF.to_tensor(TF.resize(img, list(hw), interpolation=TF.InterpolationMode.BILINEAR,
+                                                  antialias=True)), mean, std)
+        assert label == true_label and x.shape[1:] == hw and torch.allclose(x, ref, atol=1e-6)
+    assert images.in_test_set_order(images.order) == images.indices
+
+
+def test_keep_aspect_sweep_rows_pair_in_test_set_order(aspect_folder, tmp_path):
+    """A sweep with --keep-aspect: per-image results in test-set order, equal to each image run alone at its own
+    shape; rows say how images were resized, and a resumed run does not reuse rows measured with crops."""
+    from torchvision.transforms import functional as TF
+    from test_eval import TINY, save_tiny
+    from visionpe.eval.runner import _norm_stats
+    w = save_tiny(tmp_path / 'r.safetensors', 'vit_rope2d_tiny')
+    out = tmp_path / 'run'
+    args = ['--models', 'vit_rope2d_tiny', '--checkpoints', str(w), '--model-kwargs', json.dumps(TINY),
+            '--data', str(aspect_folder), '--resolutions', '16', '24', '--workers', '0', '--batch-size', '3',
+            '--no-progress', '--per-image', '--output', str(out)]
+    assert main([*args, '--keep-aspect']) == 0
+    rows = {r['size']: r for r in _rows(out)}
+    assert {r['resize'] for r in rows.values()} == {'short_side'} and rows['16x16']['n_images'] == 12
+    meta = json.loads((out / 'results.json').read_text())['meta']
+    assert 'shorter side' in meta['preprocessing'] and 'multiple of 4' in meta['preprocessing']
+    source = ModelSource('vit_rope2d_tiny', str(w), dict(TINY))
+    model, info = source.build(2)
+    mean, std = _norm_stats(info, parse_data(str(aspect_folder)))
+    from torchvision.datasets import ImageFolder
+    samples = ImageFolder(str(aspect_folder)).samples
+    from visionpe.eval.data import short_side_shape
+    for short in (16, 24):
+        direct = []
+        for path, label in samples:
+            img = Image.open(path).convert('RGB')
+            hw = short_side_shape(*img.size, short, 4)
+            x = TF.normalize(TF.to_tensor(TF.resize(img, list(hw), interpolation=TF.InterpolationMode.BICUBIC,
+                                                    antialias=True)), mean, std)
+            with torch.no_grad():
+                direct.append(bool(model.eval()(x[None]).argmax(-1).item() == label))
+        r = rows[f'{short}x{short}']
+        assert unpack_correct(r['correct'], 12).tolist() == direct
+        assert r['top1'] == pytest.approx(100 * np.mean(direct))
+    # the same run with crops is measured anew, not taken from the aspect rows
+    assert main([*args, '--resume']) == 0
+    crop = {r['size']: r for r in _rows(out)}
+    assert all('resize' not in r for r in crop.values())  # a reused row would carry the aspect rows' 'resize'
+
+
+@pytest.mark.parametrize('extra,msg', [
+    (['--data', 'fmnist', '--keep-aspect'], 'for image folders'),
+    (['--resolutions', '16x24', '--keep-aspect'], 'give N, not'),
+    (['--crop-ratio', '0.875', '--keep-aspect'], 'crops nothing'),
+    (['--task', 'coco', '--keep-aspect'], 'keeps the aspect ratio already'),
+])
+def test_keep_aspect_errors(aspect_folder, extra, msg, capsys):
+    args = ['--models', 'vit_rope2d_tiny', '--data', str(aspect_folder), '--resolutions', '16', '--no-progress']
+    with pytest.raises(SystemExit) as e:
+        main([*args, *extra])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
 def test_detection_rejects_non_square_sizes_and_per_image(tmp_path):
     root = tmp_path / 'coco'
     root.mkdir()

@@ -381,6 +381,19 @@ def test_train_args_reach_every_training_command(tmp_path):
     assert train_main(train_cmd[2:], run=False).config['trainer']['max_steps'] == 4
 
 
+def test_eval_args_reach_every_sweep_and_may_not_repeat_the_study(tmp_path):
+    spec = _spec(tmp_path, eval_args=['--keep-aspect', '--crop-ratio', '1.0'])
+    from visionpe.eval.cli import build_parser
+    for job in spec.jobs():
+        eval_cmd = run_job(spec, job, dry_run=True)[1]
+        assert eval_cmd[-3:] == ['--keep-aspect', '--crop-ratio', '1.0']
+    args = build_parser().parse_args(eval_cmd[2:])
+    assert args.keep_aspect and args.crop_ratio == 1.0 and args.per_image
+    for owned in (['--resolutions', '64'], ['--max-images=10'], ['--coord-modes', 'ref']):
+        with pytest.raises(ValueError, match='set by the study itself'):
+            _spec(tmp_path, eval_args=owned)
+
+
 def test_evaluator_rows_become_study_rows():
     """Only knob columns form the setting: the size columns (height, width, size) and counters do not."""
     from visionpe.study.jobs import _row_fields
@@ -394,6 +407,8 @@ def test_evaluator_rows_become_study_rows():
     assert old['size'] == '48x48' and old['knobs'] == {'rope_scaling': 'ntk'} and 'native' not in old
     marked = _row_fields({**base, 'resolution': 32, 'native': False})  # the evaluator's mark is kept, not a knob
     assert marked['native'] is False and marked['knobs'] == {'rope_scaling': 'ntk'}
+    aspect = _row_fields({**base, 'resolution': 32, 'resize': 'short_side'})  # --keep-aspect: kept, not a knob
+    assert aspect['resize'] == 'short_side' and aspect['knobs'] == {'rope_scaling': 'ntk'}
 
 
 def test_make_demo_runs_the_quick_study():

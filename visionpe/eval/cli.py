@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--crop-ratio', type=float, default=None,
                    help='image folders: resize the short side to r / ratio, centre-crop r (default 1.0 as RoPE-ViT; '
                         '0.875 as timm/DeiT). Not for fmnist, which resizes the whole image as in training')
+    p.add_argument('--keep-aspect', action='store_true',
+                   help='image folders: keep each image\'s aspect ratio: a size N is the shorter side, the longer '
+                        'side follows (rounded to a multiple of the patch size), nothing is cropped, images are '
+                        'batched by shape')
     p.add_argument('--batch-size', type=int, default=256)
     p.add_argument('--max-images', type=_count_or_all, default=None, metavar='N|all',
                    help='evaluate a fixed subset of this many images (default: all, except Fashion-MNIST on a CPU: '
@@ -138,6 +142,7 @@ def study_argv(args: argparse.Namespace) -> list[str]:
     ignored = [o for o, v in (('--models', args.models), ('--checkpoints', args.checkpoints),
                               ('--resolutions', args.resolutions), ('--max-images', args.max_images),
                               ('--per-image', args.per_image), ('--resume', args.resume),
+                              ('--keep-aspect', args.keep_aspect),
                               *((k.option, getattr(args, f'knob_{n}', None) is not None)
                                 for n, k in known_knobs().items())) if v]
     if ignored:
@@ -216,7 +221,8 @@ def model_sources(args: argparse.Namespace) -> list[ModelSource]:
 
 def config_from_args(args: argparse.Namespace, models: list[ModelSource]) -> EvalConfig:
     return EvalConfig(models=models, data=args.data, resolutions=args.resolutions or DEFAULT_RESOLUTIONS,
-                      task=args.task, crop_ratio=args.crop_ratio, batch_size=args.batch_size,
+                      task=args.task, crop_ratio=args.crop_ratio, keep_aspect=args.keep_aspect,
+                      batch_size=args.batch_size,
                       max_images=args.max_images, device=args.device, knobs=knob_space(args),
                       train_res=args.train_res, workers=2 if args.workers is None else args.workers,
                       progress=not args.no_progress, max_bias_mb=args.max_bias_mb,

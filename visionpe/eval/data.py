@@ -10,7 +10,10 @@
 Sizes are ``(height, width)``: :func:`parse_size` reads ``N`` (square) or ``HxW``. A non-square size on an
 image folder centre-crops each image to the size's aspect ratio (the largest such crop, times
 ``crop_ratio``) and resizes that crop to exactly ``H x W`` (no distortion, one shape per batch); a square
-size is timm's transform above, unchanged.
+size is timm's transform above, unchanged. ``keep_aspect`` (``--keep-aspect``) is the aspect-preserving mode
+of an image folder: a size ``N`` is the shorter side, nothing is cropped, the longer side becomes ``N`` times
+the image's aspect ratio rounded to a multiple of the models' patch size (:func:`short_side_shape`), and
+images are batched by shape (results still in test-set order).
 
 ``max_images`` keeps a fixed subset (the same images at every resolution and for every model:
 :func:`visionpe.data.fashion_mnist.subset_indices`). :class:`EvalImages` serves it per resolution; an
@@ -30,7 +33,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 __all__ = ['DataSpec', 'parse_data', 'FMNIST', 'num_classes_of', 'EvalImages', 'Size', 'parse_size', 'size_text',
-           'size_value', 'size_order']
+           'size_value', 'size_order', 'short_side_shape']
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,8 @@ def num_classes_of(spec: DataSpec) -> int:
 
 
 class _Readable(torch.utils.data.Dataset):
-    """Items ``(image, label, index, None)``, or ``(None, -1, index, error)`` for an unreadable image."""
+    """Items ``(image, label, index, None)``, or ``(None, -1, index, error)`` for an unreadable image.
+    ``transform``: one for every image, or a mapping index -> transform (the aspect-preserving mode)."""
 
     def __init__(self, folder: Any, indices: Sequence[int], transform: Any):
         self.folder, self.indices, self.transform = folder, list(indices), transform
@@ -121,17 +125,29 @@ class _Readable(torch.utils.data.Dataset):
         from ..data.imagefolder import READ_ERRORS
         index = self.indices[i]
         path, label = self.folder.samples[index]
+        tf = self.transform[index] if isinstance(self.transform, dict) else self.transform
         try:
-            return self.transform(self.folder.loader(path)), label, index, None
+            return tf(self.folder.loader(path)), label, index, None
         except READ_ERRORS as e:
             return None, -1, index, f'{type(e).__name__}: {e}'
 
 
 def _collate(items):
-    good = [(x, y) for x, y, _, err in items if err is None]
+    good = [(x, y, index) for x, y, index, err in items if err is None]
     bad = [(index, err) for _, _, index, err in items if err is not None]
     x = torch.stack([g[0] for g in good]) if good else None
-    return x, torch.tensor([g[1] for g in good], dtype=torch.long), bad
+    return x, torch.tensor([g[1] for g in good], dtype=torch.long), [g[2] for g in good], bad
+
+
+def short_side_shape(width: int, height: int, short: int, multiple: int) -> Size:
+    """``(h, w)`` of an image of ``width x height`` in the aspect-preserving mode: the shorter side ``short``
+    (a multiple of ``multiple``), the longer side ``short * long / short_side`` rounded to the nearest multiple
+    of ``multiple`` (at least one): the aspect ratio is kept up to half a patch on the longer side."""
+    if short % multiple:
+        raise ValueError(f'--keep-aspect: the shorter side {short} is not a multiple of {multiple}')
+    lo, hi = min(width, height), max(width, height)
+    long = max(multiple, round(short * hi / lo / multiple) * multiple)
+    return (short, long) if height <= width else (long, short)
 
 
 def folder_transform(size: Size, mean: Sequence[float], std: Sequence[float], interpolation: str = 'bicubic',
@@ -170,12 +186,21 @@ class EvalImages:
     than ``max_bad_fraction`` of them is an error."""
 
     def __init__(self, spec: DataSpec, max_images: int | None, batch_size: int, crop_ratio: float = 1.0,
-                 workers: int = 0, max_bad_fraction: float = 0.001):
+                 workers: int = 0, max_bad_fraction: float = 0.001, keep_aspect: bool = False):
         from ..data.fashion_mnist import subset_indices
         if not 0 < crop_ratio <= 1:
             raise ValueError(f'--crop-ratio must be in (0, 1], got {crop_ratio}')
+        if keep_aspect and spec.kind != 'folder':
+            raise ValueError('--keep-aspect is for image folders: Fashion-MNIST images are square (28x28) and '
+                             '--task coco keeps the aspect ratio already; drop the option')
+        if keep_aspect and crop_ratio != 1.0:
+            raise ValueError('--keep-aspect crops nothing (the shorter side is resized to each size); drop --crop-ratio')
         self.spec, self.max_images, self.batch_size = spec, max_images, batch_size
         self.crop_ratio, self.workers, self.max_bad_fraction = crop_ratio, workers, max_bad_fraction
+        self.keep_aspect = keep_aspect
+        self.multiple = 1  # keep_aspect: longer sides are rounded to this (the lcm of the models' patch sizes)
+        self.order: list[int] = []  # the image indices of the last pass, in the order they were yielded
+        self._dims: dict[int, tuple[int, int]] | None = None  # keep_aspect: index -> (width, height)
         self.unreadable: dict[int, str] = {}  # index -> error
         if spec.kind == FMNIST:
             self.folder = None
@@ -192,24 +217,79 @@ class EvalImages:
 
     def batches(self, size: Size, mean: Sequence[float], std: Sequence[float],
                 interpolation: str = 'bicubic') -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(images (B, 3, h, w), labels)`` of the readable images, in test-set order."""
+        """``(images (B, 3, h, w), labels)`` of the readable images, in test-set order (``keep_aspect``: grouped
+        by shape; :attr:`order` then lists the image indices in the order they came)."""
         size = parse_size(size)
+        self.order = []
         if self.folder is None:
             from ..data.fashion_mnist import FashionMNISTTest
             yield from FashionMNISTTest(size, batch_size=self.batch_size, subset=self.max_images, root=self.spec.root,
                                         mean=mean, std=std)
             return
-        tf = folder_transform(size, mean, std, interpolation, self.crop_ratio)
-        ds = _Readable(self.folder, [i for i in self.indices if i not in self.unreadable], tf)
-        loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
-                                             collate_fn=_collate)
-        for x, y, bad in loader:
+        if self.keep_aspect:
+            ds, sampler = self._by_shape(size, mean, std, interpolation)
+            loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=self.workers,
+                                                 collate_fn=_collate)
+        else:
+            tf = folder_transform(size, mean, std, interpolation, self.crop_ratio)
+            ds = _Readable(self.folder, [i for i in self.indices if i not in self.unreadable], tf)
+            loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=False,
+                                                 num_workers=self.workers, collate_fn=_collate)
+        for x, y, good, bad in loader:
             for index, err in bad:
                 log.warning('skipping unreadable image %s: %s', self.folder.samples[index][0], err)
                 self.unreadable[index] = err
             self._check()
             if x is not None:
+                self.order.extend(good)
                 yield x, y
+
+    def _by_shape(self, size: Size, mean: Sequence[float], std: Sequence[float], interpolation: str):
+        """Dataset and batch sampler of the aspect-preserving mode: each image's own shape at shorter side
+        ``size``, batches of one shape (shapes in sorted order, images in test-set order within each)."""
+        from torchvision import transforms as T
+        if size[0] != size[1]:
+            raise ValueError(f'--keep-aspect: sizes are the shorter side of each image; give N, not {size_text(size)}')
+        shapes = {i: short_side_shape(w, h, size[0], self.multiple) for i, (w, h) in self._image_dims().items()
+                  if i not in self.unreadable}
+        order = sorted(shapes, key=lambda i: shapes[i])  # stable: test-set order within a shape
+        mode = T.InterpolationMode(interpolation)
+        tfs = {hw: T.Compose([T.Resize(hw, interpolation=mode, antialias=True), T.ToTensor(), T.Normalize(mean, std)])
+               for hw in set(shapes.values())}
+        batches: list[list[int]] = []
+        for pos, i in enumerate(order):
+            if not batches or len(batches[-1]) == self.batch_size or shapes[order[batches[-1][0]]] != shapes[i]:
+                batches.append([])
+            batches[-1].append(pos)
+        return _Readable(self.folder, order, {i: tfs[shapes[i]] for i in order}), batches
+
+    def _image_dims(self) -> dict[int, tuple[int, int]]:
+        """``(width, height)`` of every image of the subset, from its header (read once); an image whose
+        header cannot be read is unreadable."""
+        if self._dims is None:
+            from PIL import Image
+
+            from ..data.imagefolder import READ_ERRORS
+            self._dims = {}
+            for i in self.indices:
+                if i in self.unreadable:
+                    continue
+                path = self.folder.samples[i][0]
+                try:
+                    with Image.open(path) as im:
+                        self._dims[i] = im.size
+                except READ_ERRORS as e:
+                    log.warning('skipping unreadable image %s: %s', path, e)
+                    self.unreadable[i] = f'{type(e).__name__}: {e}'
+            self._check()
+        return self._dims
+
+    def in_test_set_order(self, per_image: Sequence[Any]) -> list[Any]:
+        """Per-image results of the last pass (in :attr:`order`) rearranged into test-set order."""
+        if self.folder is None or not self.keep_aspect:
+            return list(per_image)
+        rank = {index: pos for pos, index in enumerate(self.indices)}
+        return [per_image[j] for j in sorted(range(len(self.order)), key=lambda j: rank[self.order[j]])]
 
     def _check(self) -> None:
         from ..data.imagefolder import BadDataError

@@ -73,6 +73,9 @@ class Task:
     name: str = ''
     headline: str = ''
     metrics: tuple[str, ...] = ()
+    #: how images are brought to a size when it is not the task's usual way (rows carry it, rows are reused
+    #: only under the same one): ``'short_side'`` for ``--keep-aspect``; None: the usual way
+    resize: str | None = None
 
     def build(self, source: ModelSource, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
         """The model of ``source`` (eval mode) and info (``img_size``, ...); ``overrides``: construction knobs."""
@@ -108,11 +111,12 @@ def row_size(row: dict[str, Any]) -> Size:
 
 def row_key(row: dict[str, Any]) -> tuple:
     """What identifies a measured row for reuse: label, checkpoint path and content digest, size (h, w),
-    the number of images asked for (evaluated + unreadable) and whether it has per-image results."""
+    the number of images asked for (evaluated + unreadable), whether it has per-image results and how images
+    were resized (``resize``)."""
     n = row.get('n_images')
     n = None if n is None else int(n) + int(row.get('n_unreadable') or 0)
     return (row['label'], str(row['checkpoint']), row.get('checkpoint_sha256'), row_size(row), n,
-            'correct' in row)
+            'correct' in row, row.get('resize'))
 
 
 def _plan(task: Task, source: ModelSource, space: KnobSpace, train_res: int | str | Size | None, label: str) -> Plan:
@@ -163,7 +167,7 @@ def sweep(task: Task, models: Sequence[ModelSource], resolutions: Sequence[int |
         digest = src.fingerprint()
         for knobs in plan.settings:
             cases = [Case(plan, knobs, hw) for hw in sizes]
-            keys = [(c.label, str(src.checkpoint), digest, c.size, n_expected, per_image) for c in cases]
+            keys = [(c.label, str(src.checkpoint), digest, c.size, n_expected, per_image, task.resize) for c in cases]
             model = None
             if not all(k in earlier for k in keys):  # something to measure: the model at this setting
                 overrides = build_overrides(knobs, plan.support)
@@ -184,7 +188,7 @@ def sweep(task: Task, models: Sequence[ModelSource], resolutions: Sequence[int |
                 bar.set_postfix_str(f'{case.label} @ {size_text(case.size)}px')
                 old = earlier.get(key)
                 if old is not None:
-                    m = {k: old[k] for k in (*task.metrics, 'n_images', 'n_unreadable', 'correct') if k in old}
+                    m = {k: old[k] for k in (*task.metrics, 'n_images', 'n_unreadable', 'correct', 'resize') if k in old}
                     reused += 1
                 else:
                     undo = apply_knobs(model, knobs, case.size, plan.train_size, memo)

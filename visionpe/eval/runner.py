@@ -13,6 +13,7 @@ and reports COCO AP as the headline.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -56,6 +57,7 @@ class EvalConfig:
     max_bias_mb: float = 1024.0            # attention bias budget (visionpe.attention.bias_budget)
     max_bad_fraction: float = MAX_BAD_FRACTION  # image folders: fail when more images than this are unreadable
     per_image: bool = False             # classification: each row gets ``correct`` (per-image top-1, packed bits)
+    keep_aspect: bool = False           # image folders: sizes are the shorter side, no crop, batched by shape
 
 
 def resolve_device(name: str) -> torch.device:
@@ -201,7 +203,13 @@ class ClassificationTask(Task):
         self.per_image = cfg.per_image
         self.n_per_image: int | None = None  # images of the first per-image row: every row must have as many
         self.images = EvalImages(spec, self.max_images, cfg.batch_size, crop_ratio=cfg.crop_ratio or 1.0,
-                                 workers=cfg.workers, max_bad_fraction=cfg.max_bad_fraction)
+                                 workers=cfg.workers, max_bad_fraction=cfg.max_bad_fraction,
+                                 keep_aspect=cfg.keep_aspect)
+        self.resize = 'short_side' if cfg.keep_aspect else None
+        if cfg.keep_aspect:
+            shown = [size_text(s) for s in map(parse_size, cfg.resolutions) if s[0] != s[1]]
+            if shown:
+                raise ValueError(f'--keep-aspect: sizes are the shorter side of each image; give N, not {shown}')
 
     def build(self, source: ModelSource, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
         return source.build(self.n_classes, **overrides)
@@ -210,11 +218,15 @@ class ClassificationTask(Task):
         return train_resolution(model, info)
 
     def check(self, plan: Plan) -> None:
-        """Every size against the patch size of every setting (its own, or one a knob sets)."""
+        """Every size against the patch size of every setting (its own, or one a knob sets); ``--keep-aspect``:
+        longer sides are rounded to a multiple of every such patch size (their lcm)."""
         for knobs in plan.settings:
-            patch = setting_patch_size(knobs, plan.support)
-            who = f'{plan.source.name} [{knobs.label()}]' if patch else plan.source.name
-            check_resolutions(self.cfg.resolutions, patch or patch_size_of(plan.model), who)
+            knob_patch = setting_patch_size(knobs, plan.support)
+            patch = knob_patch or patch_size_of(plan.model)
+            who = f'{plan.source.name} [{knobs.label()}]' if knob_patch else plan.source.name
+            check_resolutions(self.cfg.resolutions, patch, who)
+            if patch is not None:
+                self.images.multiple = math.lcm(self.images.multiple, *patch)
 
     def expected_images(self) -> int | None:
         return self.images.n_requested
@@ -223,6 +235,9 @@ class ClassificationTask(Task):
         mean, std = _norm_stats(case.plan.info, self.spec)
         batches = self.images.batches(case.size, mean, std, case.plan.info.get('interpolation') or 'bicubic')
         m = evaluate_classifier(model, batches, self.device, per_image=self.per_image)
+        if self.per_image and self.resize:  # batched by shape: back to test-set order, so rows pair image by image
+            from ..study.stats import pack_correct, unpack_correct
+            m['correct'] = pack_correct(self.images.in_test_set_order(unpack_correct(m['correct'], m['n_images'])))
         if self.per_image:  # the same images in the same order for every row (fixed subset; unreadable ones
             # are dropped from the first pass on), so rows pair image by image across models and sizes
             if self.n_per_image is None:
@@ -230,7 +245,8 @@ class ClassificationTask(Task):
             elif m['n_images'] != self.n_per_image:
                 raise RuntimeError(f'--per-image: {case.label} at {size_text(case.size)} saw {m["n_images"]} images, '
                                    f'earlier rows {self.n_per_image}: the rows would not pair image by image')
-        return {**m, 'n_unreadable': self.images.n_unreadable}
+        out = {**m, 'n_unreadable': self.images.n_unreadable}
+        return {**out, 'resize': self.resize} if self.resize else out
 
     def model_meta(self, plan: Plan) -> dict[str, Any]:
         mean, std = _norm_stats(plan.info, self.spec)
@@ -242,7 +258,7 @@ class ClassificationTask(Task):
         return dict(data=self.spec.describe(), data_root=self.spec.root,
                     n_images=rows[0]['n_images'] if rows else 0, max_images=self.max_images,
                     subset_note=_subset_note(self.spec, self.max_images, self.device),
-                    preprocessing=_preprocessing(self.spec, self.cfg.crop_ratio or 1.0),
+                    preprocessing=_preprocessing(self.spec, self.cfg.crop_ratio or 1.0, self.images),
                     batch_size=self.cfg.batch_size, unreadable_images=self.images.report(),
                     metrics_note='top1/top5 in %, top-k with k = min(5, classes); loss: mean cross-entropy; '
                                  'images_per_s: model forward only (first batch excluded when there are several); '
@@ -262,6 +278,9 @@ class DetectionTask(Task):
                              'lengths per image); drop it')
         if cfg.crop_ratio not in (None, 1.0):
             raise ValueError('--crop-ratio does not apply to --task coco (images are resized by their shorter side)')
+        if cfg.keep_aspect:
+            raise ValueError('--keep-aspect: --task coco keeps the aspect ratio already (sizes are the shorter side); '
+                             'drop the option')
         patch_knobs = [k.option for n, k in known_knobs().items()
                        if k.patch is not None and any(v != k.default for v in cfg.knobs[n])]
         if patch_knobs:
@@ -317,7 +336,10 @@ def _subset_note(spec: DataSpec, max_images: int | None, device: torch.device) -
     return f'fixed subset of {max_images} images{why}'
 
 
-def _preprocessing(spec: DataSpec, crop_ratio: float) -> str:
+def _preprocessing(spec: DataSpec, crop_ratio: float, images: EvalImages | None = None) -> str:
+    if images is not None and images.keep_aspect:
+        return (f'--keep-aspect: resize the shorter side to r, the longer side to r times the aspect ratio rounded '
+                f'to a multiple of {images.multiple} (the patch sizes); no crop; batches of one shape; normalise')
     if spec.kind == FMNIST:
         return ('Fashion-MNIST training convention: the whole 28x28 image resized to h x w (bilinear, antialiased), '
                 'repeated to 3 channels, normalised; no crop')

@@ -97,7 +97,7 @@ def eval_command(spec: StudySpec, job: Job, checkpoint: Path, out: Path) -> list
     cmd += ['--max-images', 'all' if spec.eval_images is None else str(spec.eval_images)]  # all: the full set
     for flag, values in spec.knobs.items():
         cmd += [f'--{flag}', *[str(v) for v in values]]
-    return cmd
+    return cmd + list(spec.eval_args)
 
 
 def _run(cmd: list[str], log_file: Path, threads: int | None) -> None:
@@ -180,7 +180,8 @@ def run_job(spec: StudySpec, job: Job, threads: int | None = 1, dry_run: bool = 
     return out
 
 
-_ROW_KEYS = ('label', 'resolution', 'size', 'knobs', 'native', 'top1', 'top5', 'loss', 'n_images', 'correct', 'images_per_s')
+_ROW_KEYS = ('label', 'resolution', 'size', 'knobs', 'native', 'top1', 'top5', 'loss', 'n_images', 'correct', 'images_per_s',
+             'resize')
 
 
 def _row_fields(row: dict[str, Any]) -> dict[str, Any]:
@@ -190,7 +191,7 @@ def _row_fields(row: dict[str, Any]) -> dict[str, Any]:
     if knobs is None:  # evaluator rows carry each knob as a column
         skip = {'label', 'model', 'checkpoint', 'checkpoint_sha256', 'native', 'resolution', 'height', 'width',
                 'train_res', 'size', 'top1', 'top5', 'loss', 'images_per_s', 'peak_mem_mb', 'n_images', 'n_unreadable',
-                'correct', 'bad_images'}
+                'correct', 'bad_images', 'resize'}
         knobs = {k: v for k, v in row.items() if k not in skip}
     out['knobs'] = knobs
     out['setting'] = _knob_label(knobs)

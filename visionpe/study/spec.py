@@ -24,6 +24,12 @@ class Recipe:
     encodings: list[str] | None = None
 
 
+#: evaluator flags every job's sweep sets from the study's own fields (``eval_args`` may not repeat them)
+STUDY_EVAL_FLAGS = frozenset({'--checkpoints', '--models', '--data', '--resolutions', '--train-res', '--output',
+                              '--device', '--batch-size', '--per-image', '--no-progress', '--resume', '--max-images',
+                              '--study', '--benchmark'})
+
+
 @dataclass
 class StudySpec:
     """One study. ``encodings``: names ``<pe>`` of ``model`` (``vit_{pe}_tiny``) or ``['all']`` (every
@@ -31,7 +37,9 @@ class StudySpec:
     without dashes, each a list of values (``{'rope-scaling': ['none', 'ntk']}``); ``eval_images``: a fixed
     subset of the test set (``None``: all of it); ``epochs``: override the recipes' ``max_epochs``;
     ``train_args``: ``train.py`` arguments appended to every job's training command, after the recipe's own
-    (e.g. ``[--trainer.max_steps, '4']`` for a smoke run)."""
+    (e.g. ``[--trainer.max_steps, '4']`` for a smoke run); ``eval_args``: ``eval_resolution.py`` arguments
+    appended to every job's sweep (e.g. ``[--keep-aspect]``, ``[--crop-ratio, '0.875']``), not those the
+    study sets itself."""
     name: str
     recipes: list[Recipe]
     encodings: list[str] = field(default_factory=lambda: ['all'])
@@ -44,6 +52,7 @@ class StudySpec:
     eval_images: int | None = None
     epochs: int | None = None
     train_args: list[str] = field(default_factory=list)
+    eval_args: list[str] = field(default_factory=list)
     output: str | None = None
     work_dir: str | None = None
     device: str = 'cpu'
@@ -61,6 +70,12 @@ class StudySpec:
             raise ValueError(f'study {self.name!r} has no seeds')
         if '{pe}' not in self.model:
             raise ValueError(f"study {self.name!r}: model must contain '{{pe}}', got {self.model!r}")
+        from ..eval.models import known_knobs
+        flags = STUDY_EVAL_FLAGS | {k.option for k in known_knobs().values()}
+        owned = sorted({a.split('=')[0] for a in self.eval_args} & flags)
+        if owned:
+            raise ValueError(f"study {self.name!r}: eval_args {owned} are set by the study itself (data, sizes, "
+                             f"knobs, eval_images, device, eval_batch_size fields); use those fields instead")
 
     @property
     def out_dir(self) -> Path:
