@@ -50,3 +50,19 @@ def all_models():
 def one_size_per_encoding():
     """The ``*_tiny`` preset of every encoding and family (one per ViT encoding, Swin encoding, CSWin, RST)."""
     return visionpe.list_models('*_tiny')
+
+
+def assert_backends_agree(model: torch.nn.Module, x: torch.Tensor, backends=('sdpa', 'flex'), atol: float = 1e-5,
+                          features: bool = False) -> None:
+    """``model`` (eval mode) gives the math path's output, within ``atol``, under every backend of ``backends``
+    (``features``: compare ``forward_features`` instead of the logits)."""
+    from visionpe.attention import use_backend
+    run = model.forward_features if features else model
+    outs = {}
+    with torch.no_grad():
+        for backend in ('math', *backends):
+            with use_backend(backend):
+                outs[backend] = run(x)
+    for backend in backends:
+        diff = (outs[backend] - outs['math']).abs().max()
+        assert diff <= atol, (backend, float(diff))

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import golden_dir
-from helpers import create_tiny
-from visionpe.attention import set_attn_backend
+from helpers import assert_backends_agree, create_tiny
 from visionpe.convert import CheckpointMismatchError
 from visionpe.grid import Grid
 from visionpe.pos import EncodingContext, build_encoding
@@ -153,14 +152,7 @@ def test_ape_rowonly_matches_upstream_and_bilinear_hits_table_nodes():
 
 @pytest.mark.parametrize('name', ['vit_comrope_ap_tiny', 'vit_comrope_ld_tiny'])
 def test_backends_agree(name):
-    model = create_tiny(name, dynamic_img_size=True).eval()
-    x = torch.randn(2, 3, 32, 48)  # a 2 x 3 grid
-    outs = {}
-    with torch.no_grad():
-        for backend in ('math', 'sdpa', 'flex'):
-            outs[backend] = set_attn_backend(model, backend)(x)
-    for backend in ('sdpa', 'flex'):
-        assert torch.allclose(outs[backend], outs['math'], atol=1e-5), (backend, (outs[backend] - outs['math']).abs().max())
+    assert_backends_agree(create_tiny(name, dynamic_img_size=True).eval(), torch.randn(2, 3, 32, 48))  # 2 x 3 grid
 
 
 @pytest.mark.parametrize('kind,extra', [('ap', dict(ape='bilinear')), ('ld', dict(ape='rowonly', prefix_pos=None)),

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import create_tiny
+from helpers import assert_backends_agree, create_tiny
 from visionpe.attention import run_backend, use_backend
 from visionpe.convert import CheckpointMismatchError
 from visionpe.grid import Grid
@@ -193,13 +193,7 @@ def test_backends_agree(name):
 def test_flex_model_forward_eval():
     pytest.importorskip('torch.nn.attention.flex_attention')
     model = create_tiny('vit_lookhere45_tiny', dynamic_img_size=True, depth=1, num_heads=8).eval()
-    x = torch.randn(1, 3, 32, 48)
-    with torch.no_grad():
-        with use_backend('math'):
-            ref = model.forward_features(x)
-        with use_backend('flex'):
-            out = model.forward_features(x)
-    assert torch.allclose(out, ref, atol=1e-5)
+    assert_backends_agree(model, torch.randn(1, 3, 32, 48), backends=('flex',), features=True)
     assert len(model.pe._bases) == 1  # the flex path itself built no base
 
 

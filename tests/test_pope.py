@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import create_tiny
-from visionpe.attention import Attention, set_attn_backend
+from helpers import assert_backends_agree, create_tiny
+from visionpe.attention import Attention
 from visionpe.grid import Grid, grid_coords
 from visionpe.pos import EncodingContext, LayerPos, build_encoding
 from visionpe.pos.pope import clamp_projected
@@ -73,13 +73,7 @@ def test_backends_agree():
     model = create_tiny('vit_pope2d_tiny', dynamic_img_size=True).eval()
     with torch.no_grad():
         model.pe.delta.uniform_(-2 * math.pi, 0)
-    x = torch.randn(2, 3, 32, 48)  # a 2 x 3 grid
-    outs = {}
-    with torch.no_grad():
-        for backend in ('math', 'sdpa', 'flex'):
-            outs[backend] = set_attn_backend(model, backend)(x)
-    for backend in ('sdpa', 'flex'):
-        assert torch.allclose(outs[backend], outs['math'], atol=1e-5), (backend, (outs[backend] - outs['math']).abs().max())
+    assert_backends_agree(model, torch.randn(2, 3, 32, 48))  # a 2 x 3 grid
 
 
 def test_projected_clamp_gradient():

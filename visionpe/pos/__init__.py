@@ -53,8 +53,8 @@ def check_coord_aug(pe: PosEncoding, per_sample: bool, per_sample_ok: bool = Tru
         raise ValueError(f"coord_aug (shift / jitter / rescale) is defined on Cartesian coordinates; "
                          f"the encoding {name!r} uses coord_mode='polar'")
     if per_sample and not per_sample_ok:
-        raise ValueError(f"coord_aug per_sample=True is not supported here: every window of the batch shares one "
-                         f"coordinate table; use per_sample=False (one draw per batch)")
+        raise ValueError("coord_aug per_sample=True is not supported here: every window of the batch shares one "
+                         "coordinate table; use per_sample=False (one draw per batch)")
     if per_sample and pe.coord_aug_support != 'sample':
         raise ValueError(f"coord_aug per_sample=True is not supported by the encoding {name!r} (its "
                          f"tables are shared by the batch): use per_sample=False (one draw per batch)")

@@ -39,7 +39,7 @@ and ``normalize`` apply as without it; prefix tokens stay at ``(0, 0)``. A per-s
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
