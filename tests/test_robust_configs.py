@@ -49,6 +49,21 @@ def test_fmnist_config_runs(tmp_path, monkeypatch, name):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path(FMNIST_DIR, 'train-images-idx3-ubyte.gz').is_file(), reason='needs dataset-fashion-mnist')
+def test_coordaug_config_trains_a_swin_with_rotary_windows(tmp_path, monkeypatch):
+    """The coordinate-augmentation recipe with a hierarchical model: Swin RoPE-Mixed on its window coordinates."""
+    monkeypatch.chdir(tmp_path)
+    kwargs = dict(patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, coord_aug={'rescale': 2.0})
+    cli = main(['fit', '--config', str(ROOT / 'configs' / 'fmnist_vit_tiny_coordaug.yaml'),
+                '--model.model_name', 'swin_rope2d_mixed_tiny', '--model.model_kwargs', json.dumps(kwargs),
+                '--data.batch_size', '16', '--data.train_subset', '96', '--data.val_subset', '16',
+                '--data.test_subset', '16', '--trainer.max_steps', '3', '--trainer.max_epochs', '100',
+                '--model.warmup_epochs', '0.25', '--trainer.enable_progress_bar', 'false'])
+    model = cli.model.model
+    assert cli.trainer.global_step == 3 and model.coord_aug.rescale == 2.0 and 'test/acc' in cli.trainer.callback_metrics
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('name', IMAGENET)
 def test_imagenet_config_runs_on_an_image_folder(tmp_path, monkeypatch, name):
     from test_data import make_image_folder
