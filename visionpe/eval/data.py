@@ -270,6 +270,7 @@ class EvalImages:
             from PIL import Image
 
             from ..data.imagefolder import READ_ERRORS
+            log.info('--keep-aspect: reading the sizes of %d images from their headers', len(self.indices))
             self._dims = {}
             for i in self.indices:
                 if i in self.unreadable:
