@@ -435,7 +435,7 @@ def _plots(cells: list[Cell], rows, train: str, reference_recipe: str, out: Path
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(out / 'best.png')
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(paths[-1], dpi=110, bbox_inches='tight' if many else None)  # keep the legend beside the axes
     plt.close(fig)
 
     mat = np.full((len(best), len(sizes)), np.nan)
