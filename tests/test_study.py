@@ -249,6 +249,16 @@ def test_encodings_with_knobs_have_their_native_reference(tmp_path):
     checks = {c['claim']: c for c in anchor_checks(rows, '32', 'fixed')}
     axial_vs_ape = checks['RoPE-Axial > learned APE above the training size']
     assert axial_vs_ape['verdict'] == 'contradicts' and axial_vs_ape['difference'] < -30  # index coordinates
+    assert (axial_vs_ape['a_setting'], axial_vs_ape['b_setting']) == ('coord_mode=index', 'default')
+    # the same claim with each encoding at its best test-time knob (same recipe): RoPE with ref coordinates wins
+    tuned = axial_vs_ape['tuned']
+    assert (tuned['a_setting'], tuned['b_setting']) == ('coord_mode=ref', 'default')
+    assert tuned['verdict'] == 'agrees' and 5 < tuned['difference'] < 15
+    text = write_report(study, '32', 'fixed', plots=False)['anchors'].read_text()
+    line = next(l for l in text.splitlines() if l.startswith('| RoPE-Axial > learned APE'))
+    assert 'rope2d [coord_mode=index] − ape [default]' in line and 'contradicts' in line
+    assert 'rope2d [coord_mode=ref] − ape [default]' in line and 'agrees' in line
+    assert 'paired bootstrap' in text and 'own knob setting' in text  # the method is stated under the table
 
 
 
