@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import assert_backends_agree, create_tiny
-from visionpe.attention import run_backend, use_backend
+from visionpe.attention import flex_available, run_backend, use_backend
 from visionpe.convert import CheckpointMismatchError
 from visionpe.grid import Grid
 from visionpe.pos.irpe import irpe_bucket_ids, irpe_num_buckets, piecewise_index
@@ -154,11 +154,11 @@ def test_ref_coordinates():
     assert big[1 + 0, 1 + 2] == irpe_bucket_ids(4, 4, 1)[0][1, 2] and not torch.equal(big, half)
 
 
+@pytest.mark.skipif(not flex_available(), reason='this torch build has no FlexAttention')
 @pytest.mark.parametrize('name,kw', [('vit_irpe_tiny', {}), ('vit_irpe_bias_tiny', dict(rpe_on='qk')),
                                      ('vit_irpe_tiny', dict(method='cross', rpe_on='qk', shared_head=False))])
 def test_score_mod_equals_bias(name, kw):
     """FlexAttention's score_mod (no N x N tensor) against the math path with the bias tensor."""
-    pytest.importorskip('torch.nn.attention.flex_attention')
     model = _randomize(create_tiny(name, **kw))
     enc, grid = model.pe, Grid(3, 5, 1)
     state = enc.prepare(grid)
@@ -184,8 +184,8 @@ def test_backends_agree_non_square(name):
     assert torch.allclose(outs['sdpa'], outs['math'], atol=1e-5)
 
 
+@pytest.mark.skipif(not flex_available(), reason='this torch build has no FlexAttention')
 def test_flex_model_forward_eval():
-    pytest.importorskip('torch.nn.attention.flex_attention')
     model = _randomize(create_tiny('vit_irpe_tiny', dynamic_img_size=True, depth=1), std=0.5).eval()
     assert_backends_agree(model, torch.randn(1, 3, 32, 48), backends=('flex',), features=True)
 
