@@ -278,18 +278,20 @@ def _best_knob(grouped, enc: str, recipe: str, sizes: list[str]) -> Key | None:
     return max(keys, key=lambda k: np.mean([float(r['top1']) for s in sizes for r in grouped[k][s].values()]))
 
 
+_NOT_IN_STUDY: dict[str, Any] = dict(difference=None, lo=None, hi=None, verdict='not in study')
+
+
 def _claim_difference(grouped, encs_a: list[str], encs_b: list[str], sizes: list[str], pick) -> dict[str, Any]:
     """The best of group ``a`` minus the best of group ``b`` (by mean over ``sizes``), each encoding at the knob
     setting ``pick(encoding)``; with its paired interval and verdict."""
-    def pooled(encs):
-        keys = {e: pick(e) for e in encs}
-        return {e: (k, _pooled(grouped, k, sizes)) for e, k in keys.items() if k is not None}
+    def pooled(encs):  # encoding -> (its key, its rows pooled over sizes), for encodings with rows there
+        keyed = ((e, pick(e)) for e in encs)
+        both = ((e, k, _pooled(grouped, k, sizes)) for e, k in keyed if k is not None)
+        return {e: (k, rows) for e, k, rows in both if rows}
 
     pa, pb = pooled(encs_a), pooled(encs_b)
-    pa = {e: v for e, v in pa.items() if v[1]}
-    pb = {e: v for e, v in pb.items() if v[1]}
     if not pa or not pb:
-        return dict(difference=None, lo=None, hi=None, verdict='not in study')
+        return dict(_NOT_IN_STUDY)
 
     def mean(v):
         return float(np.mean([r['top1'] for r in v[1].values()]))
@@ -297,7 +299,7 @@ def _claim_difference(grouped, encs_a: list[str], encs_b: list[str], sizes: list
     best_b = max(pb, key=lambda e: mean(pb[e]))
     iv = compare(pa[best_a][1], pb[best_b][1])
     if iv is None:
-        return dict(difference=None, lo=None, hi=None, verdict='not in study')
+        return dict(_NOT_IN_STUDY)
     verdict = 'agrees' if iv.lo > 0 else 'contradicts' if iv.hi < 0 else 'inconclusive'
     return dict(a=best_a, b=best_b, a_setting=pa[best_a][0][2], b_setting=pb[best_b][0][2], difference=iv.mean,
                 lo=iv.lo, hi=iv.hi, interval=iv.method, verdict=verdict)
@@ -322,8 +324,7 @@ def anchor_checks(rows: list[dict[str, Any]], train_size: str, reference_recipe:
         b = [e for e in encs if e not in c.a] if c.b == ('*',) else [e for e in c.b if e in encs]
         rec: dict[str, Any] = dict(claim=c.text, source=c.source, sizes=sizes)
         if not a or not b or not sizes:
-            out.append({**rec, 'difference': None, 'lo': None, 'hi': None, 'verdict': 'not in study',
-                        'tuned': dict(difference=None, lo=None, hi=None, verdict='not in study')})
+            out.append({**rec, **_NOT_IN_STUDY, 'tuned': dict(_NOT_IN_STUDY)})
             continue
         own = _claim_difference(grouped, a, b, sizes, lambda e: _reference(grouped, e, reference_recipe))
         tuned = _claim_difference(grouped, a, b, sizes, lambda e: _best_knob(grouped, e, reference_recipe, sizes))
