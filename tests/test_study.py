@@ -316,6 +316,44 @@ def test_recipe_effects_compare_each_recipe_with_the_reference(tmp_path):
     text = write_report(study, '32', 'fixed', plots=False)['recipes'].read_text()
     assert 'No recipe besides fixed has rows yet' in text and '|' not in text
 
+def test_a_difference_whose_sign_changes_between_seeds_is_inconclusive(tmp_path):
+    """Seed-to-seed training noise far from the training size can exceed the image-sampling interval: when two
+    seeds disagree on the sign of a difference, the anchor check and the recipe verdict say inconclusive
+    (seeds disagree) even if the pooled paired interval excludes 0, and the report shows each seed's difference."""
+    from visionpe.study.report import recipe_effects
+    study = tmp_path / 'study'
+    (study / 'rows').mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    base = rng.random((2, 2000))  # one uniform per (seed, image): settings move with their accuracy only
+    truth = {('ape', 'fixed'): (0.80, 0.60), ('rope2d', 'fixed'): (0.60, 0.65),  # seed 0: +20, seed 1: -5
+             ('ape', 'multires'): (0.90, 0.58)}  # vs ape fixed: seed 0: +10, seed 1: -2
+    for (enc, recipe), per_seed in truth.items():
+        for seed, p in enumerate(per_seed):
+            rows = [dict(job=f'{enc}__{recipe}__s{seed}', encoding=enc, recipe=recipe, seed=seed, size=size,
+                         setting='default', top1=100.0 * (base[seed] < q).mean(), n_images=2000,
+                         correct=pack_correct(base[seed] < q), train_size='32x32')
+                    for size, q in (('32x32', 0.85), ('64x64', p))]
+            (study / 'rows' / f'{enc}__{recipe}__s{seed}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    rows = load_rows(study)
+    claim = Claim('APE > RoPE', 'test', ('ape',), ('rope2d',))
+    check = anchor_checks(rows, '32', 'fixed', (claim,))[0]
+    assert check['lo'] > 0  # the pooled image-sampling interval alone would say "agrees"
+    assert check['verdict'] == 'inconclusive (seeds disagree)'
+    assert check['per_seed'] == {0: pytest.approx(20.0, abs=2.5), 1: pytest.approx(-5.0, abs=2.5)}
+    effect = recipe_effects(rows, '32', 'fixed')[0]
+    assert effect['above']['lo'] > 0 and effect['verdict'] == 'inconclusive (seeds disagree)'
+    assert effect['above']['per_seed'] == {0: pytest.approx(10.0, abs=2.5), 1: pytest.approx(-2.0, abs=1.5)}
+    paths = write_report(study, '32', 'fixed', plots=False, claims=(claim,))
+    line = next(ln for ln in paths['anchors'].read_text().splitlines() if ln.startswith('| APE > RoPE'))
+    assert 'inconclusive (seeds disagree)' in line and 'seeds +' in line and ', -' in line
+    recipes = paths['recipes'].read_text()
+    assert 'inconclusive (seeds disagree)' in recipes and 'seeds +' in recipes
+    assert 'each seed' in paths['anchors'].read_text() and 'each seed' in recipes  # the rule is stated
+    # with seeds that agree in sign, the verdict follows the interval as before
+    one_seed = [r for r in rows if r['seed'] == 0]
+    assert anchor_checks(one_seed, '32', 'fixed', (claim,))[0]['verdict'] == 'agrees'
+
+
 def test_aggregate_without_rows_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match='run the study first'):
         write_report(tmp_path, '32', 'fixed')

@@ -150,6 +150,43 @@ def compare(rows_a: dict[int, dict[str, Any]], rows_b: dict[int, dict[str, Any]]
     return t_interval([float(rows_a[s]['top1']) - float(rows_b[s]['top1']) for s in seeds])
 
 
+def per_seed_differences(rows_a: dict[int, dict[str, Any]], rows_b: dict[int, dict[str, Any]]) -> dict[int, float]:
+    """``acc(a) - acc(b)`` in points for each seed both have."""
+    return {s: float(rows_a[s]['top1']) - float(rows_b[s]['top1']) for s in sorted(set(rows_a) & set(rows_b))}
+
+
+SEEDS_DISAGREE = 'inconclusive (seeds disagree)'
+
+
+def signed_verdict(iv: Interval, per_seed: dict[int, float], above: str, below: str) -> str:
+    """``above`` / ``below`` when the interval lies above / below 0 *and* every seed's difference has that sign;
+    ``inconclusive (seeds disagree)`` when the interval excludes 0 but a seed goes the other way (the paired
+    interval covers test-image sampling, not training noise, which off the training size can be larger);
+    else ``inconclusive``."""
+    if not iv.excludes_zero():
+        return 'inconclusive'
+    sign = 1.0 if iv.lo > 0 else -1.0
+    if any(d * sign <= 0 for d in per_seed.values()):
+        return SEEDS_DISAGREE
+    return above if sign > 0 else below
+
+
+def _fmt_difference(d: dict[str, Any] | None) -> str:
+    """``+3.5 [+2.9, +4.0]``, then each seed's difference when there are several (``; seeds +5.9, +1.1``)."""
+    if d is None or d.get('difference') is None:
+        return '–'
+    text = f"{d['difference']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]"
+    seeds = d.get('per_seed') or {}
+    if len(seeds) > 1:
+        text += '; seeds ' + ', '.join(f'{v:+.1f}' for _, v in sorted(seeds.items()))
+    return text
+
+
+_SEED_RULE = ('With several seeds the cell also lists each seed\'s difference (seeds in order), and a verdict needs '
+              'each seed to have the sign of the interval: otherwise it reads *inconclusive (seeds disagree)*, '
+              'since the paired interval covers test-image sampling, not training noise.')
+
+
 def _mean_above(sizes: dict[str, dict[int, dict[str, Any]]], train: str) -> float:
     th = _size_key(train)
     vals = [np.mean([float(r['top1']) for r in by_seed.values()]) for s, by_seed in sizes.items()
@@ -300,16 +337,17 @@ def _claim_difference(grouped, encs_a: list[str], encs_b: list[str], sizes: list
     iv = compare(pa[best_a][1], pb[best_b][1])
     if iv is None:
         return dict(_NOT_IN_STUDY)
-    verdict = 'agrees' if iv.lo > 0 else 'contradicts' if iv.hi < 0 else 'inconclusive'
+    per_seed = per_seed_differences(pa[best_a][1], pb[best_b][1])
     return dict(a=best_a, b=best_b, a_setting=pa[best_a][0][2], b_setting=pb[best_b][0][2], difference=iv.mean,
-                lo=iv.lo, hi=iv.hi, interval=iv.method, verdict=verdict)
+                lo=iv.lo, hi=iv.hi, interval=iv.method, per_seed=per_seed,
+                verdict=signed_verdict(iv, per_seed, 'agrees', 'contradicts'))
 
 
 def anchor_checks(rows: list[dict[str, Any]], train_size: str, reference_recipe: str,
                   claims: tuple[Claim, ...] = ANCHORS) -> list[dict[str, Any]]:
     """Each claim, under ``reference_recipe``: the measured difference (best of ``a`` minus best of ``b``, by mean)
-    with its paired interval and a verdict: agrees (interval above 0), contradicts (below 0), inconclusive, or
-    not in study. The main verdict takes each encoding at its own knob setting (as built and trained); ``tuned``
+    with its paired interval, each seed's difference and a verdict (:func:`signed_verdict`): agrees (interval
+    above 0), contradicts (below 0), inconclusive (seeds disagree), inconclusive, or not in study. The main verdict takes each encoding at its own knob setting (as built and trained); ``tuned``
     repeats the check with each encoding at its best test-time knob setting over the claim's sizes."""
     th, tw = parse_size(train_size)
     train = f'{th}x{tw}'
@@ -336,9 +374,7 @@ def _anchors_md(checks: list[dict[str, Any]], reference_recipe: str) -> str:
     def compared(c):
         return f"{c['a']} [{c['a_setting']}] − {c['b']} [{c['b_setting']}]" if 'a' in c else '–'
 
-    def diff(c):
-        return '–' if c['difference'] is None else f"{c['difference']:+.1f} [{c['lo']:+.1f}, {c['hi']:+.1f}]"
-
+    diff = _fmt_difference
     lines = ['| claim | source | sizes | compared (own knobs) | difference | verdict | compared (best knobs) | '
              'difference | verdict |', '|---|---|---|---|---|---|---|---|---|']
     for c in checks:
@@ -352,7 +388,7 @@ def _anchors_md(checks: list[dict[str, Any]], reference_recipe: str) -> str:
             "for both sides alike). Where a group names several encodings (or every other one), its best member by "
             "mean is compared. Differences are in points of top-1, pooled over the listed sizes, with a 95% paired "
             "bootstrap interval over the same test images and seeds; agrees / contradicts: the interval lies above / "
-            "below 0, else inconclusive.")
+            "below 0, else inconclusive. " + _SEED_RULE)
     return '\n'.join(lines) + '\n\n' + note + '\n'
 
 
@@ -360,7 +396,8 @@ def recipe_effects(rows: list[dict[str, Any]], train_size: str, reference_recipe
     """Each recipe against ``reference_recipe`` for the same encoding and knob setting (``acc(recipe) -
     acc(reference)``, paired on the same images and seeds: :func:`compare`): at the training size (``train``),
     pooled over the sizes above it (``above``) and at the largest size (``far``); the verdict reads ``above``:
-    helps (interval above 0), hurts (below 0) or inconclusive."""
+    helps (interval above 0), hurts (below 0), inconclusive (seeds disagree) or inconclusive
+    (:func:`signed_verdict`)."""
     th, tw = parse_size(train_size)
     train = f'{th}x{tw}'
     grouped = _by_setting(rows)
@@ -373,21 +410,22 @@ def recipe_effects(rows: list[dict[str, Any]], train_size: str, reference_recipe
         shared = sorted(set(grouped[key]) & set(grouped[ref]), key=_size_key)
         above = [s for s in shared if _size_key(s) > _size_key(train)]
         parts: dict[str, Any] = {}
+        verdict = 'no shared sizes'
         for name, sizes in (('train', [train] if train in shared else []), ('above', above), ('far', above[-1:])):
-            iv = compare(_pooled(grouped, key, sizes), _pooled(grouped, ref, sizes)) if sizes else None
+            rows_k, rows_r = (_pooled(grouped, key, sizes), _pooled(grouped, ref, sizes)) if sizes else ({}, {})
+            iv = compare(rows_k, rows_r) if sizes else None
+            per_seed = per_seed_differences(rows_k, rows_r)
             parts[name] = None if iv is None else dict(sizes=sizes, difference=iv.mean, lo=iv.lo, hi=iv.hi,
-                                                       interval=iv.method)
-        a = parts['above']
-        verdict = 'no shared sizes' if a is None else 'helps' if a['lo'] > 0 else 'hurts' if a['hi'] < 0 \
-            else 'inconclusive'
+                                                       interval=iv.method, per_seed=per_seed)
+            if name == 'above' and iv is not None:
+                verdict = signed_verdict(iv, per_seed, 'helps', 'hurts')
         out.append(dict(encoding=enc, recipe=recipe, reference=reference_recipe, setting=setting,
                         native=_is_native_key(grouped, key), verdict=verdict, **parts))
     return out
 
 
 def _recipes_md(effects: list[dict[str, Any]], reference_recipe: str) -> str:
-    def diff(p):
-        return '–' if p is None else f"{p['difference']:+.1f} [{p['lo']:+.1f}, {p['hi']:+.1f}]"
+    diff = _fmt_difference
     if not effects:
         return f'No recipe besides {reference_recipe} has rows yet: nothing to compare.\n'
     far = next((e['far']['sizes'][0] for e in effects if e['far']), 'largest size')
@@ -400,7 +438,7 @@ def _recipes_md(effects: list[dict[str, Any]], reference_recipe: str) -> str:
     return ('\n'.join(lines) + '\n\n' + f'Top-1 difference in points, recipe minus the {reference_recipe} recipe at the '
             'same knob setting, with its 95% interval (paired bootstrap over the same test images and seeds; with '
             'one seed it covers test-set sampling only, not training noise). "above it": every size above the '
-            'training size pooled. Verdict: helps / hurts when the pooled interval excludes 0.\n')
+            'training size pooled. Verdict: helps / hurts when the pooled interval excludes 0. ' + _SEED_RULE + '\n')
 
 
 _COLORS = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22',
@@ -517,9 +555,10 @@ def coverage(finished: Sequence[str], planned: Sequence[str] | None) -> str:
 
 
 def write_report(study_dir: Path, train_size: str, reference_recipe: str, plots: bool = True,
-                 planned: Sequence[str] | None = None) -> dict[str, Path]:
+                 planned: Sequence[str] | None = None, claims: tuple[Claim, ...] = ANCHORS) -> dict[str, Path]:
     """Aggregate ``study_dir/rows/*.jsonl`` into ``study_dir/report/``; returns the written paths.
-    ``planned``: the study's job ids, to state coverage (a partial study says so at the top)."""
+    ``planned``: the study's job ids, to state coverage (a partial study says so at the top); ``claims``: the
+    published claims the anchor checks test."""
     study_dir = Path(study_dir)
     rows = load_rows(study_dir)
     if not rows:
@@ -537,7 +576,7 @@ def write_report(study_dir: Path, train_size: str, reference_recipe: str, plots:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(table)
-    checks = anchor_checks(rows, train, reference_recipe)
+    checks = anchor_checks(rows, train, reference_recipe, claims)
     effects = recipe_effects(rows, train, reference_recipe)
     jobs = sorted({r['job'] for r in rows})
     meta = dict(jobs=jobs, planned=list(planned or []), devices=sorted({r.get('device', '?') for r in rows}),
