@@ -349,6 +349,11 @@ def test_a_difference_whose_sign_changes_between_seeds_is_inconclusive(tmp_path)
     recipes = paths['recipes'].read_text()
     assert 'inconclusive (seeds disagree)' in recipes and 'seeds +' in recipes
     assert 'each seed' in paths['anchors'].read_text() and 'each seed' in recipes  # the rule is stated
+    # the leaderboard reads a gap to the best of a column the same way: rope2d is not marked below it
+    board = leaderboard(rows, '32', 'fixed')
+    rope = next(ln for ln in board.splitlines() if ln.startswith('| rope2d |'))
+    assert rope.rstrip(' |').endswith('≈')
+    assert 'each seed' in board
     # with seeds that agree in sign, the verdict follows the interval as before
     one_seed = [r for r in rows if r['seed'] == 0]
     assert anchor_checks(one_seed, '32', 'fixed', (claim,))[0]['verdict'] == 'agrees'

@@ -244,8 +244,10 @@ def leaderboard(rows: list[dict[str, Any]], train_size: str, reference_recipe: s
             if col_best[s] == key:
                 text = f'**{text}**'
             else:
-                gap = compare(grouped[col_best[s]][s], by_seed)
-                if gap is not None and not gap.lo > 0:
+                best_rows = grouped[col_best[s]][s]
+                gap = compare(best_rows, by_seed)
+                if gap is not None and signed_verdict(gap, per_seed_differences(best_rows, by_seed), 'below',
+                                                      'above') != 'below':
                     text += ' ≈'
             cells.append(text)
         name = enc if kind == 'best' else f'{enc} (reference)'
@@ -256,7 +258,8 @@ def leaderboard(rows: list[dict[str, Any]], train_size: str, reference_recipe: s
         f'Top-1 (%) mean ± half-width of the 95% interval over the seeds of each row (all: {seeds}) '
         f'(t interval over seeds; with one seed a binomial interval over the {sorted(x for x in n_img if x)} test '
         f'images, which covers test-set sampling only). Bold: the best of the column; ≈: not significantly below it '
-        '(paired bootstrap over the same test images and seeds, 95%). Each encoding is shown at the recipe and knob '
+        '(paired bootstrap over the same test images and seeds, 95%; with several seeds a row counts as below only '
+        'when each seed is below). Each encoding is shown at the recipe and knob '
         'setting with the best mean above the training size, chosen on these test images (optimistic), and at its '
         f'reference setting ({reference_recipe} recipe, its own knob setting) when that differs.']
     return '\n'.join(lines) + '\n\n' + notes[0] + '\n'
