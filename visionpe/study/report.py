@@ -350,7 +350,8 @@ def anchor_checks(rows: list[dict[str, Any]], train_size: str, reference_recipe:
                   claims: tuple[Claim, ...] = ANCHORS) -> list[dict[str, Any]]:
     """Each claim, under ``reference_recipe``: the measured difference (best of ``a`` minus best of ``b``, by mean)
     with its paired interval, each seed's difference and a verdict (:func:`signed_verdict`): agrees (interval
-    above 0), contradicts (below 0), inconclusive (seeds disagree), inconclusive, or not in study. The main verdict takes each encoding at its own knob setting (as built and trained); ``tuned``
+    above 0), contradicts (below 0), inconclusive (seeds disagree), inconclusive, or not in study. The main
+    verdict takes each encoding at its own knob setting (as built and trained); ``tuned``
     repeats the check with each encoding at its best test-time knob setting over the claim's sizes."""
     th, tw = parse_size(train_size)
     train = f'{th}x{tw}'
