@@ -1,12 +1,31 @@
 """Test helpers: tiny overrides per model family so the whole zoo runs in seconds on a CPU."""
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Dict
 
 import timm
 import torch
 
 import visionpe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str) -> ModuleType:
+    """Import a repository script that is not a package module (``benchmarks/*.py``, ``scripts/*.py``) by path;
+    its folder goes on ``sys.path`` so that its sibling imports resolve."""
+    path = ROOT / relpath
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 # Small but structurally complete versions of every family. Heads stay a multiple of 4 (LookHere
 # layouts) and head_dim a multiple of 8 (ComRoPE blocks, RoPE pairs); three blocks so that per-layer

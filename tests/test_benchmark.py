@@ -1,16 +1,13 @@
 """The measuring helpers behind benchmarks/ and the evaluator (no timing assertions: the machine decides those)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from visionpe.benchmark import peak_memory, time_call, time_interleaved
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_script
 
 
 def test_time_call_statistics():
@@ -40,10 +37,7 @@ def test_peak_memory_counts_live_tensors():
 
 
 def _throughput_script():
-    spec = importlib.util.spec_from_file_location('throughput', ROOT / 'benchmarks' / 'throughput.py')
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_script('benchmarks/throughput.py')
 
 
 def test_throughput_memory_only(tmp_path, capsys):

@@ -5,25 +5,17 @@ flex, the 1.5x flex memory bound, the GPU speed targets) run only with ``--devic
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from visionpe.pos import list_encodings
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_script
 
 
 def _gpu_check():
-    sys.path.insert(0, str(ROOT / 'benchmarks'))
-    spec = importlib.util.spec_from_file_location('gpu_check', ROOT / 'benchmarks' / 'gpu_check.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script('benchmarks/gpu_check.py')
 
 
 @pytest.mark.slow

@@ -6,21 +6,16 @@ synthetic reports, so that a result row committed without its report and README 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import load_script
 
 
 @pytest.fixture(scope='module')
 def rr():
-    spec = importlib.util.spec_from_file_location('readme_results', ROOT / 'scripts' / 'readme_results.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script('scripts/readme_results.py')
 
 
 def test_committed_readme_and_report_match_the_committed_rows(rr, capsys):
