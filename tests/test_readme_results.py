@@ -66,6 +66,18 @@ def test_anchor_bullets_carry_the_verdicts_and_seed_differences(rr, tmp_path):
             'by seed -1.0, -1.0).') in text
 
 
+def test_seed_noise_paragraph_gives_the_ranges_and_the_largest_spreads(rr):
+    spread = [dict(encoding='a', seeds=[0, 1], train=0.05, off_median=1.1, off_max=21.7,
+                   off_max_at=dict(setting='coord_mode=ref', size='32x64', top1=[42.4, 64.1])),
+              dict(encoding='b', seeds=[0, 1, 2], train=1.65, off_median=8.3, off_max=3.0,
+                   off_max_at=dict(setting='default', size='128x128', top1=[50.0, 53.0, 51.0]))]
+    text = rr.seeds_block(spread)
+    assert '2 encodings with several seeds' in text and 'within 0.05-1.65 points' in text
+    assert 'median of 1.1-8.3 points' in text and 'up to 21.7 (a [coord_mode=ref] at 32x64: 42.4 vs 64.1%; ' in text
+    assert 'b [default] at 128x128: 50.0 vs 53.0 vs 51.0%)' in text
+    assert 'No encoding has several seeds' in rr.seeds_block([])
+
+
 def test_render_replaces_only_the_marked_blocks_and_is_idempotent(rr):
     readme = 'intro\n<!-- study:status -->\nold\n<!-- /study:status -->\noutro\n'
     once = rr.render(readme, {'status': 'new text'})
@@ -90,7 +102,8 @@ def test_check_fails_on_an_edited_block(rr, tmp_path, monkeypatch, capsys):
     study = _study(tmp_path, ['a__fixed__s0'], PLANNED)
     monkeypatch.setattr(rr, 'STUDY', study)
     readme = tmp_path / 'README.md'
-    readme.write_text(''.join(f'<!-- study:{n} -->\n<!-- /study:{n} -->\n' for n in ('status', 'leaderboard', 'anchors')))
+    names = ('status', 'leaderboard', 'anchors', 'seeds')
+    readme.write_text(''.join(f'<!-- study:{n} -->\n<!-- /study:{n} -->\n' for n in names))
     assert rr.main(['--readme', str(readme)]) == 0
     assert rr.main(['--check', '--readme', str(readme)]) == 0
     readme.write_text(readme.read_text().replace('| 1 | 2 |', '| 1 | 3 |'))

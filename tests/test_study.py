@@ -359,6 +359,40 @@ def test_a_difference_whose_sign_changes_between_seeds_is_inconclusive(tmp_path)
     assert anchor_checks(one_seed, '32', 'fixed', (claim,))[0]['verdict'] == 'agrees'
 
 
+def test_seed_spread_measures_the_training_noise_the_image_interval_misses(tmp_path):
+    """seeds.md: per encoding with several seeds of the reference recipe, the spread (max - min top-1 over its
+    seeds) at the training size, its median over the knob settings and sizes off it, and where it is largest."""
+    from visionpe.study.report import seed_spread
+    study = tmp_path / 'study'
+    (study / 'rows').mkdir(parents=True)
+    top1 = {('a', 'fixed', 'coord_mode=index'): {'32x32': (85.0, 86.0, 84.5), '64x64': (60.0, 70.0, 65.0),
+                                                 '32x64': (70.0, 71.0, 72.0)},
+            ('a', 'fixed', 'coord_mode=ref'): {'32x32': (85.0, 86.0, 84.5), '64x64': (74.0, 75.0, 76.0),
+                                               '32x64': (75.0, 75.5, 76.5)},
+            ('a', 'multires', 'coord_mode=index'): {'32x32': (80.0, 90.0, 70.0), '64x64': (10.0, 90.0, 50.0)},
+            ('b', 'fixed', 'default'): {'32x32': (85.0,), '64x64': (50.0,)}}
+    for (enc, recipe, setting), by_size in top1.items():
+        for size, values in by_size.items():
+            for seed, acc in enumerate(values):
+                row = dict(job=f'{enc}__{recipe}__s{seed}', encoding=enc, recipe=recipe, seed=seed, size=size,
+                           setting=setting, top1=acc, n_images=100, train_size='32x32')
+                with open(study / 'rows' / f'{enc}__{recipe}__s{seed}.jsonl', 'a') as f:
+                    f.write(json.dumps(row) + '\n')
+    spread = seed_spread(load_rows(study), '32', 'fixed')
+    assert [s['encoding'] for s in spread] == ['a']  # b has one seed; the multires rows are not the reference recipe
+    a = spread[0]
+    assert a['seeds'] == [0, 1, 2]
+    assert a['train'] == pytest.approx(1.5)
+    assert a['off_median'] == pytest.approx(np.median([10.0, 2.0, 2.0, 1.5]))
+    assert a['off_max'] == pytest.approx(10.0)
+    assert a['off_max_at'] == dict(setting='coord_mode=index', size='64x64', top1=[60.0, 70.0, 65.0])
+    paths = write_report(study, '32', 'fixed', plots=False)
+    text = paths['seeds'].read_text()
+    assert '| a | 0, 1, 2 | 1.50 | 2.0 | 10.0 (coord_mode=index, 64x64: 60.0, 70.0, 65.0) |' in text
+    assert 'test-image sampling' in text  # says what the paired interval does not cover
+    assert json.loads(paths['cells_json'].read_text())['seed_spread'][0]['off_max'] == pytest.approx(10.0)
+
+
 def test_aggregate_without_rows_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match='run the study first'):
         write_report(tmp_path, '32', 'fixed')

@@ -26,7 +26,7 @@ from ..eval.data import size_order
 from .spec import parse_size
 from .stats import Interval, paired_bootstrap, summarize, t_interval, unpack_correct
 
-__all__ = ['load_rows', 'Cell', 'build_cells', 'leaderboard', 'anchor_checks', 'write_report', 'ANCHORS',
+__all__ = ['load_rows', 'Cell', 'build_cells', 'leaderboard', 'anchor_checks', 'seed_spread', 'write_report', 'ANCHORS',
            'FAMILIES', 'family_of']
 
 #: encoding-name prefix -> family (the panels of families.png); the first matching prefix wins
@@ -428,6 +428,56 @@ def recipe_effects(rows: list[dict[str, Any]], train_size: str, reference_recipe
     return out
 
 
+def seed_spread(rows: list[dict[str, Any]], train_size: str, reference_recipe: str) -> list[dict[str, Any]]:
+    """Training noise, which the paired image bootstrap does not cover: for each encoding with several seeds of
+    ``reference_recipe``, the spread ``max - min`` of top-1 over its seeds in each (knob setting, size) cell that
+    every one of them has run: the largest at the training size (``train``), the median over the cells off it
+    (``off_median``) and the largest off it (``off_max``, with the cell and each seed's top-1 in ``off_max_at``)."""
+    th, tw = parse_size(train_size)
+    train = f'{th}x{tw}'
+    grouped = _by_setting(rows)
+    out = []
+    for enc in sorted({k[0] for k in grouped if k[1] == reference_recipe}):
+        keys = [k for k in grouped if k[0] == enc and k[1] == reference_recipe]
+        seeds = sorted({s for k in keys for by_seed in grouped[k].values() for s in by_seed})
+        if len(seeds) < 2:
+            continue
+        at_train, off = [], []
+        for key in keys:
+            for size, by_seed in grouped[key].items():
+                if sorted(by_seed) != seeds:
+                    continue
+                top1 = [float(by_seed[s]['top1']) for s in seeds]
+                cell = (max(top1) - min(top1), key[2], size, top1)
+                (at_train if size == train else off).append(cell)
+        if not off:
+            continue
+        worst = max(off, key=lambda c: c[0])
+        out.append(dict(encoding=enc, seeds=seeds, train=max((c[0] for c in at_train), default=float('nan')),
+                        off_median=float(np.median([c[0] for c in off])), off_max=worst[0],
+                        off_max_at=dict(setting=worst[1], size=worst[2], top1=worst[3])))
+    return out
+
+
+def _seeds_md(spread: list[dict[str, Any]], reference_recipe: str) -> str:
+    if not spread:
+        return f'No encoding has several seeds of the {reference_recipe} recipe yet: no spread to show.\n'
+    lines = ['| encoding | seeds | at the training size | median off it '
+             '| largest off it (knobs, size: top-1 by seed) |',
+             '|---|---|---:|---:|---|']
+    for s in spread:
+        at = s['off_max_at']
+        lines.append(f"| {s['encoding']} | {', '.join(map(str, s['seeds']))} | {s['train']:.2f} | "
+                     f"{s['off_median']:.1f} | {s['off_max']:.1f} ({at['setting']}, {at['size']}: "
+                     f"{', '.join(f'{v:.1f}' for v in at['top1'])}) |")
+    return ('\n'.join(lines) + '\n\n' + f'Spread of top-1 over the seeds of the {reference_recipe} recipe (max - min, '
+            'points) in each knob setting and size that all of them have run: the largest at the training size, the '
+            'median over the settings and sizes off it, and the largest off it. This is training noise, which the '
+            'paired bootstrap intervals of the other tables do not cover (they resample test-image sampling '
+            'only); a gap between two encodings smaller than these spreads needs more seeds before it means '
+            'anything.\n')
+
+
 def _recipes_md(effects: list[dict[str, Any]], reference_recipe: str) -> str:
     diff = _fmt_difference
     if not effects:
@@ -574,7 +624,7 @@ def write_report(study_dir: Path, train_size: str, reference_recipe: str, plots:
     out.mkdir(parents=True, exist_ok=True)
     table = [c.as_row() for c in cells]
     paths = {'cells_csv': out / 'cells.csv', 'cells_json': out / 'cells.json', 'leaderboard': out / 'leaderboard.md',
-             'anchors': out / 'anchors.md', 'recipes': out / 'recipes.md'}
+             'anchors': out / 'anchors.md', 'recipes': out / 'recipes.md', 'seeds': out / 'seeds.md'}
     with open(paths['cells_csv'], 'w', newline='') as f:
         keys = list(dict.fromkeys(k for r in table for k in r))
         w = csv.DictWriter(f, fieldnames=keys)
@@ -582,11 +632,12 @@ def write_report(study_dir: Path, train_size: str, reference_recipe: str, plots:
         w.writerows(table)
     checks = anchor_checks(rows, train, reference_recipe, claims)
     effects = recipe_effects(rows, train, reference_recipe)
+    spread = seed_spread(rows, train, reference_recipe)
     jobs = sorted({r['job'] for r in rows})
     meta = dict(jobs=jobs, planned=list(planned or []), devices=sorted({r.get('device', '?') for r in rows}),
                 versions=sorted({json.dumps(r.get('versions', {}), sort_keys=True) for r in rows}))
-    paths['cells_json'].write_text(json.dumps(dict(meta=meta, cells=table, anchors=checks, recipes=effects),
-                                              indent=1, default=float))
+    report = dict(meta=meta, cells=table, anchors=checks, recipes=effects, seed_spread=spread)
+    paths['cells_json'].write_text(json.dumps(report, indent=1, default=float))
     cover = coverage(jobs, planned) + '\n\n'
     paths['leaderboard'].write_text(f'# Leaderboard: {len(jobs)} jobs, training size {train}\n\n' + cover
                                     + leaderboard(rows, train, reference_recipe))
@@ -594,6 +645,8 @@ def write_report(study_dir: Path, train_size: str, reference_recipe: str, plots:
                                 + _anchors_md(checks, reference_recipe))
     paths['recipes'].write_text(f'# Training recipes against the {reference_recipe} recipe\n\n' + cover
                                 + _recipes_md(effects, reference_recipe))
+    paths['seeds'].write_text(f'# Seed spread: training noise under the {reference_recipe} recipe\n\n' + cover
+                              + _seeds_md(spread, reference_recipe))
     if plots:
         for p in _plots(cells, rows, train, reference_recipe, out):
             paths[p.stem] = p
