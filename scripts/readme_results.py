@@ -78,8 +78,8 @@ def status_block(meta: dict[str, Any]) -> str:
     text = (f'**{len(jobs)} of its {len(planned)} jobs have finished** ({per}). With the {REFERENCE_RECIPE} recipe: '
             f'{_seed_phrase(seeds, planned_encs)}.')
     if t_note:
-        text += (f' Where an encoding has several seeds, its interval is Student\'s t over the seed means, still '
-                 f'wide with so few seeds ({t_note}).')
+        text += (f' Where an encoding has several seeds, its interval combines Student\'s t over the seeds, still '
+                 f'wide with so few seeds ({t_note}), with the binomial interval over the test images.')
     return text
 
 

@@ -41,6 +41,24 @@ def test_wilson_interval_known_values():
     assert (iv.lo, iv.hi) == (pytest.approx(71.12, abs=0.01), pytest.approx(86.66, abs=0.01))
 
 
+def test_a_cell_interval_over_seeds_also_covers_the_test_images():
+    """Every seed is evaluated on the same fixed test images, so the spread over seeds holds training noise only:
+    two seeds with the same accuracy gave a zero-width t interval. A cell's interval adds the binomial
+    half-width of the images in quadrature, so it is never narrower than either source."""
+    from visionpe.study.stats import summarize
+    same = summarize([86.5, 86.5], 2000)
+    binom = 1.959964 * math.sqrt(0.865 * 0.135 / 2000) * 100
+    assert same.method == 't+binomial' and same.n == 2 and same.sd == 0.0
+    assert same.half_width == pytest.approx(binom, rel=1e-4) and same.mean == 86.5
+    spread = summarize([80.0, 84.0, 82.0], 2000)
+    t_half = t_interval([80.0, 84.0, 82.0]).half_width
+    assert spread.half_width == pytest.approx(math.hypot(t_half, 1.959964 * math.sqrt(0.82 * 0.18 / 2000) * 100),
+                                              rel=1e-4)
+    assert spread.half_width > t_half
+    assert summarize([80.0, 84.0]).method == 't'  # no image count: seeds only, labelled so
+    assert summarize([80.0], 1000).method == 'binomial'
+
+
 def test_t_interval_covers_the_mean_at_its_level():
     rng = np.random.default_rng(0)
     hits = 0
@@ -169,7 +187,7 @@ def test_report_on_synthetic_rows(tmp_path):
     for (enc, size), c in cells.items():
         seeds = [r for r in rows if r['encoding'] == enc and r['size'] == size]
         assert c.acc.mean == pytest.approx(np.mean([r['top1'] for r in seeds]))
-        assert c.acc.method == 't' and c.acc.n == 3
+        assert c.acc.method == 't+binomial' and c.acc.n == 3
         assert c.acc.lo < 100 * truth[enc][size] + 3 and c.acc.hi > 100 * truth[enc][size] - 3
     assert cells[('ape', '32x32')].retention.mean == pytest.approx(1.0)
     assert cells[('ape', '64x64')].retention.mean == pytest.approx(0.55 / 0.85, abs=0.04)

@@ -256,8 +256,9 @@ def leaderboard(rows: list[dict[str, Any]], train_size: str, reference_recipe: s
     n_img = {r.get('n_images') for r in rows}
     notes = [
         f'Top-1 (%) mean ± half-width of the 95% interval over the seeds of each row (all: {seeds}) '
-        f'(t interval over seeds; with one seed a binomial interval over the {sorted(x for x in n_img if x)} test '
-        f'images, which covers test-set sampling only). Bold: the best of the column; ≈: not significantly below it '
+        f'(several seeds: Student\'s t over the seeds, which all see the same {sorted(x for x in n_img if x)} test '
+        'images, combined in quadrature with the binomial half-width over those images; one seed: a binomial '
+        'interval over the images, which covers test-set sampling only, not training noise). Bold: the best of the column; ≈: not significantly below it '
         '(paired bootstrap over the same test images and seeds, 95%; with several seeds a row counts as below only '
         'when each seed is below). Each encoding is shown at the recipe and knob '
         'setting with the best mean above the training size, chosen on these test images (optimistic), and at its '

@@ -4,6 +4,8 @@
   computed from the regularised incomplete beta function, so no SciPy is needed).
 * :func:`wilson_interval`: with one seed, the binomial (Wilson score) interval over the test images,
   labelled ``binomial`` in reports: it covers test-set sampling only, not training noise.
+* :func:`summarize`: a report cell's interval; with several seeds (all on the same test images) the t
+  half-width over seeds and the binomial half-width over the images added in quadrature (``t+binomial``).
 * :func:`paired_bootstrap`: the difference of two settings evaluated on the *same* images and seeds,
   resampling images (the same draw for both settings, per seed) and averaging over seeds; its percentile
   interval decides whether one setting is significantly below another.
@@ -172,9 +174,21 @@ def retention(acc: Sequence[float], acc_train: Sequence[float], conf: float = 0.
     return t_interval([x / y for x, y in zip(acc, acc_train)], conf)
 
 
-def summarize(acc: Sequence[float], n_images: int | None = None) -> Interval:
-    """The interval a report shows for one cell: t over seeds (two or more), else binomial over images."""
-    if len(acc) >= 2 or not n_images:
-        return t_interval(acc)
-    correct = round(acc[0] * n_images / 100.0)
-    return wilson_interval(correct, n_images)
+def summarize(acc: Sequence[float], n_images: int | None = None, conf: float = 0.95) -> Interval:
+    """The interval a report shows for one cell (accuracies in percent, one per seed).
+
+    One seed: the binomial (Wilson) interval over the ``n_images`` test images. Several seeds: every seed is
+    evaluated on the same fixed images, so their spread holds training noise only and the test-image sampling
+    is shared; the half-width is ``sqrt(h_t^2 + h_b^2)``, Student's t over the seeds (``h_t``) and the normal
+    binomial half-width of the mean accuracy over ``n_images`` (``h_b = z sqrt(p (1 - p) / n_images)``), labelled
+    ``t+binomial``. Without an image count: the t interval alone."""
+    if len(acc) == 1 and n_images:
+        return wilson_interval(round(acc[0] * n_images / 100.0), n_images, conf)
+    iv = t_interval(acc, conf)
+    if len(acc) < 2 or not n_images:
+        return iv
+    from statistics import NormalDist
+    p = min(max(iv.mean / 100.0, 0.0), 1.0)
+    h_b = 100.0 * NormalDist().inv_cdf(0.5 + conf / 2.0) * math.sqrt(p * (1 - p) / n_images)
+    half = math.hypot(iv.half_width, h_b)
+    return Interval(iv.mean, iv.mean - half, iv.mean + half, iv.n, iv.sd, 't+binomial')
