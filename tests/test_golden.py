@@ -4,15 +4,16 @@ Data-driven: every folder with a config.json under the golden roots (``$VISIONPE
 folders separated by ``os.pathsep``; by default ../shared/golden and ../shared/golden-next) is one set;
 its adapter (tests/golden_adapters) builds our model from the upstream config, converts the upstream
 state dict and must reproduce every stored output tensor to the adapter's tolerance (scaled error
-``max|diff| / max(1, max|ref|)`` <= 1e-5 in fp32, or exact for the tensors an adapter names). A set under
-a ``*-next`` root whose encoding has no adapter yet is skipped with that reason; any other set fails.
+``max|diff| / max(1, max|ref|)`` <= 1e-5 in fp32, or exact for the tensors an adapter names). Every set needs an
+adapter, under ``*-next`` roots too (their encodings, PaPE, PaPE-RI and Spiral RoPE, are built): a set without one
+fails, naming it.
 """
 from __future__ import annotations
 
 import pytest
 
 from conftest import golden_dirs
-from golden_adapters import compare_set, discover, get_adapter, may_lack_adapter
+from golden_adapters import compare_set, discover, get_adapter
 
 ROOTS = golden_dirs()
 SETS = discover(*ROOTS)
@@ -27,8 +28,6 @@ def test_golden_sets_found():
 
 @pytest.mark.parametrize('gs', SETS, ids=[f'{s.root.name}/{s.name}' for s in SETS])
 def test_golden_set(gs):
-    if get_adapter(gs.target) is None and may_lack_adapter(gs):
-        pytest.skip(f'no adapter for {gs.target} yet ({gs.root.name}/{gs.name})')
     rows = compare_set(gs)
     bad = [(k, d, tol) for k, d, tol in rows if not d <= tol]
     worst = max(rows, key=lambda r: r[1] / r[2] if r[2] else r[1])
@@ -37,7 +36,7 @@ def test_golden_set(gs):
 
 
 def test_discovery_over_several_roots(tmp_path, monkeypatch):
-    """$VISIONPE_GOLDEN_DIR lists roots separated by os.pathsep; only a *-next root may lack adapters."""
+    """$VISIONPE_GOLDEN_DIR lists roots separated by os.pathsep; a set without an adapter fails under any root."""
     import json
     import os
 
@@ -52,9 +51,9 @@ def test_discovery_over_several_roots(tmp_path, monkeypatch):
     assert [(s.root.name, s.name, s.target) for s in sets] == [('golden', 'toy', 'no_such_encoding'),
                                                                 ('golden-next', 'toy', 'no_such_encoding')]
     assert get_adapter('no_such_encoding') is None
-    assert [may_lack_adapter(s) for s in sets] == [False, True]
-    with pytest.raises(AssertionError, match='no golden adapter'):
-        compare_set(sets[0])
+    for gs in sets:
+        with pytest.raises(AssertionError, match='no golden adapter'):
+            compare_set(gs)
 
 
 def test_scaled_error_and_exact_comparison():

@@ -28,7 +28,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from safetensors.torch import load_file
 
-__all__ = ['GoldenSet', 'golden_adapter', 'discover', 'get_adapter', 'compare_set', 'scaled_error', 'may_lack_adapter',
+__all__ = ['GoldenSet', 'golden_adapter', 'discover', 'get_adapter', 'compare_set', 'scaled_error',
            'ADAPTERS', 'EXACT_RTOL']
 
 
@@ -106,12 +106,6 @@ def _load_all() -> None:
 def discover(*roots: Path) -> List[GoldenSet]:
     """Every set (folder with a ``config.json``) under the given roots; missing roots give none."""
     return [GoldenSet(p.parent, root) for root in roots if root.is_dir() for p in sorted(root.rglob('config.json'))]
-
-
-def may_lack_adapter(gs: GoldenSet) -> bool:
-    """Sets under a ``*-next`` root hold encodings that may not be written yet: without an adapter they
-    are skipped (with the reason); a set anywhere else without an adapter is a failure."""
-    return gs.root.name.endswith('-next')
 
 
 def get_adapter(target: str) -> Optional[Adapter]:
