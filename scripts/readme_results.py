@@ -4,7 +4,8 @@
 The README's "Results so far" section holds four generated blocks, each between ``<!-- study:NAME -->`` and
 ``<!-- /study:NAME -->`` markers: ``status`` (how many jobs and which seeds are in), ``leaderboard`` (the table
 of ``report/leaderboard.md``), ``anchors`` (one bullet per anchor check of ``report/cells.json``) and ``seeds``
-(the training noise of ``report/seeds.md``). Everything else in the section is written by hand. Run after ``python -m visionpe.study aggregate``::
+(the training noise of ``report/seeds.md``). Everything else in the section is written by hand. Run after
+``python -m visionpe.study aggregate``::
 
     python scripts/readme_results.py            # rewrite the blocks in README.md
     python scripts/readme_results.py --check    # exit 1 if README.md or the report is stale (used by the tests)
@@ -18,11 +19,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from visionpe.study.report import recipe_counts
+from visionpe.study.stats import t_quantile
+
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / 'benchmarks' / 'results' / 'fmnist_study'
 REFERENCE_RECIPE = 'fixed'
-# Student's t quantile t_{0.975, n-1} for the seed counts a study can have (the leaderboard's interval over seeds)
-T975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}
 
 
 def _code_list(names: list[str]) -> str:
@@ -67,16 +69,13 @@ def _seed_phrase(seeds: dict[str, tuple[int, ...]], planned_encodings: list[str]
 
 def status_block(meta: dict[str, Any]) -> str:
     jobs, planned = meta['jobs'], meta['planned']
-    recipes = list(dict.fromkeys(j.split('__')[1] for j in planned))
-    per = ', '.join(f'{r} {sum(j.split("__")[1] == r for j in jobs)}/{sum(j.split("__")[1] == r for j in planned)}'
-                    for r in recipes)
     seeds = fixed_seeds(jobs)
     planned_encs = sorted({j.split('__')[0] for j in planned if j.split('__')[1] == REFERENCE_RECIPE})
     counts = sorted({len(s) for s in seeds.values() if len(s) > 1})
-    t_note = '; '.join(f'{n} seeds: t = {T975[n]:.2f} at {n - 1} degree{"s" if n > 2 else ""} of freedom'
-                       for n in counts if n in T975)
-    text = (f'**{len(jobs)} of its {len(planned)} jobs have finished** ({per}). With the {REFERENCE_RECIPE} recipe: '
-            f'{_seed_phrase(seeds, planned_encs)}.')
+    t_note = '; '.join(f'{n} seeds: t = {t_quantile(0.975, n - 1):.2f} at {n - 1} degree{"s" if n > 2 else ""} of '
+                       'freedom' for n in counts)
+    text = (f'**{len(jobs)} of its {len(planned)} jobs have finished** ({recipe_counts(jobs, planned)}). '
+            f'With the {REFERENCE_RECIPE} recipe: {_seed_phrase(seeds, planned_encs)}.')
     if t_note:
         text += (f' Where an encoding has several seeds, its interval combines Student\'s t over the seeds, still '
                  f'wide with so few seeds ({t_note}), with the binomial interval over the test images.')

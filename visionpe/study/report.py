@@ -26,8 +26,8 @@ from ..eval.data import size_order
 from .spec import parse_size
 from .stats import Interval, paired_bootstrap, summarize, t_interval, unpack_correct
 
-__all__ = ['load_rows', 'Cell', 'build_cells', 'leaderboard', 'anchor_checks', 'seed_spread', 'write_report', 'ANCHORS',
-           'FAMILIES', 'family_of']
+__all__ = ['load_rows', 'Cell', 'build_cells', 'leaderboard', 'anchor_checks', 'seed_spread', 'write_report',
+           'ANCHORS', 'FAMILIES', 'family_of', 'coverage', 'recipe_counts']
 
 #: encoding-name prefix -> family (the panels of families.png); the first matching prefix wins
 FAMILIES: tuple[tuple[str, str], ...] = (
@@ -258,10 +258,10 @@ def leaderboard(rows: list[dict[str, Any]], train_size: str, reference_recipe: s
         f'Top-1 (%) mean ± half-width of the 95% interval over the seeds of each row (all: {seeds}) '
         f'(several seeds: Student\'s t over the seeds, which all see the same {sorted(x for x in n_img if x)} test '
         'images, combined in quadrature with the binomial half-width over those images; one seed: a binomial '
-        'interval over the images, which covers test-set sampling only, not training noise). Bold: the best of the column; ≈: not significantly below it '
-        '(paired bootstrap over the same test images and seeds, 95%; with several seeds a row counts as below only '
-        'when each seed is below). Each encoding is shown at the recipe and knob '
-        'setting with the best mean above the training size, chosen on these test images (optimistic), and at its '
+        'interval over the images, which covers test-set sampling only, not training noise). Bold: the best of the '
+        'column; ≈: not significantly below it (paired bootstrap over the same test images and seeds, 95%; with '
+        'several seeds a row counts as below only when each seed is below). Each encoding is shown at the recipe '
+        'and knob setting with the best mean above the training size, chosen on these test images (optimistic), and at its '
         f'reference setting ({reference_recipe} recipe, its own knob setting) when that differs.']
     return '\n'.join(lines) + '\n\n' + notes[0] + '\n'
 
@@ -593,16 +593,22 @@ def _plots(cells: list[Cell], rows, train: str, reference_recipe: str, out: Path
     return paths
 
 
+def recipe_counts(finished: Sequence[str], planned: Sequence[str]) -> str:
+    """Finished over planned jobs per recipe, in plan order (job ids ``<encoding>__<recipe>__s<seed>``):
+    ``'fixed 41/81, coordaug 4/18'``."""
+    done = set(finished)
+    recipes = list(dict.fromkeys(j.split('__')[1] for j in planned))
+    return ', '.join(f'{r} {sum(j in done for j in planned if j.split("__")[1] == r)}/'
+                     f'{sum(j.split("__")[1] == r for j in planned)}' for r in recipes)
+
+
 def coverage(finished: Sequence[str], planned: Sequence[str] | None) -> str:
     """One paragraph: how many of the study's jobs the report covers, per recipe, and which are pending."""
     if not planned:
         return f'{len(finished)} finished jobs.'
     done = set(finished)
     todo = [j for j in planned if j not in done]
-    recipes = list(dict.fromkeys(j.split('__')[1] for j in planned))
-    per = ', '.join(f'{r} {sum(j in done for j in planned if j.split("__")[1] == r)}/'
-                    f'{sum(j.split("__")[1] == r for j in planned)}' for r in recipes)
-    text = f'{len(done & set(planned))} of {len(planned)} jobs finished ({per}).'
+    text = f'{len(done & set(planned))} of {len(planned)} jobs finished ({recipe_counts(finished, planned)}).'
     if todo:
         shown = ', '.join(todo) if len(todo) <= 12 else f'{len(todo)} jobs (`python -m visionpe.study list-jobs`)'
         text += f' **Partial study**: rows, intervals and verdicts cover the finished jobs only; pending: {shown}.'

@@ -115,12 +115,17 @@ def t_interval(values: Sequence[float], conf: float = 0.95) -> Interval:
     return Interval(mean, mean - half, mean + half, int(x.size), sd, 't')
 
 
+def _z(conf: float) -> float:
+    """The two-sided normal quantile of level ``conf`` (1.96 at 0.95)."""
+    from statistics import NormalDist
+    return NormalDist().inv_cdf(0.5 + conf / 2.0)
+
+
 def wilson_interval(correct: int, n: int, conf: float = 0.95) -> Interval:
     """Accuracy ``correct / n`` in percent with the Wilson score interval (test-image sampling only)."""
     if n <= 0:
         raise ValueError('wilson_interval needs n > 0 images')
-    from statistics import NormalDist
-    z = NormalDist().inv_cdf(0.5 + conf / 2.0)
+    z = _z(conf)
     p = correct / n
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -187,8 +192,7 @@ def summarize(acc: Sequence[float], n_images: int | None = None, conf: float = 0
     iv = t_interval(acc, conf)
     if len(acc) < 2 or not n_images:
         return iv
-    from statistics import NormalDist
     p = min(max(iv.mean / 100.0, 0.0), 1.0)
-    h_b = 100.0 * NormalDist().inv_cdf(0.5 + conf / 2.0) * math.sqrt(p * (1 - p) / n_images)
+    h_b = 100.0 * _z(conf) * math.sqrt(p * (1 - p) / n_images)
     half = math.hypot(iv.half_width, h_b)
     return Interval(iv.mean, iv.mean - half, iv.mean + half, iv.n, iv.sd, 't+binomial')
