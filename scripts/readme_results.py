@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from visionpe.study.report import recipe_counts
+from visionpe.study.report import compute_text, recipe_counts
 from visionpe.study.stats import t_quantile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +79,8 @@ def status_block(meta: dict[str, Any]) -> str:
     if t_note:
         text += (f' Where an encoding has several seeds, its interval combines Student\'s t over the seeds, still '
                  f'wide with so few seeds ({t_note}), with the binomial interval over the test images.')
-    return text
+    compute = compute_text(meta.get('compute', []))
+    return text + (' ' + compute if compute else '')
 
 
 def leaderboard_block(leaderboard_md: str) -> str:

@@ -51,6 +51,17 @@ def test_status_names_the_seeds_each_encoding_has(rr, tmp_path):
     assert 't = 12.71 at 1 degree of freedom' in text and 't = 4.30 at 2 degrees of freedom' in text
 
 
+def test_status_says_where_the_jobs_ran(rr, tmp_path):
+    study = _study(tmp_path, ['a__fixed__s0'], PLANNED)
+    data = json.loads((study / 'report' / 'cells.json').read_text())
+    data['meta']['compute'] = [dict(device='cpu (x86_64, 2 cores)', jobs=1, train_h=0.25, sweep_h=0.5, resumed=0,
+                                    hosts=['vm'], first='2026-12-07', last='2026-12-07')]
+    (study / 'report' / 'cells.json').write_text(json.dumps(data))
+    text = rr.blocks(study)['status']
+    assert text.endswith('Compute: 1 job on cpu (x86_64, 2 cores) (host vm, 2026-12-07): 0.8 worker-hours '
+                         '(0.2 h training, 0.5 h sweeping).')
+
+
 def test_status_names_encodings_without_any_job(rr, tmp_path):
     text = rr.blocks(_study(tmp_path, ['a__fixed__s0'], PLANNED))['status']
     assert 'seed 0 of `a`; no finished job yet for `b`, `c`.' in text

@@ -411,6 +411,36 @@ def test_seed_spread_measures_the_training_noise_the_image_interval_misses(tmp_p
     assert json.loads(paths['cells_json'].read_text())['seed_spread'][0]['off_max'] == pytest.approx(10.0)
 
 
+def test_compute_says_where_each_job_ran_and_for_how_long(tmp_path):
+    """The report states the recorded compute per device (jobs, hours training and sweeping, hosts, dates), each
+    job counted once however many rows it has, and how many jobs resumed (their time is the last segment only)."""
+    from visionpe.study.report import compute_by_device
+    study = tmp_path / 'study'
+    (study / 'rows').mkdir(parents=True)
+    jobs = [('a__fixed__s0', 'cpu (x86_64, 2 cores)', 'vm', 3600.0, 1800.0, False, '2026-12-06T10:00:00'),
+            ('a__fixed__s1', 'cpu (x86_64, 2 cores)', 'vm', 1800.0, 1800.0, True, '2026-12-07T09:00:00'),
+            ('b__fixed__s0', 'NVIDIA H100 80GB HBM3', 'gpu1', 360.0, 36.0, False, '2026-12-07T11:00:00')]
+    for job, device, host, train_s, eval_s, resumed, finished in jobs:
+        rows = [dict(job=job, encoding=job.split('__')[0], recipe='fixed', seed=int(job[-1]), size=size,
+                     setting='default', top1=80.0, n_images=10, train_size='32x32', device=device, host=host,
+                     train_s=train_s, eval_s=eval_s, sweep_resumed=resumed, finished=finished)
+                for size in ('32x32', '64x64', '32x64')]  # three rows per job: counted once
+        (study / 'rows' / f'{job}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    compute = compute_by_device(load_rows(study))
+    assert [c['device'] for c in compute] == ['cpu (x86_64, 2 cores)', 'NVIDIA H100 80GB HBM3']  # most jobs first
+    cpu, gpu = compute
+    assert cpu['jobs'] == 2 and cpu['train_h'] == pytest.approx(1.5) and cpu['sweep_h'] == pytest.approx(1.0)
+    assert cpu['resumed'] == 1 and cpu['hosts'] == ['vm']
+    assert (cpu['first'], cpu['last']) == ('2026-12-06', '2026-12-07')
+    assert gpu['jobs'] == 1 and gpu['train_h'] == pytest.approx(0.1) and gpu['sweep_h'] == pytest.approx(0.01)
+    paths = write_report(study, '32', 'fixed', plots=False)
+    assert json.loads(paths['cells_json'].read_text())['meta']['compute'] == compute
+    board = paths['leaderboard'].read_text()
+    assert ('Compute: 2 jobs on cpu (x86_64, 2 cores) (host vm, 2026-12-06 to 2026-12-07): 2.5 worker-hours '
+            '(1.5 h training, 1.0 h sweeping; 1 job resumed') in board
+    assert '1 job on NVIDIA H100 80GB HBM3 (host gpu1, 2026-12-07): 0.1 worker-hours' in board
+
+
 def test_aggregate_without_rows_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match='run the study first'):
         write_report(tmp_path, '32', 'fixed')
@@ -444,6 +474,7 @@ def test_job_resumes_an_unfinished_training_and_reuses_a_finished_one(tmp_path, 
     assert 'fit' in train and train[train.index('--ckpt_path') + 1] == str(last)
     assert json.loads((jobs.job_dir(spec, job) / 'train_done.json').read_text())['resumed'] is True
     assert [json.loads(ln)['size'] for ln in rows.read_text().splitlines()] == ['32x32', '48x64']
+    assert all(json.loads(ln)['train_resumed'] for ln in rows.read_text().splitlines())  # its time: a lower bound
     calls.clear()
     jobs.run_job(spec, job)  # finished: only the sweep runs again
     assert len(calls) == 1 and 'fit' not in calls[0]

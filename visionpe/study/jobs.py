@@ -150,7 +150,6 @@ def run_job(spec: StudySpec, job: Job, threads: int | None = 1, dry_run: bool = 
     if dry_run:
         return [train_command(spec, job), eval_command(spec, job, last, sweep)]
     t0 = time.perf_counter()
-    train_s = None
     if not (done.is_file() and last.is_file()):
         resume = last if last.is_file() else None
         if resume:
@@ -158,17 +157,16 @@ def run_job(spec: StudySpec, job: Job, threads: int | None = 1, dry_run: bool = 
         _run(train_command(spec, job, resume), run / 'train.log', threads)
         if not last.is_file():
             raise RuntimeError(f'{job.id}: training wrote no {last}')
-        train_s = time.perf_counter() - t0
-        done.write_text(json.dumps(dict(seconds=train_s, resumed=resume is not None)))
-    else:
-        train_s = json.loads(done.read_text()).get('seconds')
+        done.write_text(json.dumps(dict(seconds=time.perf_counter() - t0, resumed=resume is not None)))
+    trained = json.loads(done.read_text())  # seconds of the last training segment; resumed: it was not the first
     t1 = time.perf_counter()
     resumed = (sweep / PARTIAL_ROWS).is_file()  # a sweep of this job was cut off: its rows are reused
     _run(eval_command(spec, job, last, sweep), run / 'eval.log', threads)
     result = json.loads((sweep / 'results.json').read_text())
     base = dict(study=spec.name, job=job.id, encoding=job.encoding, model=job.model, recipe=job.recipe.name,
                 seed=job.seed, train_size=spec.train_size, checkpoint_sha256=file_sha256(last),
-                train_s=train_s, eval_s=time.perf_counter() - t1, sweep_resumed=resumed, versions=_versions(),
+                train_s=trained.get('seconds'), train_resumed=bool(trained.get('resumed')),
+                eval_s=time.perf_counter() - t1, sweep_resumed=resumed, versions=_versions(),
                 device=_device_name(spec.device), host=platform.node(), finished=time.strftime('%Y-%m-%dT%H:%M:%S'))
     out = rows_path(spec, job)
     out.parent.mkdir(parents=True, exist_ok=True)

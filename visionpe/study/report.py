@@ -27,7 +27,7 @@ from .spec import parse_size
 from .stats import Interval, paired_bootstrap, summarize, t_interval, unpack_correct
 
 __all__ = ['load_rows', 'Cell', 'build_cells', 'leaderboard', 'anchor_checks', 'seed_spread', 'write_report',
-           'ANCHORS', 'FAMILIES', 'family_of', 'coverage', 'recipe_counts']
+           'ANCHORS', 'FAMILIES', 'family_of', 'coverage', 'recipe_counts', 'compute_by_device', 'compute_text']
 
 #: encoding-name prefix -> family (the panels of families.png); the first matching prefix wins
 FAMILIES: tuple[tuple[str, str], ...] = (
@@ -615,6 +615,47 @@ def coverage(finished: Sequence[str], planned: Sequence[str] | None) -> str:
     return text
 
 
+def compute_by_device(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where the study ran and for how long, from the rows' ``device``, ``host``, ``train_s``, ``eval_s`` and
+    ``finished`` (each job counted once): per device, most jobs first, the jobs, hosts, first and last day, and
+    the hours spent training and sweeping. A job that resumed (``sweep_resumed``, ``train_resumed``) recorded only
+    the time of its last segment, so its hours are a lower bound; ``resumed`` counts such jobs."""
+    first_row: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        first_row.setdefault(r['job'], r)
+    by_device: dict[str, dict[str, Any]] = {}
+    for r in first_row.values():
+        d = by_device.setdefault(r.get('device', '?'), dict(device=r.get('device', '?'), jobs=0, train_h=0.0,
+                                                            sweep_h=0.0, resumed=0, hosts=set(), days=set()))
+        d['jobs'] += 1
+        d['train_h'] += (r.get('train_s') or 0.0) / 3600
+        d['sweep_h'] += (r.get('eval_s') or 0.0) / 3600
+        d['resumed'] += bool(r.get('sweep_resumed') or r.get('train_resumed'))
+        d['hosts'].add(r.get('host', '?'))
+        if r.get('finished'):
+            d['days'].add(r['finished'][:10])
+    out = []
+    for d in sorted(by_device.values(), key=lambda d: (-d['jobs'], d['device'])):
+        days = sorted(d.pop('days'))
+        out.append(dict(d, hosts=sorted(d['hosts']), first=days[0] if days else None,
+                        last=days[-1] if days else None))
+    return out
+
+
+def compute_text(compute: list[dict[str, Any]]) -> str:
+    """One sentence per device: ``Compute: N jobs on DEVICE (host H, DAY to DAY): X worker-hours (...)``."""
+    parts = []
+    for c in compute:
+        days = c['first'] if c['first'] == c['last'] else f"{c['first']} to {c['last']}"
+        hosts = ('host ' if len(c['hosts']) == 1 else 'hosts ') + ', '.join(c['hosts'])
+        resumed = (f"; {c['resumed']} job{'s' if c['resumed'] != 1 else ''} resumed, counted from the last "
+                   'segment only' if c['resumed'] else '')
+        parts.append(f"{c['jobs']} job{'s' if c['jobs'] != 1 else ''} on {c['device']} ({hosts}, {days}): "
+                     f"{c['train_h'] + c['sweep_h']:.1f} worker-hours ({c['train_h']:.1f} h training, "
+                     f"{c['sweep_h']:.1f} h sweeping{resumed})")
+    return 'Compute: ' + '; '.join(parts) + '.' if parts else ''
+
+
 def write_report(study_dir: Path, train_size: str, reference_recipe: str, plots: bool = True,
                  planned: Sequence[str] | None = None, claims: tuple[Claim, ...] = ANCHORS) -> dict[str, Path]:
     """Aggregate ``study_dir/rows/*.jsonl`` into ``study_dir/report/``; returns the written paths.
@@ -642,11 +683,13 @@ def write_report(study_dir: Path, train_size: str, reference_recipe: str, plots:
     spread = seed_spread(rows, train, reference_recipe)
     jobs = sorted({r['job'] for r in rows})
     meta = dict(jobs=jobs, planned=list(planned or []), devices=sorted({r.get('device', '?') for r in rows}),
-                versions=sorted({json.dumps(r.get('versions', {}), sort_keys=True) for r in rows}))
+                versions=sorted({json.dumps(r.get('versions', {}), sort_keys=True) for r in rows}),
+                compute=compute_by_device(rows))
     report = dict(meta=meta, cells=table, anchors=checks, recipes=effects, seed_spread=spread)
     paths['cells_json'].write_text(json.dumps(report, indent=1, default=float))
     cover = coverage(jobs, planned) + '\n\n'
     paths['leaderboard'].write_text(f'# Leaderboard: {len(jobs)} jobs, training size {train}\n\n' + cover
+                                    + compute_text(meta['compute']) + '\n\n'
                                     + leaderboard(rows, train, reference_recipe))
     paths['anchors'].write_text('# Anchor checks: published claims tested by this study\n\n' + cover
                                 + _anchors_md(checks, reference_recipe))
