@@ -59,6 +59,20 @@ def test_a_cell_interval_over_seeds_also_covers_the_test_images():
     assert summarize([80.0], 1000).method == 'binomial'
 
 
+def test_a_cell_interval_stays_within_0_and_100_percent():
+    """Two seeds far apart give a t half-width of tens of points (t = 12.71 at one degree of freedom); an
+    accuracy cannot leave [0, 100], so the interval is cut there, and the table prints a cut interval as
+    [lo, hi] rather than a ± that would claim a symmetric interval it is not."""
+    from visionpe.study.report import _fmt
+    from visionpe.study.stats import summarize
+    wide = summarize([20.0, 30.0], 2000)  # t half-width: 12.706 * 7.07 / sqrt(2) = 63.5 points
+    assert wide.lo == 0.0 and wide.hi == pytest.approx(25.0 + math.hypot(12.7062 * 5.0, 1.959964 * math.sqrt(
+        0.25 * 0.75 / 2000) * 100), rel=1e-4)
+    assert summarize([95.0, 99.0], 2000).hi == 100.0
+    assert _fmt(wide) == f'25.0 [0.0, {wide.hi:.1f}]'
+    assert _fmt(summarize([80.0, 82.0, 81.0], 2000)).startswith('81.0 ± ')  # an uncut interval keeps its ±
+
+
 def test_t_interval_covers_the_mean_at_its_level():
     rng = np.random.default_rng(0)
     hits = 0

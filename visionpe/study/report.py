@@ -209,8 +209,11 @@ def _best_settings(grouped, train: str, reference_recipe: str) -> list[tuple[Key
 
 
 def _fmt(iv: Interval) -> str:
+    """``mean ± half-width``; ``mean [lo, hi]`` for an interval cut at 0 or 100 % (no longer symmetric)."""
     if iv.method == 'none':
         return f'{iv.mean:.1f}'
+    if iv.lo <= 0.0 or iv.hi >= 100.0:
+        return f'{iv.mean:.1f} [{iv.lo:.1f}, {iv.hi:.1f}]'
     return f'{iv.mean:.1f} ± {iv.half_width:.1f}'
 
 
@@ -258,7 +261,8 @@ def leaderboard(rows: list[dict[str, Any]], train_size: str, reference_recipe: s
         f'Top-1 (%) mean ± half-width of the 95% interval over the seeds of each row (all: {seeds}) '
         f'(several seeds: Student\'s t over the seeds, which all see the same {sorted(x for x in n_img if x)} test '
         'images, combined in quadrature with the binomial half-width over those images; one seed: a binomial '
-        'interval over the images, which covers test-set sampling only, not training noise). Bold: the best of the '
+        'interval over the images, which covers test-set sampling only, not training noise); an interval that '
+        'reaches 0 or 100% is cut there and printed as [lo, hi]. Bold: the best of the '
         'column; ≈: not significantly below it (paired bootstrap over the same test images and seeds, 95%; with '
         'several seeds a row counts as below only when each seed is below). Each encoding is shown at the recipe '
         'and knob setting with the best mean above the training size, chosen on these test images (optimistic), and at its '

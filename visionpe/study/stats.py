@@ -186,13 +186,16 @@ def summarize(acc: Sequence[float], n_images: int | None = None, conf: float = 0
     evaluated on the same fixed images, so their spread holds training noise only and the test-image sampling
     is shared; the half-width is ``sqrt(h_t^2 + h_b^2)``, Student's t over the seeds (``h_t``) and the normal
     binomial half-width of the mean accuracy over ``n_images`` (``h_b = z sqrt(p (1 - p) / n_images)``), labelled
-    ``t+binomial``. Without an image count: the t interval alone."""
+    ``t+binomial``. Without an image count: the t interval alone. An accuracy cannot leave [0, 100], so a wide
+    interval (two seeds far apart: t = 12.71) is cut there."""
     if len(acc) == 1 and n_images:
         return wilson_interval(round(acc[0] * n_images / 100.0), n_images, conf)
     iv = t_interval(acc, conf)
-    if len(acc) < 2 or not n_images:
+    method, half = iv.method, iv.half_width
+    if len(acc) >= 2 and n_images:
+        p = min(max(iv.mean / 100.0, 0.0), 1.0)
+        h_b = 100.0 * _z(conf) * math.sqrt(p * (1 - p) / n_images)
+        method, half = 't+binomial', math.hypot(iv.half_width, h_b)
+    if not math.isfinite(half):
         return iv
-    p = min(max(iv.mean / 100.0, 0.0), 1.0)
-    h_b = 100.0 * _z(conf) * math.sqrt(p * (1 - p) / n_images)
-    half = math.hypot(iv.half_width, h_b)
-    return Interval(iv.mean, iv.mean - half, iv.mean + half, iv.n, iv.sd, 't+binomial')
+    return Interval(iv.mean, max(iv.mean - half, 0.0), min(iv.mean + half, 100.0), iv.n, iv.sd, method)
