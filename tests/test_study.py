@@ -235,6 +235,41 @@ def test_plots_keep_many_encodings_apart(tmp_path):
     assert best.shape[1] >= 1300  # the wide layout (12 inches at 110 dpi): room for the legend beside the axes
 
 
+def test_family_panels_stay_readable(tmp_path, monkeypatch):
+    """families.png: the 2-D RoPE variants get panels of their own (one panel held 36 lines and a legend longer
+    than the panel), no panel of the committed Fashion-MNIST report holds more than 16 lines, and every legend lies
+    outside its panel's axes, where it hides no line."""
+    from visionpe.study.report import family_of
+    fams = {e: family_of(e) for e in ('rope2d', 'rope2d_mixed', 'rope2d_ape', 'rope2d_mixed_ape', 'rope2d_dinov3',
+                                       'rope2d_polar', 'spiral', 'ape', 'lookhere45')}
+    assert len({fams['rope2d'], fams['rope2d_mixed'], fams['rope2d_ape'], fams['rope2d_dinov3']}) == 4
+    assert fams['rope2d_ape'] == fams['rope2d_mixed_ape'] and fams['rope2d_dinov3'] == fams['spiral']
+    committed = json.loads((REPO / 'benchmarks/results/fmnist_study/report/cells.json').read_text())['cells']
+    lines: dict[str, set] = {}
+    for c in committed:
+        lines.setdefault(family_of(c['encoding']), set()).add((c['encoding'], c['recipe'], c['setting']))
+    assert max(len(v) for v in lines.values()) <= 16, {f: len(v) for f, v in lines.items()}
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, 'close', figures.append)
+    study = tmp_path / 'study'
+    truth = {e: {'32x32': 0.8, '64x64': 0.5, '32x64': 0.6} for e in ('rope2d', 'ape', 'lookhere', 'pape')}
+    _write_rows(study, truth, seeds=(0,), n=200)
+    for i in range(15):  # 16 lines in the RoPE-Axial panel: its legend is the longest
+        for path in [study / 'rows' / 'rope2d__fixed__s0.jsonl']:
+            row = json.loads(path.read_text().splitlines()[0])
+            extra = [dict(row, setting=f'knob={i}', size=size) for size in ('32x32', '64x64', '32x64')]
+            with open(path, 'a') as f:
+                f.write(''.join(json.dumps(r) + '\n' for r in extra))
+    write_report(study, '32', 'fixed')
+    fig = figures[0]  # families.png
+    fig.canvas.draw()
+    panels = [ax for ax in fig.axes if ax.get_legend() is not None]
+    assert len(panels) == 4
+    for ax in panels:
+        assert not ax.get_window_extent().overlaps(ax.get_legend().get_window_extent()), ax.get_title()
+
+
 def test_report_with_one_seed_uses_binomial_intervals(tmp_path):
     study = tmp_path / 'study'
     _write_rows(study, {'ape': {'32x32': 0.8, '64x64': 0.5}}, seeds=(0,))

@@ -31,7 +31,9 @@ __all__ = ['load_rows', 'Cell', 'build_cells', 'leaderboard', 'anchor_checks', '
 
 #: encoding-name prefix -> family (the panels of families.png); the first matching prefix wins
 FAMILIES: tuple[tuple[str, str], ...] = (
-    ('rope2d', '2-D RoPE'), ('spiral', '2-D RoPE'), ('comrope', 'ComRoPE / LieRE'), ('liere', 'ComRoPE / LieRE'),
+    ('rope2d_mixed_ape', 'RoPE + learned APE'), ('rope2d_ape', 'RoPE + learned APE'), ('rope2d_mixed', 'RoPE-Mixed'),
+    ('rope2d_dinov3', 'other 2-D RoPEs'), ('rope2d_polar', 'other 2-D RoPEs'), ('spiral', 'other 2-D RoPEs'),
+    ('rope2d', 'RoPE-Axial'), ('comrope', 'ComRoPE / LieRE'), ('liere', 'ComRoPE / LieRE'),
     ('lookhere', 'LookHere'), ('alibi', 'distance biases'), ('fire', 'distance biases'), ('irpe', 'iRPE'),
     ('pape', 'PaPE'), ('pope', 'PoPE'), ('cpvt', 'CPVT (conditional)'), ('lape', 'absolute'), ('ape', 'absolute'),
     ('sincos', 'absolute'), ('nope', 'absolute'),
@@ -521,10 +523,16 @@ def _plots(cells: list[Cell], rows, train: str, reference_recipe: str, out: Path
     by_line: dict[Key, list[Cell]] = defaultdict(list)
     for c in cells:
         by_line[(c.encoding, c.recipe, c.setting)].append(c)
-    fams = sorted({family_of(k[0]) for k in by_line})
+    order = list(dict.fromkeys(f for _, f in FAMILIES))  # panels in the order of the FAMILIES table
+    fams = sorted({family_of(k[0]) for k in by_line}, key=lambda f: (order.index(f) if f in order else len(order), f))
     ncol = min(3, len(fams))
     nrow = (len(fams) + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.6 * nrow), squeeze=False, sharey=True)
+    n_lines = {f: sum(family_of(k[0]) == f for k in by_line) for f in fams}
+    # each panel's legend goes below its axes: a row is as tall as its axes plus its longest legend
+    legend_h = [0.12 * max(n_lines[f] for f in fams[r * ncol:(r + 1) * ncol]) + 0.3 for r in range(nrow)]
+    fig = plt.figure(figsize=(5 * ncol, sum(3.0 + h for h in legend_h)), layout='constrained')
+    grid = fig.add_gridspec(nrow, ncol, height_ratios=[3.0 + h for h in legend_h])
+    axes = np.array([[fig.add_subplot(grid[r, c]) for c in range(ncol)] for r in range(nrow)])
     for ax, fam in zip(axes.flat, fams):
         for key, cs in sorted(by_line.items()):
             if family_of(key[0]) != fam:
@@ -537,14 +545,14 @@ def _plots(cells: list[Cell], rows, train: str, reference_recipe: str, out: Path
             ax.fill_between(x, [c.acc.lo for c in cs], [c.acc.hi for c in cs], color=line.get_color(), alpha=0.15)
         ax.set_title(fam)
         ax.set_xticks(range(len(sizes)), sizes, rotation=45, fontsize=7)
+        ax.set_ylim(0, 100)
         if train in xs:
             ax.axvline(xs[train], color='grey', ls=':', lw=1)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc='upper center', bbox_to_anchor=(0.5, -0.22), frameon=False)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(fams):]:
         ax.axis('off')
     fig.supylabel('top-1 (%)')
-    fig.tight_layout()
     paths = [out / 'families.png']
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
