@@ -222,14 +222,20 @@ def test_report_on_synthetic_rows(tmp_path):
     assert '(train)' in paths['leaderboard'].read_text()
 
 
-def test_plots_keep_many_encodings_apart(tmp_path):
+def test_plots_keep_many_encodings_apart(tmp_path, monkeypatch):
     """27 encodings: the summary plot's lines differ in colour, dash or marker (tab10 alone repeats after 10),
-    and the plots are drawn with the legend beside the axes."""
+    and the plots are drawn with the legend beside the axes, ranked by accuracy at the largest size."""
     styles = [tuple(sorted(line_style(i).items())) for i in range(40)]
     assert len(set(styles)) == 40
     study = tmp_path / 'study'
     _write_rows(study, {f'enc{i:02d}': {'32x32': 0.8, '64x64': 0.3 + 0.01 * i} for i in range(27)}, seeds=(0,), n=200)
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, 'close', figures.append)
     paths = write_report(study, '32', 'fixed')
+    legend = [t.get_text().split()[0] for t in figures[1].axes[0].get_legend().get_texts()]  # best.png
+    at_64 = {r['encoding']: r['top1'] for r in load_rows(study) if r['size'] == '64x64'}
+    assert legend == sorted(at_64, key=lambda e: -at_64[e])
     import matplotlib.image as mpimg
     best = mpimg.imread(paths['best'])
     assert best.shape[1] >= 1300  # the wide layout (12 inches at 110 dpi): room for the legend beside the axes
