@@ -245,7 +245,8 @@ def test_family_panels_stay_readable(tmp_path, monkeypatch):
     """families.png: the 2-D RoPE variants get panels of their own (one panel held 36 lines and a legend longer
     than the panel), no panel of the committed Fashion-MNIST report holds more than 16 lines, and every legend lies
     outside its panel's axes, where it hides no line."""
-    from visionpe.study.report import family_of
+    from visionpe.study.report import FAMILIES, FAMILY_ORDER, family_of
+    assert {f for _, f in FAMILIES} == set(FAMILY_ORDER)  # every family has its place in tables and panels
     fams = {e: family_of(e) for e in ('rope2d', 'rope2d_mixed', 'rope2d_ape', 'rope2d_mixed_ape', 'rope2d_dinov3',
                                        'rope2d_polar', 'spiral', 'ape', 'lookhere45')}
     assert len({fams['rope2d'], fams['rope2d_mixed'], fams['rope2d_ape'], fams['rope2d_dinov3']}) == 4
@@ -267,7 +268,9 @@ def test_family_panels_stay_readable(tmp_path, monkeypatch):
             extra = [dict(row, setting=f'knob={i}', size=size) for size in ('32x32', '64x64', '32x64')]
             with open(path, 'a') as f:
                 f.write(''.join(json.dumps(r) + '\n' for r in extra))
-    write_report(study, '32', 'fixed')
+    board = write_report(study, '32', 'fixed')['leaderboard'].read_text()
+    first = [ln.split('|')[1].strip() for ln in board.splitlines() if ln.startswith('| ') and 'encoding' not in ln]
+    assert [e for e in first if '(' not in e] == ['ape', 'rope2d', 'pape', 'lookhere']  # in FAMILY_ORDER
     fig = figures[0]  # families.png
     fig.canvas.draw()
     panels = [ax for ax in fig.axes if ax.get_legend() is not None]

@@ -27,7 +27,8 @@ from .spec import parse_size
 from .stats import Interval, paired_bootstrap, summarize, t_interval, unpack_correct
 
 __all__ = ['load_rows', 'Cell', 'build_cells', 'leaderboard', 'anchor_checks', 'seed_spread', 'write_report',
-           'ANCHORS', 'FAMILIES', 'family_of', 'coverage', 'recipe_counts', 'compute_by_device', 'compute_text']
+           'ANCHORS', 'FAMILIES', 'FAMILY_ORDER', 'family_of', 'family_rank', 'coverage', 'recipe_counts',
+           'compute_by_device', 'compute_text']
 
 #: encoding-name prefix -> family (the panels of families.png); the first matching prefix wins
 FAMILIES: tuple[tuple[str, str], ...] = (
@@ -45,6 +46,17 @@ def family_of(encoding: str) -> str:
         if encoding.startswith(prefix):
             return fam
     return encoding.split('_')[0]
+
+
+#: the order of the families in tables and panels: the absolute baselines, then rotary, then bias-based
+FAMILY_ORDER: tuple[str, ...] = ('absolute', 'CPVT (conditional)', 'RoPE-Axial', 'RoPE-Mixed', 'RoPE + learned APE',
+                                 'other 2-D RoPEs', 'ComRoPE / LieRE', 'PaPE', 'PoPE', 'LookHere', 'iRPE',
+                                 'distance biases')
+
+
+def family_rank(family: str) -> tuple[int, str]:
+    """Sort key of a family: its place in :data:`FAMILY_ORDER`, unknown families last."""
+    return (FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER), family)
 
 
 def load_rows(study_dir: Path) -> list[dict[str, Any]]:
@@ -200,7 +212,7 @@ def _best_settings(grouped, train: str, reference_recipe: str) -> list[tuple[Key
     """Per encoding: its best (recipe, setting) by mean accuracy above the training size, and the reference
     (first recipe, default setting) row when it differs."""
     out = []
-    for enc in sorted({k[0] for k in grouped}, key=lambda e: (family_of(e), e)):
+    for enc in sorted({k[0] for k in grouped}, key=lambda e: (family_rank(family_of(e)), e)):
         keys = [k for k in grouped if k[0] == enc]
         best = max(keys, key=lambda k: _mean_above(grouped[k], train))
         out.append((best, 'best'))
@@ -413,7 +425,8 @@ def recipe_effects(rows: list[dict[str, Any]], train_size: str, reference_recipe
     train = f'{th}x{tw}'
     grouped = _by_setting(rows)
     out = []
-    for key in sorted(grouped, key=lambda k: (family_of(k[0]), k[0], k[1], not _is_native_key(grouped, k), k[2])):
+    for key in sorted(grouped, key=lambda k: (family_rank(family_of(k[0])), k[0], k[1], not _is_native_key(grouped, k),
+                                              k[2])):
         enc, recipe, setting = key
         ref = (enc, reference_recipe, setting)
         if recipe == reference_recipe or ref not in grouped:
@@ -523,8 +536,7 @@ def _plots(cells: list[Cell], rows, train: str, reference_recipe: str, out: Path
     by_line: dict[Key, list[Cell]] = defaultdict(list)
     for c in cells:
         by_line[(c.encoding, c.recipe, c.setting)].append(c)
-    order = list(dict.fromkeys(f for _, f in FAMILIES))  # panels in the order of the FAMILIES table
-    fams = sorted({family_of(k[0]) for k in by_line}, key=lambda f: (order.index(f) if f in order else len(order), f))
+    fams = sorted({family_of(k[0]) for k in by_line}, key=family_rank)
     ncol = min(3, len(fams))
     nrow = (len(fams) + ncol - 1) // ncol
     n_lines = {f: sum(family_of(k[0]) == f for k in by_line) for f in fams}
