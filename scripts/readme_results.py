@@ -58,7 +58,7 @@ def _seed_phrase(seeds: dict[str, tuple[int, ...]], planned_encodings: list[str]
     missing = sorted(set(planned_encodings) - set(seeds))
     parts = []
     for i, (s, encs) in enumerate(groups):
-        if i == len(groups) - 1 and not missing and len(groups) > 1:
+        if i == len(groups) - 1 and not missing and len(groups) > 1 and len(encs) > 1:
             parts.append(f'{_seed_words(s)} of the other {len(encs)} encodings')
         else:
             parts.append(f'{_seed_words(s)} of {_code_list(encs)}')

@@ -47,7 +47,7 @@ def test_status_names_the_seeds_each_encoding_has(rr, tmp_path):
     jobs = ['a__fixed__s0', 'a__fixed__s1', 'a__fixed__s2', 'b__fixed__s0', 'b__fixed__s1', 'c__fixed__s0']
     text = rr.blocks(_study(tmp_path, jobs, PLANNED))['status']
     assert text.startswith('**6 of its 10 jobs have finished** (fixed 6/9, multires 0/1).')
-    assert 'seeds 0, 1, 2 of `a`; seeds 0, 1 of `b`; seed 0 of the other 1 encodings.' in text
+    assert 'seeds 0, 1, 2 of `a`; seeds 0, 1 of `b`; seed 0 of `c`.' in text  # one left: named, not "the other 1"
     assert 't = 12.71 at 1 degree of freedom' in text and 't = 4.30 at 2 degrees of freedom' in text
 
 
