@@ -711,9 +711,9 @@ def write_report(study_dir: Path, train_size: str, reference_recipe: str, plots:
     effects = recipe_effects(rows, train, reference_recipe)
     spread = seed_spread(rows, train, reference_recipe)
     jobs = sorted({r['job'] for r in rows})
-    meta = dict(jobs=jobs, planned=list(planned or []), devices=sorted({r.get('device', '?') for r in rows}),
-                versions=sorted({json.dumps(r.get('versions', {}), sort_keys=True) for r in rows}),
-                compute=compute_by_device(rows))
+    compute = compute_by_device(rows)
+    meta = dict(jobs=jobs, planned=list(planned or []), devices=sorted(c['device'] for c in compute),
+                versions=sorted({json.dumps(r.get('versions', {}), sort_keys=True) for r in rows}), compute=compute)
     report = dict(meta=meta, cells=table, anchors=checks, recipes=effects, seed_spread=spread)
     paths['cells_json'].write_text(json.dumps(report, indent=1, default=float))
     cover = coverage(jobs, planned) + '\n\n'
