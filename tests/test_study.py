@@ -73,6 +73,41 @@ def test_a_cell_interval_stays_within_0_and_100_percent():
     assert _fmt(summarize([80.0, 82.0, 81.0], 2000)).startswith('81.0 ± ')  # an uncut interval keeps its ±
 
 
+def test_retention_interval_also_covers_the_test_images():
+    """Retention is a ratio of two accuracies on the same test images. Its interval over seeds alone was
+    t-only: one seed had no interval at all, and seeds that agree gave a zero-width one. With per-image
+    results it adds the image-sampling half-width of the ratio (delta method for a ratio of paired means),
+    which must match a bootstrap of the ratio over the images."""
+    from visionpe.study.stats import retention
+    rng = np.random.default_rng(3)
+    n = 2000
+    base = rng.random(n) < 0.9
+    far = base & (rng.random(n) < 0.6)  # right at the far size only where right at the training size, mostly
+    far |= ~base & (rng.random(n) < 0.2)
+    one = retention([100 * far.mean()], [100 * base.mean()], [far], [base])
+    assert one.method == 'delta' and one.n == 1
+    assert one.mean == pytest.approx(far.mean() / base.mean())
+    idx = rng.integers(0, n, size=(4000, n))
+    boot = far[idx].mean(axis=1) / base[idx].mean(axis=1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    assert one.half_width == pytest.approx((hi - lo) / 2, rel=0.1)
+    assert one.lo < one.mean < one.hi
+    # several seeds on the same images: the t half-width over seeds and the image half-width in quadrature
+    fars = [far, far | (rng.random(n) < 0.05), far & (rng.random(n) < 0.95)]
+    acc, acc_train = [100 * f.mean() for f in fars], [100 * base.mean()] * 3
+    t_only = retention(acc, acc_train)
+    both = retention(acc, acc_train, fars, [base] * 3)
+    assert t_only.method == 't' and both.method == 't+delta'
+    assert both.mean == pytest.approx(t_only.mean)
+    assert both.half_width > t_only.half_width and both.half_width > one.half_width * 0.8
+    assert both.half_width <= t_only.half_width + one.half_width * 1.3
+    # at the training size itself the ratio is 1 on every resample: no width from the images
+    same = retention([100 * base.mean()], [100 * base.mean()], [base], [base])
+    assert same.mean == 1.0 and same.half_width == 0.0
+    with pytest.raises(ValueError, match='same test images'):
+        retention([50.0], [90.0], [far[:10]], [base])
+
+
 def test_t_interval_covers_the_mean_at_its_level():
     rng = np.random.default_rng(0)
     hits = 0
@@ -205,6 +240,7 @@ def test_report_on_synthetic_rows(tmp_path):
         assert c.acc.lo < 100 * truth[enc][size] + 3 and c.acc.hi > 100 * truth[enc][size] - 3
     assert cells[('ape', '32x32')].retention.mean == pytest.approx(1.0)
     assert cells[('ape', '64x64')].retention.mean == pytest.approx(0.55 / 0.85, abs=0.04)
+    assert cells[('ape', '64x64')].retention.method == 't+delta'  # seeds and test images
     board = leaderboard(rows, '32', 'fixed')
     line = {l.split('|')[1].strip(): l for l in board.splitlines() if l.startswith('| ') and 'encoding' not in l}
     # at 64 px rope2d and rope2d_mixed are 0.5 points apart (not separable), ape 15 points below
@@ -285,6 +321,8 @@ def test_report_with_one_seed_uses_binomial_intervals(tmp_path):
     cells = build_cells(load_rows(study), '32')
     assert {c.acc.method for c in cells} == {'binomial'}
     assert 'binomial interval' in leaderboard(load_rows(study), '32', 'fixed')
+    far = next(c for c in cells if c.size == '64x64')
+    assert far.as_row()['retention_interval'] == 'delta' and far.retention.lo < far.retention.mean < far.retention.hi
 
 
 def test_partial_study_says_what_it_covers(tmp_path):

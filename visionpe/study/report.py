@@ -24,7 +24,7 @@ import numpy as np
 
 from ..eval.data import size_order
 from .spec import parse_size
-from .stats import Interval, paired_bootstrap, summarize, t_interval, unpack_correct
+from .stats import Interval, paired_bootstrap, retention, summarize, t_interval, unpack_correct
 
 __all__ = ['load_rows', 'Cell', 'build_cells', 'leaderboard', 'anchor_checks', 'seed_spread', 'write_report',
            'ANCHORS', 'FAMILIES', 'FAMILY_ORDER', 'family_of', 'family_rank', 'coverage', 'recipe_counts',
@@ -88,7 +88,8 @@ class Cell:
                  size=self.size, top1=self.acc.mean, lo=self.acc.lo, hi=self.acc.hi, sd=self.acc.sd,
                  interval=self.acc.method, seeds=len(self.seeds), n_images=self.n_images)
         if self.retention is not None:
-            r.update(retention=self.retention.mean, retention_lo=self.retention.lo, retention_hi=self.retention.hi)
+            r.update(retention=self.retention.mean, retention_lo=self.retention.lo, retention_hi=self.retention.hi,
+                     retention_interval=self.retention.method)
         return r
 
 
@@ -141,7 +142,11 @@ def build_cells(rows: list[dict[str, Any]], train_size: str) -> list[Cell]:
             ret = None
             paired = [s for s in seeds if s in base]
             if paired and all(float(base[s]['top1']) > 0 for s in paired):
-                ret = t_interval([float(sizes[size][s]['top1']) / float(base[s]['top1']) for s in paired])
+                at, at_train = [sizes[size][s] for s in paired], [base[s] for s in paired]
+                cx, cy = [_correct(r) for r in at], [_correct(r) for r in at_train]
+                per_image = all(c is not None for c in cx + cy)
+                ret = retention([float(r['top1']) for r in at], [float(r['top1']) for r in at_train],
+                                cx if per_image else None, cy if per_image else None)
             cells.append(Cell(enc, recipe, setting, size, summarize(acc, n_img), ret, seeds, n_img))
     return cells
 

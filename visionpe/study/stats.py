@@ -9,7 +9,8 @@
 * :func:`paired_bootstrap`: the difference of two settings evaluated on the *same* images and seeds,
   resampling images (the same draw for both settings, per seed) and averaging over seeds; its percentile
   interval decides whether one setting is significantly below another.
-* :func:`retention`: accuracy at a size over accuracy at the training size, per seed, then a t interval.
+* :func:`retention`: accuracy at a size over accuracy at the training size, per seed; a t interval over the
+  seeds and, with per-image results, the ratio's image-sampling half-width in quadrature (``t+delta``).
 """
 from __future__ import annotations
 
@@ -172,11 +173,32 @@ def paired_bootstrap(a: Sequence[np.ndarray], b: Sequence[np.ndarray], n_boot: i
     return Interval(100.0 * point / k, float(lo), float(hi), k, float(diffs.std()), 'bootstrap')
 
 
-def retention(acc: Sequence[float], acc_train: Sequence[float], conf: float = 0.95) -> Interval:
-    """Per-seed ``acc / acc_train`` (pairs by seed), mean with t interval."""
+def retention(acc: Sequence[float], acc_train: Sequence[float], correct: Sequence[np.ndarray] | None = None,
+              correct_train: Sequence[np.ndarray] | None = None, conf: float = 0.95) -> Interval:
+    """Retention ``r_s = acc_s / acc_train_s`` per seed ``s`` (accuracies in percent), mean over seeds.
+
+    Interval: Student's t over the seeds (``t``). Given each seed's per-image correctness at both sizes (the
+    same images in the same order), it also covers the test images: the ratio-of-means (delta method)
+    standard error ``se_s = sqrt(Var_i(x_i - r_s y_i) / n) / mean(y)`` (Cochran, *Sampling Techniques*, 6.3),
+    averaged over seeds because they share the images, times ``z``; added in quadrature to the t half-width
+    (``t+delta``), or alone with one seed (``delta``). A ratio cannot go below 0, so the interval is cut there."""
     if len(acc) != len(acc_train):
         raise ValueError('retention pairs each seed with its training-size accuracy')
-    return t_interval([x / y for x, y in zip(acc, acc_train)], conf)
+    iv = t_interval([x / y for x, y in zip(acc, acc_train)], conf)
+    if correct is None or correct_train is None:
+        return iv
+    if len(correct) != len(acc) or len(correct_train) != len(acc):
+        raise ValueError('retention: give per-image correctness for every seed at both sizes')
+    ses = []
+    for x, y in zip(correct, correct_train):
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        if x.shape != y.shape:
+            raise ValueError(f'retention: {x.shape[0]} vs {y.shape[0]} images; pair the same test images')
+        r = x.mean() / y.mean()
+        ses.append(math.sqrt(np.var(x - r * y, ddof=1) / x.size) / y.mean())
+    h_img = _z(conf) * float(np.mean(ses))
+    method, half = ('t+delta', math.hypot(iv.half_width, h_img)) if len(acc) >= 2 else ('delta', h_img)
+    return Interval(iv.mean, max(iv.mean - half, 0.0), iv.mean + half, iv.n, iv.sd, method)
 
 
 def summarize(acc: Sequence[float], n_images: int | None = None, conf: float = 0.95) -> Interval:
