@@ -23,21 +23,18 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from visionpe.data.fashion_mnist import subset_indices
+from visionpe.eval.data import FMNIST_TEST_IMAGES as N_TEST
+from visionpe.study.jobs import _row_fields, eval_command, file_sha256, job_dir, rows_path
+from visionpe.study.spec import StudySpec, load_study
+from visionpe.study.stats import unpack_correct
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from visionpe.data.fashion_mnist import subset_indices  # noqa: E402
-from visionpe.study.jobs import _row_fields, eval_command, file_sha256, job_dir, rows_path  # noqa: E402
-from visionpe.study.spec import StudySpec, load_study  # noqa: E402
-from visionpe.study.stats import unpack_correct  # noqa: E402
-
-N_TEST = 10_000
 
 
 def _committed(spec: StudySpec, job) -> list[dict[str, Any]]:
